@@ -1,0 +1,92 @@
+"""The conversation format: Qwen2.5 ChatML with Hermes-style tools and Qwen2.5-VL image slots.
+
+This module is the one place that knows how a conversation becomes text. The tiny model's folder
+ships this template, and every renderer (rollout, trainer, SFT data) passes it explicitly, so a 7B
+folder whose own template differs still sees the exact same layout.
+
+Layout (what the reference Qwen2.5-VL template produces):
+- the system turn carries the "# Tools" block: one JSON schema per line inside <tools></tools>;
+- an assistant tool call is `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`;
+- an image is `<|vision_start|><|image_pad|><|vision_end|>` (the pad is expanded to one token per
+  merged 28x28 patch when tokenizing);
+- consecutive `tool` messages become one `user` turn of `<tool_response>` blocks, image first.
+"""
+
+from __future__ import annotations
+
+SYSTEM_PROMPT = (
+    "You are a careful visual assistant. Look at the image, think inside <think></think>, and "
+    "when a detail is too small to read, zoom in with image_zoom_in_tool by giving the bounding "
+    "box [x1, y1, x2, y2] of the region in pixels of the image you see. Give the final answer "
+    "inside <answer></answer>."
+)
+
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+
+# Jinja template (transformers' apply_chat_template). Content may be a string or a list of
+# {"type": "image"} / {"type": "text", "text": ...} parts.
+CHAT_TEMPLATE = r"""{%- macro render(content) -%}
+{%- if content is string -%}{{- content -}}
+{%- else -%}{%- for part in content -%}
+{%- if part.type == 'image' or 'image' in part -%}<|vision_start|><|image_pad|><|vision_end|>
+{%- elif part.type == 'text' -%}{{- part.text -}}{%- endif -%}
+{%- endfor -%}{%- endif -%}
+{%- endmacro -%}
+{%- if tools %}
+{{- '<|im_start|>system\n' }}
+{%- if messages[0].role == 'system' %}{{- render(messages[0].content) }}{%- else %}{{- 'You are a helpful assistant.' }}{%- endif %}
+{{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+{%- for tool in tools %}{{- "\n" }}{{- tool | tojson }}{%- endfor %}
+{{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- elif messages[0].role != 'system' %}
+{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}
+{%- endif %}
+{%- for message in messages %}
+{%- if message.role == 'system' and loop.first and tools %}
+{%- elif message.role == 'user' or message.role == 'system' or (message.role == 'assistant' and not message.tool_calls) %}
+{{- '<|im_start|>' + message.role + '\n' + render(message.content) + '<|im_end|>\n' }}
+{%- elif message.role == 'assistant' %}
+{{- '<|im_start|>assistant' }}
+{%- if message.content %}{{- '\n' + render(message.content) }}{%- endif %}
+{%- for tool_call in message.tool_calls %}
+{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}
+{{- '\n<tool_call>\n{"name": "' + tool_call.name + '", "arguments": ' }}
+{%- if tool_call.arguments is string %}{{- tool_call.arguments }}{%- else %}{{- tool_call.arguments | tojson }}{%- endif %}
+{{- '}\n</tool_call>' }}
+{%- endfor %}
+{{- '<|im_end|>\n' }}
+{%- elif message.role == 'tool' %}
+{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}
+{{- '\n<tool_response>\n' + render(message.content) + '\n</tool_response>' }}
+{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\n' }}{%- endif %}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}
+"""
+
+# The Qwen2.5 added tokens, in their real order (ids follow the base vocabulary contiguously).
+# `<tool_call>` and `</tool_call>` are added but not "special" in Qwen2.5: they survive decoding.
+QWEN_ADDED_TOKENS: list[tuple[str, bool]] = [
+    ("<|endoftext|>", True),
+    ("<|im_start|>", True),
+    ("<|im_end|>", True),
+    ("<|object_ref_start|>", True),
+    ("<|object_ref_end|>", True),
+    ("<|box_start|>", True),
+    ("<|box_end|>", True),
+    ("<|quad_start|>", True),
+    ("<|quad_end|>", True),
+    ("<|vision_start|>", True),
+    ("<|vision_end|>", True),
+    ("<|vision_pad|>", True),
+    ("<|image_pad|>", True),
+    ("<|video_pad|>", True),
+    ("<tool_call>", False),
+    ("</tool_call>", False),
+    ("<|fim_prefix|>", False),
+    ("<|fim_middle|>", False),
+    ("<|fim_suffix|>", False),
+    ("<|fim_pad|>", False),
+    ("<|repo_name|>", False),
+    ("<|file_sep|>", False),
+]

@@ -1,0 +1,385 @@
+"""The one typed configuration tree of deepeyes-ray.
+
+Every knob of the system lives here as a dataclass field with a default and a one-line help text
+(`help` metadata). A scenario YAML in `deploy/configs/` sets some of them; `key=value` overrides on
+the command line set more (`rollout.n=4`, `judge.backend=openai`). Unknown keys and values of the
+wrong type are errors that name the key. `python -m trainer --help` prints this whole tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "deploy" / "configs"
+DEFAULT_SCENARIO = CONFIG_DIR / "tiny-cpu.yaml"
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration mistake; the message names the key and the fix."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _sub(cls: type, help: str) -> Any:
+    return field(default_factory=cls, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f("tiny", "policy folder for from_pretrained, or 'tiny' for the embedded default "
+                           "(built offline on first use, cached)")
+    warm_start: bool = _f(True, "with path=tiny: use the tiny model after its cached SFT warm start "
+                                "(so the policy calls the tool); false = the raw random init")
+    cache_dir: str = _f("~/.cache/deepeyes-ray", "where built artefacts (tiny model, warm start) are cached")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "parameter dtype of the policy")
+    attn_implementation: str = _f("sdpa", "transformers attention backend (sdpa, eager, flash_attention_2)")
+    min_pixels: int = _f(3136, "image processor min_pixels: smallest image area after smart-resize")
+    max_pixels: int = _f(50176, "image processor max_pixels: largest image area after smart-resize "
+                                "(the frame the model sees and the crop tool's coordinates)")
+    seed: int = _f(0, "seed of the tiny model's random init")
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = _f([], "DeepEyes-schema parquet files for training; empty = synthetic data "
+                                    "generated into the run folder")
+    val_files: list[str] = _f([], "parquet files for validation; empty = a held-out synthetic split")
+    include_chart: bool = _f(False, "keep the Chart file (data_v0.8_visual_toolbox_v2) when listed; "
+                                    "off by default as in the one-node recipe")
+    synthetic_train_rows: int = _f(64, "rows of the synthetic training set when train_files is empty")
+    synthetic_val_rows: int = _f(16, "rows of the synthetic validation set when val_files is empty")
+    synthetic_seed: int = _f(1234, "seed of the synthetic generator")
+    max_image_pixels: int = _f(64_000_000, "pixel cap checked from the header before decoding; rows "
+                                           "with larger images are skipped and counted")
+    max_image_bytes: int = _f(64 * 1024 * 1024, "encoded size cap of one image; larger rows are skipped")
+    min_image_side: int = _f(28, "images with a shorter side are upscaled to it (aspect kept)")
+    shuffle: bool = _f(True, "shuffle the training rows each epoch (seeded by trainer.seed)")
+
+
+@dataclass
+class ToolsConfig:
+    min_side_policy: Literal["expand", "reject30"] = _f(
+        "expand", "boxes under 28 px: expand about the centre (default) or reject sides <= 30 px "
+                  "(the DeepEyes original)")
+    enabled: list[str] = _f(["image_zoom_in_tool"], "tools declared to the policy, by registry name")
+    timeout_s: float = _f(10.0, "per-call timeout of a tool call from the rollout; on expiry the "
+                                "episode gets an error text")
+    max_image_pixels: int = _f(64_000_000, "pixel cap for images sent to the HTTP route "
+                                           "(checked before decoding)")
+
+
+@dataclass
+class JudgeConfig:
+    backend: Literal["rule", "openai", "serve-llm", "hf"] = _f(
+        "rule", "who decides acc: rule (deterministic matching), openai (any OpenAI-compatible "
+                "server), serve-llm (ray.serve.llm in the cluster), hf (local transformers LM)")
+    base_url: str = _f("http://127.0.0.1:18901/v1", "openai backend: server base URL (the reference "
+                                                     "sglang judge listens on port 18901)")
+    api_key_env: str = _f("DEEPEYES_JUDGE_API_KEY", "environment variable holding the judge API key "
+                                                    "(unset = 'EMPTY')")
+    model: str = _f("", "judge model name; empty = discovered from GET /models")
+    hf_model_path: str = _f("tiny-text", "hf backend: causal LM folder, or 'tiny-text' for a locally "
+                                         "built tiny model")
+    temperature: float = _f(0.1, "judge sampling temperature")
+    max_tokens: int = _f(8, "judge reply token cap (one word is expected)")
+    timeout_s: float = _f(30.0, "per-request timeout to the judge")
+    max_retries: int = _f(3, "retries on connection errors, timeouts and 5xx (exponential backoff)")
+    backoff_s: float = _f(0.5, "first retry delay; doubles each retry")
+    concurrency: int = _f(32, "max judge requests in flight per judge replica")
+    failure_policy: Literal["fail", "drop", "rule"] = _f(
+        "drop", "a failed judgment: fail the step, drop the sample from the update, or score it "
+                "with the rule judge (always counted in judge/failures)")
+    check_at_startup: bool = _f(True, "probe the judge at start-up and fail fast naming the URL")
+    cache_size: int = _f(65536, "entries of the (question, reference, answer) verdict cache; 0 = off")
+    math_checker: bool = _f(True, "thinklite rows: try a rule-based \\boxed{} math check first")
+    acc_weight: float = _f(0.8, "reward weight of accuracy")
+    format_weight: float = _f(0.2, "reward weight of the format term (fmt is 0 or -1)")
+    tool_weight: float = _f(1.2, "reward weight of the tool bonus (acc=1 and a tool was used)")
+    tool_used: Literal["call", "crop"] = _f(
+        "crop", "what counts as tool use: any <tool_call> (verl port) or a crop that came back "
+                "(DeepEyes original)")
+    max_answer_chars: int = _f(1000, "answers this long or longer score acc=0 and a format error")
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["hf", "vllm"] = _f("hf", "generation engine of the rollout replicas")
+    n: int = _f(8, "episodes per prompt (GRPO group size)")
+    max_assistant_turns: int = _f(5, "assistant turns per episode at most")
+    max_parallel_calls: int = _f(1, "tool calls executed per assistant turn (extra calls ignored)")
+    max_prompt_length: int = _f(8192, "prompt token cap; longer prompts are rejected with a reason")
+    max_response_length: int = _f(16384, "token budget shared by model and observation tokens")
+    max_new_tokens_per_turn: int = _f(2048, "tokens one assistant turn may sample at most")
+    temperature: float = _f(1.0, "training sampling temperature")
+    top_p: float = _f(1.0, "nucleus sampling p")
+    top_k: int = _f(-1, "top-k sampling (-1 = off)")
+    val_temperature: float = _f(0.0, "validation temperature (0 = greedy)")
+    max_batch_size: int = _f(32, "hf engine: sequences batched into one forward at most")
+    batch_wait_ms: float = _f(5.0, "hf engine: how long a request waits for others to batch with")
+    seed: int = _f(0, "sampling seed (per episode: seed + episode index)")
+    gpu_memory_utilization: float = _f(0.6, "vllm: fraction of GPU memory for the engine")
+    tensor_parallel_size: int = _f(1, "vllm: tensor parallel degree per rollout replica")
+    torch_threads: int = _f(1, "torch intra-op threads per rollout replica (CPU)")
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = _f(0, "GRPO steps to run; 0 = one epoch of the training data")
+    epochs: int = _f(1, "epochs over the training data (when steps=0)")
+    batch_size: int = _f(4, "prompts per GRPO step (each gets rollout.n episodes)")
+    lr: float = _f(1e-6, "AdamW learning rate")
+    lr_schedule: Literal["constant", "cosine"] = _f("constant", "learning rate schedule")
+    warmup_steps: int = _f(0, "linear warmup steps")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    grad_clip: float = _f(1.0, "max global grad norm")
+    clip_eps: float = _f(0.2, "PPO clip epsilon (low side)")
+    clip_eps_high: float = _f(0.0, "PPO clip epsilon high side (clip-high); 0 = same as clip_eps")
+    kl_coef: float = _f(0.0, "KL penalty to the initial policy (0 = off, the recipe)")
+    entropy_coef: float = _f(0.0, "entropy bonus (0 = off, the recipe)")
+    updates_per_step: int = _f(1, "optimizer updates per GRPO step over the same batch")
+    micro_batch_tokens: int = _f(8192, "token budget of one packed micro-batch")
+    dynamic_sampling: bool = _f(False, "DAPO: drop groups with zero reward variance and refill")
+    max_refill_rounds: int = _f(2, "DAPO: extra rollout rounds to refill dropped groups")
+    mask_over_turn: bool = _f(False, "no loss for episodes that hit max_assistant_turns")
+    max_staleness: int = _f(0, "async: episodes from policy version v-k still train (0 = on-policy)")
+    num_workers: int = _f(2, "Ray Train workers")
+    use_gpu: bool = _f(False, "Train workers on GPU (NCCL + FSDP2) instead of CPU (gloo + DDP)")
+    cpus_per_worker: float = _f(1.0, "CPUs reserved per Train worker")
+    torch_threads: int = _f(1, "torch intra-op threads per Train worker (CPU)")
+    seed: int = _f(0, "seed of data order and init")
+    save_every: int = _f(8, "checkpoint every N steps (0 = only at the end)")
+    test_every: int = _f(0, "validate every N steps (0 = only at the end)")
+    val_rows: int = _f(16, "validation rows per evaluation (0 = all)")
+    resume: str = _f("", "'auto' = continue from the latest checkpoint of run_dir; a path = that one")
+    run_dir: str = _f("runs/latest", "run folder: config, metrics, events, trajectories, checkpoints, plots")
+    sft_steps: int = _f(0, "cold-start SFT steps before GRPO (0 = none; tiny model uses its cached warm start)")
+    sft_lr: float = _f(3e-3, "cold-start SFT learning rate")
+
+
+@dataclass
+class DeploymentConfig:
+    num_replicas: int = _f(1, "replicas (ignored when autoscaling max_replicas > 0)")
+    min_replicas: int = _f(1, "autoscaling lower bound")
+    max_replicas: int = _f(0, "autoscaling upper bound; 0 = fixed num_replicas")
+    max_ongoing_requests: int = _f(64, "concurrent requests per replica")
+    num_cpus: float = _f(0.5, "CPUs reserved per replica")
+    num_gpus: float = _f(0.0, "GPUs reserved per replica")
+
+
+def _deploy(**kw: Any) -> Any:
+    return field(default_factory=lambda: DeploymentConfig(**kw),
+                 metadata={"help": "replicas and resources of this application"})
+
+
+@dataclass
+class ServeConfig:
+    host: str = _f("127.0.0.1", "HTTP bind address of Serve (loopback unless you mean otherwise)")
+    port: int = _f(8000, "HTTP port of Serve")
+    auth_token_env: str = _f("DEEPEYES_API_TOKEN", "env var holding an optional bearer token for the HTTP routes")
+    use_running: bool = _f(True, "use Serve apps already running (from serve deploy) instead of deploying")
+    tools: DeploymentConfig = _deploy(num_replicas=1, max_ongoing_requests=128, num_cpus=0.25)
+    judge: DeploymentConfig = _deploy(num_replicas=1, max_ongoing_requests=256, num_cpus=0.25)
+    rollout: DeploymentConfig = _deploy(num_replicas=1, max_ongoing_requests=64, num_cpus=0.5)
+
+
+@dataclass
+class RayConfig:
+    address: str = _f("", "Ray cluster address; empty = RAY_ADDRESS, else join a running one, else start local")
+    num_cpus: int = _f(0, "logical CPUs of a locally started cluster (0 = Ray's count)")
+    include_dashboard: bool = _f(True, "start the dashboard with a local cluster")
+    temp_dir: str = _f("", "Ray temp dir for a local cluster (keep it short; empty = Ray's default)")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = _f(True, "write TensorBoard events into the run folder")
+    ray_metrics: bool = _f(True, "export metrics through ray.util.metrics (dashboard / Prometheus)")
+    progress: bool = _f(True, "show a progress bar")
+    save_trajectories: int = _f(4, "trajectories per step written to the run folder (0 = none)")
+    plots: bool = _f(True, "render PNG curves at the end of the run")
+
+
+@dataclass
+class Config:
+    """The whole system: policy, data, rollout, tools, judge, trainer, serve, ray, logging."""
+
+    model: ModelConfig = _sub(ModelConfig, "the policy")
+    data: DataConfig = _sub(DataConfig, "training and validation data")
+    rollout: RolloutConfig = _sub(RolloutConfig, "the multi-turn agent loop and its engine")
+    tools: ToolsConfig = _sub(ToolsConfig, "the tool service")
+    judge: JudgeConfig = _sub(JudgeConfig, "the judge and the reward")
+    trainer: TrainerConfig = _sub(TrainerConfig, "the GRPO driver")
+    serve: ServeConfig = _sub(ServeConfig, "Ray Serve applications")
+    ray: RayConfig = _sub(RayConfig, "the Ray cluster")
+    logging: LoggingConfig = _sub(LoggingConfig, "metrics, logs and plots")
+
+
+# ---------------------------------------------------------------------------------------------
+# loading, overrides, validation
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; ints widen to floats; nothing else is guessed."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item is str:
+            value = [value] if value != "" else []
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            # YAML reads `model=123` as int: a string field still takes it verbatim.
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} at {key}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]} (known under {prefix or 'the top level'}: "
+            f"{', '.join(sorted(names))})")
+    obj = cls()
+    for name, value in values.items():
+        setattr(obj, name, _coerce(prefix + name, value, hints[name]))
+    return obj
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["rollout.n=4", "data.train_files=[a.parquet]"]` -> nested dict; values are YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (example: trainer.steps=2)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key}: cannot parse {raw!r} as a YAML value ({e})") from e
+        _set_path(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a scenario YAML (default: tiny-cpu) and apply `key=value` overrides; validate all."""
+    path = Path(path) if path else DEFAULT_SCENARIO
+    if not path.exists():
+        known = ", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
+        raise ConfigError(f"config file {path} does not exist (scenarios in {CONFIG_DIR}: {known})")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    tree = _merge(raw, parse_overrides(overrides or []))
+    try:
+        cfg = _build(Config, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    checks = [
+        (cfg.rollout.n >= 1, "rollout.n must be >= 1"),
+        (cfg.rollout.max_assistant_turns >= 1, "rollout.max_assistant_turns must be >= 1"),
+        (cfg.rollout.max_parallel_calls >= 1, "rollout.max_parallel_calls must be >= 1"),
+        (cfg.trainer.batch_size >= 1, "trainer.batch_size must be >= 1"),
+        (cfg.trainer.num_workers >= 1, "trainer.num_workers must be >= 1"),
+        (cfg.model.min_pixels <= cfg.model.max_pixels, "model.min_pixels must be <= model.max_pixels"),
+        (cfg.trainer.updates_per_step >= 1, "trainer.updates_per_step must be >= 1"),
+        (0 < cfg.trainer.clip_eps < 1, "trainer.clip_eps must lie in (0, 1)"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def help_text(default: Any = None, prefix: str = "") -> str:
+    """Every field as `key (type, default): help`, in the order of the tree."""
+    default = Config() if default is None else default
+    lines: list[str] = []
+    hints = typing.get_type_hints(type(default))
+    for f in dataclasses.fields(default):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"\n[{prefix}{f.name}] {f.metadata.get('help', '')}")
+            lines.append(help_text(getattr(default, f.name), prefix + f.name + "."))
+            continue
+        value = getattr(default, f.name)
+        lines.append(f"  {prefix}{f.name} ({_type_name(tp)}, default {value!r}): {f.metadata['help']}")
+    return "\n".join(lines)

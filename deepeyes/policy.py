@@ -1,0 +1,304 @@
+"""The policy: the embedded tiny Qwen2.5-VL, built offline, and the one loader for any Qwen2.5-VL.
+
+`load_policy(path)` is the only way the project loads a policy: the tiny default and a real 7B
+checkpoint go through the same `from_pretrained` calls. `build_tiny_policy(folder)` writes a
+Qwen2.5-VL folder from nothing (a byte-level BPE trained on a generated corpus with the real
+Qwen2.5 added tokens in their real order, the project chat template, a PIL image processor and a
+random-init model of about 1M parameters); the same seed gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from deepeyes.chat import CHAT_TEMPLATE, QWEN_ADDED_TOKENS, SYSTEM_PROMPT
+
+TINY_VERSION = "tiny-qwen2.5-vl-v1"
+PATCH = 14
+MERGE = 2
+FACTOR = PATCH * MERGE  # 28: the smart-resize grid
+
+
+@dataclass
+class Policy:
+    """A loaded policy: model, tokenizer and image processor, plus the ids the loop needs."""
+
+    model: Any
+    tokenizer: Any
+    image_processor: Any
+    path: str
+
+    @property
+    def image_pad_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+
+
+# ---------------------------------------------------------------------------------------------
+# image geometry
+
+
+def smart_resize_hw(height: int, width: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The (h, w) the Qwen2-VL processor resizes an image to (transformers' own function)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    return smart_resize(height, width, factor=FACTOR, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def resize_for_model(image: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
+    """The image in the frame the model sees: RGB, sides multiples of 28, area within bounds.
+
+    The processor would do the same resize itself; doing it once up front gives the crop tool
+    and the model one shared pixel frame, and the processor's own resize is then the identity.
+    """
+    image = image.convert("RGB")
+    h, w = smart_resize_hw(image.height, image.width, min_pixels, max_pixels)
+    if (w, h) != image.size:
+        image = image.resize((w, h), Image.Resampling.BICUBIC)
+    return image
+
+
+def merged_patches(grid_thw: Sequence[int]) -> int:
+    """Number of <|image_pad|> tokens of one image: t*h*w / merge^2."""
+    t, h, w = (int(x) for x in grid_thw)
+    return t * h * w // (MERGE * MERGE)
+
+
+# ---------------------------------------------------------------------------------------------
+# the tiny tokenizer
+
+
+def _corpus(seed: int) -> list[str]:
+    """A deterministic corpus covering what the tiny policy reads and writes."""
+    rng = random.Random(seed)
+    colors = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "cyan", "pink"]
+    shapes = ["circle", "square", "triangle", "star", "cross", "diamond", "stripe", "letter", "word"]
+    words = ("the what which color shape is of in image small region zoom look answer question "
+             "option choose letter text written pattern horizontal vertical target object box "
+             "left right top bottom center see need closer detail think tool call crop area "
+             "there a an and or it this that I to with on at for by from number how many value "
+             "true false yes no correct incorrect reference model meaning same response judge "
+             "math solve compute result boxed final sum product equals").split()
+    lines = [SYSTEM_PROMPT, "# Tools", "You may call one or more functions to assist with the user query."]
+    for _ in range(3000):
+        kind = rng.random()
+        if kind < 0.3:
+            x1, y1 = rng.randint(0, 2000), rng.randint(0, 2000)
+            x2, y2 = x1 + rng.randint(1, 400), y1 + rng.randint(1, 400)
+            lines.append(json.dumps({"name": "image_zoom_in_tool",
+                                     "arguments": {"bbox_2d": [x1, y1, x2, y2],
+                                                   "label": f"{rng.choice(colors)} {rng.choice(shapes)}"}}))
+        elif kind < 0.5:
+            lines.append(f"<think>{' '.join(rng.choices(words, k=rng.randint(4, 16)))}</think>"
+                         f"<answer>{rng.choice(colors + shapes + list('ABCD'))}</answer>")
+        elif kind < 0.7:
+            lines.append(f"What is the {rng.choice(['color', 'shape', 'text'])} of the "
+                         f"{rng.choice(colors)} {rng.choice(shapes)}? (A) {rng.choice(colors)} "
+                         f"(B) {rng.choice(colors)} (C) {rng.choice(colors)} (D) {rng.choice(colors)}")
+        elif kind < 0.85:
+            a, b = rng.randint(0, 999), rng.randint(0, 999)
+            lines.append(f"{a} + {b} = {a + b}; \\boxed{{{a + b}}} {rng.random():.3f}")
+        else:
+            lines.append(" ".join(rng.choices(words + colors + shapes, k=rng.randint(5, 20))))
+    return lines
+
+
+def build_tiny_tokenizer(seed: int = 0, vocab_size: int = 2000) -> Any:
+    """Byte-level BPE trained on the generated corpus, wrapped as a Qwen2Tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import AddedToken
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    state = json.loads(tok.to_str())
+    vocab = state["model"]["vocab"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["model"]["merges"]]
+
+    qt = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, pad_token=None, eos_token=None)
+    # Added tokens in the real Qwen2.5 order; eos/pad are set only after all exist (see notes).
+    for text, special in QWEN_ADDED_TOKENS:
+        if text not in qt.get_vocab():
+            qt.add_tokens([AddedToken(text, special=special, normalized=False)], special_tokens=special)
+    qt.eos_token = "<|im_end|>"
+    qt.pad_token = "<|endoftext|>"
+    qt.chat_template = CHAT_TEMPLATE
+    qt.model_max_length = 32768
+    return qt
+
+
+# ---------------------------------------------------------------------------------------------
+# the tiny model
+
+
+def tiny_model_config(tokenizer: Any) -> Any:
+    from transformers import Qwen2_5_VLConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t, _ in QWEN_ADDED_TOKENS}
+    hidden, heads = 128, 4
+    head_dim = hidden // heads  # 32; mrope sections must sum to head_dim / 2
+    vocab = ((len(tokenizer) + 63) // 64) * 64
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=32768,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                             "mrope_section": [4, 6, 6]},
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False,
+        ),
+        vision_config=dict(
+            depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=PATCH,
+            spatial_merge_size=MERGE, temporal_patch_size=2, window_size=112,
+            out_hidden_size=hidden, fullatt_block_indexes=[1],
+        ),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+
+
+def _image_processor(min_pixels: int, max_pixels: int) -> Any:
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels,
+                                    patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2)
+
+
+def build_tiny_policy(folder: str | os.PathLike[str], seed: int = 0,
+                      min_pixels: int = 3136, max_pixels: int = 50176) -> Path:
+    """Write the tiny Qwen2.5-VL folder; the same arguments give byte-identical files."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_tokenizer(seed)
+    config = tiny_model_config(tokenizer)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    _image_processor(min_pixels, max_pixels).save_pretrained(folder)
+    # Keep the folder portable: name the standard processor class, ship the template alone too.
+    (folder / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2_5_VLProcessor"}, indent=2) + "\n")
+    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    return folder
+
+
+def tiny_policy_path(cache_dir: str = "~/.cache/deepeyes-ray", seed: int = 0,
+                     min_pixels: int = 3136, max_pixels: int = 50176) -> Path:
+    """The cached tiny folder for these settings, built on first use (atomic rename)."""
+    key = hashlib.sha1(f"{TINY_VERSION}-{seed}-{min_pixels}-{max_pixels}".encode()).hexdigest()[:10]
+    root = Path(os.path.expanduser(cache_dir))
+    final = root / f"tiny-qwen2.5-vl-{key}"
+    if (final / "model.safetensors").exists():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
+    try:
+        build_tiny_policy(tmp, seed=seed, min_pixels=min_pixels, max_pixels=max_pixels)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process won the race: theirs is identical
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# the one loader
+
+
+def load_policy(path: str | os.PathLike[str], *, device: str | torch.device = "cpu",
+                dtype: str | torch.dtype = "float32", min_pixels: int | None = None,
+                max_pixels: int | None = None, attn_implementation: str = "sdpa",
+                trainable: bool = False) -> Policy:
+    """Load model, tokenizer and PIL image processor from a Qwen2.5-VL folder (tiny or 7B).
+
+    min/max_pixels override the folder's processor settings (the config owns the visual frame).
+    """
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    path = str(path)
+    if not Path(path, "config.json").exists():
+        raise FileNotFoundError(
+            f"no Qwen2.5-VL folder at {path} (config.json missing): set model.path to a folder "
+            f"holding a checkpoint, or model.path=tiny for the embedded default")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+    if min_pixels is not None:
+        image_processor.size["shortest_edge"] = min_pixels
+    if max_pixels is not None:
+        image_processor.size["longest_edge"] = max_pixels
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn_implementation).to(device)
+    model.train(trainable)
+    if not trainable:
+        model.requires_grad_(False)
+    return Policy(model=model, tokenizer=tokenizer, image_processor=image_processor, path=path)
+
+
+def resolve_policy_path(model_cfg: Any) -> Path:
+    """model.path -> a folder: 'tiny' builds/uses the cached tiny model; else the path itself."""
+    if model_cfg.path == "tiny":
+        return tiny_policy_path(model_cfg.cache_dir, model_cfg.seed, model_cfg.min_pixels, model_cfg.max_pixels)
+    return Path(os.path.expanduser(model_cfg.path))
+
+
+def process_images(policy: Policy, images: Sequence[Image.Image]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """pixel_values and image_grid_thw for a list of images (None, None when there are none)."""
+    if not images:
+        return None, None
+    out = policy.image_processor(images=list(images), return_tensors="pt")
+    return out["pixel_values"], out["image_grid_thw"]
+
+
+def encode_text_with_images(policy: Policy, text: str, grids: Sequence[Sequence[int]]) -> list[int]:
+    """Tokenize rendered text and expand the i-th <|image_pad|> to the i-th image's token count."""
+    ids = policy.tokenizer(text, add_special_tokens=False)["input_ids"]
+    pad = policy.image_pad_id
+    out: list[int] = []
+    k = 0
+    for t in ids:
+        if t == pad:
+            if k >= len(grids):
+                raise ValueError(f"text has more image slots than images ({len(grids)})")
+            out.extend([pad] * merged_patches(grids[k]))
+            k += 1
+        else:
+            out.append(t)
+    if k != len(grids):
+        raise ValueError(f"text has {k} image slots but {len(grids)} images were given")
+    return out
