@@ -1,0 +1,62 @@
+"""What every Serve application shares: config from builder args, deployment options, bearer auth.
+
+Each service folder has `app.py` with `build_app(args: dict) -> serve.Application`, an application
+builder in Serve's sense: `serve deploy deploy/serve.yaml` calls it with the YAML's `args`, the
+driver calls it with `{"config": path, "overrides": [...]}`. Both reach the same Config tree.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from typing import Any
+
+from deepeyes.config import Config, ConfigError, DeploymentConfig, load_config
+
+APP_NAMES = {"tools": "tools", "judge": "judge", "rollout": "rollout"}
+ROUTE_PREFIXES = {"tools": "/tools", "judge": "/judge", "rollout": "/rollout"}
+
+
+def config_from_args(args: dict[str, Any] | None) -> Config:
+    """Builder args -> Config. Keys: `config` (scenario YAML path), `overrides` (list of key=value)."""
+    args = dict(args or {})
+    unknown = set(args) - {"config", "overrides"}
+    if unknown:
+        raise ConfigError(f"unknown application args {sorted(unknown)}: use 'config' (a scenario "
+                          f"YAML path) and 'overrides' (a list of key=value)")
+    overrides = args.get("overrides") or []
+    if isinstance(overrides, dict):  # YAML mapping form: {rollout.n: 4}
+        overrides = [f"{k}={v}" for k, v in overrides.items()]
+    return load_config(args.get("config"), list(overrides))
+
+
+def deployment_options(dc: DeploymentConfig) -> dict[str, Any]:
+    """DeploymentConfig -> keyword arguments of `Deployment.options(...)`."""
+    opts: dict[str, Any] = {
+        "max_ongoing_requests": dc.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": dc.num_cpus, "num_gpus": dc.num_gpus},
+    }
+    if dc.max_replicas > 0:
+        opts["autoscaling_config"] = {
+            "min_replicas": dc.min_replicas,
+            "max_replicas": dc.max_replicas,
+            "target_ongoing_requests": max(1, dc.max_ongoing_requests // 2),
+        }
+    else:
+        opts["num_replicas"] = dc.num_replicas
+    return opts
+
+
+def bearer_token(env_name: str) -> str | None:
+    """The configured bearer token (None = the HTTP routes are open to the bound network)."""
+    token = os.environ.get(env_name, "")
+    return token or None
+
+
+def authorized(header_value: str | None, token: str | None) -> bool:
+    """Constant-time check of an `Authorization: Bearer ...` header against the token."""
+    if token is None:
+        return True
+    if not header_value or not header_value.startswith("Bearer "):
+        return False
+    return hmac.compare_digest(header_value[len("Bearer "):].encode(), token.encode())
