@@ -302,3 +302,19 @@ def encode_text_with_images(policy: Policy, text: str, grids: Sequence[Sequence[
     if k != len(grids):
         raise ValueError(f"text has {k} image slots but {len(grids)} images were given")
     return out
+
+
+def mrope_position_ids(model: Any, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
+                       image_pad_id: int) -> torch.Tensor:
+    """3-D M-RoPE positions (3, L) of ONE unpadded sequence, as the model computes them itself.
+
+    Text tokens advance by one; an image's tokens take (t, h, w) grid positions and the text after
+    it resumes at the image's largest extent. Teacher-forced passes must use these (or pass
+    `mm_token_type_ids`): 1-D fallback positions change log-probs by ~1e-2.
+    """
+    ids = input_ids.view(1, -1)
+    if image_grid_thw is None or len(image_grid_thw) == 0:
+        return torch.arange(ids.shape[1], device=ids.device).view(1, -1).expand(3, -1)
+    mm_types = (ids == image_pad_id).int()
+    pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=mm_types, image_grid_thw=image_grid_thw)
+    return pos[:, 0, :]

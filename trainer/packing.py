@@ -1,0 +1,153 @@
+"""Padding-free packing: variable-length trajectories share one row per micro-batch.
+
+Sequences are placed first-fit-decreasing into micro-batches of at most `budget` tokens and
+concatenated into a single row. Attention stays within each sequence because the model gets
+4-row position ids (row 0: text positions restarting at 0 per sequence, from which transformers
+builds a block-causal mask; rows 1-3: each sequence's own 3-D M-RoPE positions) and no attention
+mask. Images of all sequences go to the vision tower in order. Nothing is padded, so a batch of
+one long and many short episodes costs its real token count, not longest x count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from deepeyes.policy import mrope_position_ids
+
+
+@dataclass
+class Example:
+    """One trajectory ready for the update (all tensors 1-D over its L tokens unless noted)."""
+
+    input_ids: torch.Tensor            # (L,) prompt + response
+    loss_mask: torch.Tensor            # (L,) 1 where the token was sampled by the policy
+    advantage: float
+    pixel_values: torch.Tensor | None  # (patches, dim) of this sequence's images, in order
+    image_grid_thw: torch.Tensor | None  # (n_images, 3)
+    positions: torch.Tensor            # (3, L) M-RoPE positions
+    old_logp: torch.Tensor | None = None  # (L,) log-prob of token t under the behaviour policy
+    ref_logp: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.input_ids.numel())
+
+
+def make_example(model: Any, image_pad_id: int, input_ids: Sequence[int], loss_mask: Sequence[int],
+                 advantage: float, pixel_values: torch.Tensor | None,
+                 image_grid_thw: torch.Tensor | None) -> Example:
+    ids = torch.tensor(list(input_ids), dtype=torch.long)
+    return Example(ids, torch.tensor(list(loss_mask), dtype=torch.float32), float(advantage),
+                   pixel_values, image_grid_thw, mrope_position_ids(model, ids, image_grid_thw, image_pad_id))
+
+
+def plan_micro_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """First-fit-decreasing bins of total length <= budget; an over-long sequence sits alone."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(budget - lengths[i])
+    return bins
+
+
+@dataclass
+class Packed:
+    input_ids: torch.Tensor        # (1, T)
+    position_ids: torch.Tensor     # (4, 1, T)
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+    targets: torch.Tensor          # (T,) next token (0 where none)
+    target_mask: torch.Tensor      # (T,) 1 where position t predicts a policy token
+    advantages: torch.Tensor       # (T,) advantage of the sequence, per position
+    old_logp: torch.Tensor | None  # (T,) aligned with targets
+    ref_logp: torch.Tensor | None
+
+
+def _shift(x: torch.Tensor) -> torch.Tensor:
+    """Value for position t = x[t+1]; the last position gets 0 (it predicts nothing here)."""
+    return torch.cat([x[1:], x.new_zeros(1)])
+
+
+def pack(examples: Sequence[Example]) -> Packed:
+    ids, pos, tgt, tmask, adv, old, ref, pvs, grids = [], [], [], [], [], [], [], [], []
+    for ex in examples:
+        n = len(ex)
+        ids.append(ex.input_ids)
+        text_pos = torch.arange(n).view(1, -1)
+        pos.append(torch.cat([text_pos, ex.positions], dim=0))
+        tgt.append(_shift(ex.input_ids))
+        tmask.append(_shift(ex.loss_mask))
+        adv.append(torch.full((n,), ex.advantage))
+        if ex.old_logp is not None:
+            old.append(_shift(ex.old_logp))
+        if ex.ref_logp is not None:
+            ref.append(_shift(ex.ref_logp))
+        if ex.pixel_values is not None:
+            pvs.append(ex.pixel_values)
+            grids.append(ex.image_grid_thw)
+    return Packed(
+        input_ids=torch.cat(ids).view(1, -1),
+        position_ids=torch.cat(pos, dim=1).unsqueeze(1),
+        pixel_values=torch.cat(pvs) if pvs else None,
+        image_grid_thw=torch.cat(grids) if grids else None,
+        targets=torch.cat(tgt), target_mask=torch.cat(tmask), advantages=torch.cat(adv),
+        old_logp=torch.cat(old) if len(old) == len(examples) else None,
+        ref_logp=torch.cat(ref) if len(ref) == len(examples) else None,
+    )
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(target) (and entropy) from logits (T, V) at the sampling temperature."""
+    logits = logits.float()
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, targets.view(-1, 1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    return logp, entropy
+
+
+def packed_forward(model: Any, packed: Packed, temperature: float = 1.0,
+                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-position log-prob of the next token (T,) for a packed row, and entropy if asked."""
+    out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None,
+                pixel_values=packed.pixel_values, image_grid_thw=packed.image_grid_thw, use_cache=False)
+    return token_logprobs(out.logits[0], packed.targets, temperature, with_entropy)
+
+
+def padded_forward(model: Any, examples: Sequence[Example], pad_id: int,
+                   temperature: float = 1.0) -> list[torch.Tensor]:
+    """Reference path: right-padded batch with an attention mask; per-example (L,) next-token log-probs."""
+    L = max(len(e) for e in examples)
+    B = len(examples)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    att = torch.zeros((B, L), dtype=torch.long)
+    pos = torch.zeros((3, B, L), dtype=torch.long)
+    for b, e in enumerate(examples):
+        n = len(e)
+        ids[b, :n] = e.input_ids
+        att[b, :n] = 1
+        pos[:, b, :n] = e.positions
+    pvs = [e.pixel_values for e in examples if e.pixel_values is not None]
+    grids = [e.image_grid_thw for e in examples if e.image_grid_thw is not None]
+    out = model(input_ids=ids, attention_mask=att, position_ids=pos,
+                pixel_values=torch.cat(pvs) if pvs else None,
+                image_grid_thw=torch.cat(grids) if grids else None, use_cache=False)
+    res = []
+    for b, e in enumerate(examples):
+        n = len(e)
+        lp, _ = token_logprobs(out.logits[b, :n], _shift(e.input_ids), temperature)
+        res.append(lp)
+    return res
