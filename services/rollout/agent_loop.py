@@ -1,0 +1,299 @@
+"""The multi-turn agent loop (DESIGN sections 2-3): generate, call the zoom tool, observe, repeat.
+
+Pure: no Ray. The engine, the tool and the judge come in as callables, so the same loop runs in a
+Serve replica, in a unit test with scripted fakes, or in a notebook.
+
+Token-in/token-out. The prompt is rendered once with deepeyes.chat.CHAT_TEMPLATE and tokenized with
+its images expanded; after that, every turn only appends ids: the sampled assistant ids (loss mask
+1, their sampling log-probs) and the observation segment (loss mask 0, log-prob 0.0). The segment
+is the template's own text for the `tool` messages, cut from a rendering with and without them, so
+it starts right after the sampled `<|im_end|>` ("\\n<|im_start|>user\\n<tool_response>\\n...") and
+ends with the generation prompt "<|im_start|>assistant\\n".
+
+Decisions the design leaves open, made here:
+- num_turns = 1 (the prompt) + assistant turns + observation turns, as verl counts them; an
+  episode of k successful calls then an answer has 2k + 2 turns (DESIGN section 8).
+- A turn that stops at its token cap without `<|im_end|>` ends the episode: its ids stay (loss
+  mask 1, they were sampled) but it is not parsed for calls (a cut-off call has no valid JSON and
+  appending an observation after a half turn would break the chat layout). finish_reason is
+  "budget" when the shared budget was the cap, else "length".
+- Every `<tool_call>` block the model wrote is a ToolCallRecord; the first max_parallel_calls are
+  executed (malformed JSON or an unknown tool get an error observation, not a crash), the rest are
+  recorded with executed=False. Calls of the last allowed turn are not executed (turn_cap).
+- The tool always gets the first prompt image in the model frame, never a crop; crops returned by
+  the tool are resized to the model frame before they join the trajectory, so the trainer's image
+  processor sees exactly what the engine saw.
+- ScoreRequest.tool_calls counts every executed call block (the verl "call" notion), crops counts
+  the crop images appended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from typing import Any, Awaitable, Callable, Protocol
+
+from PIL import Image
+
+from deepeyes.chat import CHAT_TEMPLATE
+from deepeyes.policy import encode_text_with_images, merged_patches
+from services.rollout.engines import GenerateResult, SamplingParams
+from services.rollout.trajectory import ToolCallRecord, Trajectory
+from services.rollout.types import EpisodeRequest, PolicyIO
+
+
+class ToolOutcome(Protocol):
+    """What a tool call returns (services.tools.registry.ToolResult has this shape)."""
+
+    ok: bool
+    text: str
+    image: Image.Image | None
+
+
+GenerateFn = Callable[[list[int], list[Image.Image], SamplingParams], Awaitable[GenerateResult]]
+ToolFn = Callable[[str, Image.Image | None, dict[str, Any]], Awaitable[ToolOutcome]]
+ScoreFn = Callable[[Any], Awaitable[Any]]  # ScoreRequest -> RewardResult (has .to_dict())
+
+TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+
+
+class InvariantError(RuntimeError):
+    """The token ids and the images disagree: a bug in rendering, never a user mistake."""
+
+
+# ---------------------------------------------------------------------------------------------
+# parsing and rendering
+
+
+def parse_tool_calls(text: str, enabled: list[str]) -> list[tuple[str, dict[str, Any] | None, str | None]]:
+    """Every <tool_call> block as (name, arguments, error); error is None for a well-formed call."""
+    calls: list[tuple[str, dict[str, Any] | None, str | None]] = []
+    for body in TOOL_CALL_RE.findall(text):
+        try:
+            obj = json.loads(body.strip())
+        except json.JSONDecodeError as e:
+            calls.append(("", None, f"Error: the tool call is not valid JSON ({e.msg} at char {e.pos}). "
+                                    'Write <tool_call>{"name": "...", "arguments": {...}}</tool_call>.'))
+            continue
+        name = obj.get("name") if isinstance(obj, dict) else None
+        args = obj.get("arguments", {}) if isinstance(obj, dict) else None
+        if isinstance(args, str):  # some models emit arguments as a JSON string
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError:
+                args = None
+        if not isinstance(name, str) or not isinstance(args, dict):
+            calls.append((name if isinstance(name, str) else "", None,
+                          'Error: a tool call needs {"name": <string>, "arguments": <object>}.'))
+        elif name not in enabled:
+            calls.append((name, args, f"Error: unknown tool '{name}'. Available tools: {', '.join(enabled)}."))
+        else:
+            calls.append((name, args, None))
+    return calls
+
+
+def render_prompt(policy_io: PolicyIO, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> str:
+    """The prompt text: the project template with the tools block and the generation prompt."""
+    return policy_io.tokenizer.apply_chat_template(
+        messages, tools=tools or None, chat_template=CHAT_TEMPLATE, add_generation_prompt=True,
+        tokenize=False)
+
+
+def observation_text(policy_io: PolicyIO, tool_messages: list[dict[str, Any]]) -> str:
+    """The text that follows a sampled <|im_end|> when these tool messages come back.
+
+    Rendered by the template itself: a minimal conversation ending in an assistant turn, with and
+    without the tool messages; the difference (plus the "\\n" the template writes after the
+    assistant's <|im_end|>) is the segment. The template renders a tool turn from the roles around
+    it only, so the placeholder context does not change it.
+    """
+    base = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    render = policy_io.tokenizer.apply_chat_template
+    before = render(base, chat_template=CHAT_TEMPLATE, add_generation_prompt=False, tokenize=False)
+    after = render(base + tool_messages, chat_template=CHAT_TEMPLATE, add_generation_prompt=True,
+                   tokenize=False)
+    if not (after.startswith(before) and before.endswith("<|im_end|>\n")):
+        raise InvariantError("the chat template does not render tool turns as a suffix of the "
+                             "conversation; the observation segment cannot be cut from it")
+    return after[len(before) - 1:]
+
+
+def check_image_tokens(ids: list[int], grids: list[list[int]], pad_id: int) -> None:
+    """Number of <|image_pad|> ids == sum of merged patches over the images (DESIGN section 3)."""
+    n_pad = sum(1 for t in ids if t == pad_id)
+    expected = sum(merged_patches(g) for g in grids)
+    if n_pad != expected:
+        raise InvariantError(f"{n_pad} <|image_pad|> tokens but the {len(grids)} images need "
+                             f"{expected} (grids {grids})")
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+async def run_episode(request: EpisodeRequest, *, policy_io: PolicyIO, generate: GenerateFn,
+                      call_tool: ToolFn, score: ScoreFn | None, cfg: Any, tools_cfg: Any,
+                      tool_schemas: list[dict[str, Any]] | None = None,
+                      policy_version: int = 0) -> Trajectory:
+    """Run one episode to its end and return its Trajectory (see the module docstring).
+
+    Args:
+        request: the prompt, images (original resolution), reference answer and sampling overrides.
+        policy_io: tokenizer, image processor and ids of the policy the engine serves.
+        generate: engine call (prompt ids, images in the model frame, SamplingParams).
+        call_tool: async (name, image in the model frame, arguments) -> ToolResult-like.
+        score: async ScoreRequest -> RewardResult, or None for no reward.
+        cfg: RolloutConfig (turn cap, parallel calls, budgets, sampling defaults).
+        tools_cfg: ToolsConfig (enabled tools, per-call timeout).
+        tool_schemas: the tools block; None = services.tools.registry.tool_schemas(tools_cfg.enabled).
+        policy_version: recorded in the trajectory (the engine's version when the episode started).
+
+    Raises:
+        ValueError: the prompt is longer than cfg.max_prompt_length, or images and image slots differ.
+        InvariantError: pad tokens and images disagree (a bug).
+    """
+    t_start = time.perf_counter()
+    timings = {"generate_s": 0.0, "tool_s": 0.0, "judge_s": 0.0}
+    if tool_schemas is None:
+        from services.tools.registry import tool_schemas as registry_schemas
+
+        tool_schemas = registry_schemas(list(tools_cfg.enabled))
+
+    # PROMPT: render once, images in the model frame, pads expanded per image.
+    images = [policy_io.to_model_frame(im) for im in request.images]
+    grids = policy_io.grids(images)
+    prompt_ids = encode_text_with_images(policy_io, render_prompt(policy_io, request.messages, tool_schemas), grids)
+    if len(prompt_ids) > cfg.max_prompt_length:
+        raise ValueError(f"episode {request.uid}: prompt has {len(prompt_ids)} tokens, more than "
+                         f"rollout.max_prompt_length={cfg.max_prompt_length}; shorten the prompt, lower "
+                         f"model.max_pixels or raise rollout.max_prompt_length")
+    tool_image = images[0] if images else None
+
+    temperature = 0.0 if request.greedy else (cfg.temperature if request.temperature is None else request.temperature)
+    budget = cfg.max_response_length
+    response: list[int] = []
+    mask: list[int] = []
+    logprobs: list[float] = []
+    records: list[ToolCallRecord] = []
+    assistant_texts: list[str] = []
+    assistant_turns = observation_turns = crops = 0
+    finish = "answer"
+
+    for turn in range(cfg.max_assistant_turns):
+        # GENERATE
+        remaining = budget - len(response)
+        if remaining <= 0:
+            finish = "budget"
+            break
+        max_new = min(cfg.max_new_tokens_per_turn, remaining)
+        sp = SamplingParams(max_new_tokens=max_new, temperature=temperature, top_p=cfg.top_p,
+                            top_k=cfg.top_k, stop_token_ids=[policy_io.eos_id],
+                            seed=None if request.seed is None else request.seed + turn)
+        check_image_tokens(prompt_ids + response, grids, policy_io.image_pad_id)
+        t0 = time.perf_counter()
+        out = await generate(prompt_ids + response, images, sp)
+        timings["generate_s"] += time.perf_counter() - t0
+        ids = list(out.token_ids)[:max_new]
+        response += ids
+        mask += [1] * len(ids)
+        logprobs += [float(x) for x in out.logprobs[:len(ids)]]
+        assistant_turns += 1
+        ended = bool(ids) and ids[-1] == policy_io.eos_id
+        text = policy_io.tokenizer.decode(ids[:-1] if ended else ids, skip_special_tokens=False)
+        assistant_texts.append(policy_io.tokenizer.decode(ids, skip_special_tokens=True))
+        if not ended:  # cut at the token cap: see the module docstring
+            finish = "budget" if max_new == remaining else "length"
+            break
+
+        calls = parse_tool_calls(text, list(tools_cfg.enabled))
+        if not calls:
+            finish = "answer"
+            break
+        last_turn = turn + 1 >= cfg.max_assistant_turns
+        n_exec = 0 if last_turn else min(len(calls), cfg.max_parallel_calls)
+        why = "turn cap reached" if last_turn else f"not executed: at most {cfg.max_parallel_calls} call(s) per turn"
+        skipped = [ToolCallRecord(turn=turn, name=name, arguments=args, ok=False, text=why,
+                                  executed=False, appended=False) for name, args, _ in calls[n_exec:]]
+        if last_turn:
+            records += skipped
+            finish = "turn_cap"
+            break
+
+        # TOOLS
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(_call_one(call_tool, name, tool_image, args, error, tools_cfg)
+                                         for name, args, error in calls[:n_exec]))
+        timings["tool_s"] += time.perf_counter() - t0
+        turn_records, tool_messages, new_images = [], [], []
+        for (name, args, _), (ok, obs_text, crop) in zip(calls[:n_exec], results):
+            turn_records.append(ToolCallRecord(turn=turn, name=name, arguments=args, ok=ok, text=obs_text))
+            content: list[dict[str, Any]] = []
+            if crop is not None:
+                new_images.append(policy_io.to_model_frame(crop))
+                content.append({"type": "image"})
+            content.append({"type": "text", "text": obs_text})
+            tool_messages.append({"role": "tool", "content": content})
+
+        # OBSERVE: append the segment only if it fits the shared budget (with its images).
+        new_grids = policy_io.grids(new_images)
+        seg = encode_text_with_images(policy_io, observation_text(policy_io, tool_messages), new_grids)
+        if len(response) + len(seg) > budget:
+            for r in turn_records:
+                r.appended = False
+            records += turn_records + skipped
+            finish = "budget"
+            break
+        records += turn_records + skipped
+        response += seg
+        mask += [0] * len(seg)
+        logprobs += [0.0] * len(seg)
+        images += new_images
+        grids += new_grids
+        crops += len(new_images)
+        observation_turns += 1
+    else:  # the loop ran out of turns right after an observation: cannot happen (last turn breaks)
+        finish = "turn_cap"
+
+    check_image_tokens(prompt_ids + response, grids, policy_io.image_pad_id)
+    if not (len(response) == len(mask) == len(logprobs)) or len(response) > budget:
+        raise InvariantError(f"response {len(response)} / mask {len(mask)} / logprobs {len(logprobs)} "
+                             f"disagree or exceed the budget {budget}")
+
+    traj = Trajectory(
+        uid=request.uid, group_id=request.group_id, prompt_ids=prompt_ids, response_ids=response,
+        loss_mask=mask, logprobs=logprobs, images=images, image_grid_thw=grids,
+        response_text="\n".join(assistant_texts), tool_calls=records,
+        num_turns=1 + assistant_turns + observation_turns, policy_version=policy_version,
+        finish_reason=finish, data_source=request.data_source, ground_truth=request.ground_truth,
+        question=request.question, extra=dict(request.extra))
+
+    # REWARD
+    if score is not None:
+        from services.judge.reward import ScoreRequest
+
+        t0 = time.perf_counter()
+        result = await score(ScoreRequest(
+            response_text=traj.response_text, question=request.question,
+            ground_truth=request.ground_truth, data_source=request.data_source,
+            tool_calls=sum(1 for r in records if r.executed), crops=crops))
+        timings["judge_s"] = time.perf_counter() - t0
+        traj.reward = result.to_dict()
+    timings["total_s"] = time.perf_counter() - t_start
+    traj.timings = timings
+    return traj
+
+
+async def _call_one(call_tool: ToolFn, name: str, image: Image.Image | None, args: dict[str, Any] | None,
+                    error: str | None, tools_cfg: Any) -> tuple[bool, str, Image.Image | None]:
+    """One tool call -> (ok, observation text, crop); parse errors and timeouts become error texts."""
+    if error is not None:
+        return False, error, None
+    try:
+        res = await asyncio.wait_for(call_tool(name, image, args or {}), timeout=tools_cfg.timeout_s)
+    except asyncio.TimeoutError:
+        return False, f"Error: the tool {name} did not answer within {tools_cfg.timeout_s} s.", None
+    except Exception as e:  # the tool service failed: the episode goes on with an error text
+        return False, f"Error: the tool {name} failed ({type(e).__name__}: {e}).", None
+    return bool(res.ok), str(res.text), res.image if res.ok else None

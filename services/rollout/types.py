@@ -1,0 +1,101 @@
+"""Requests into the rollout service and the tokenizer-side view of the policy (no model).
+
+`EpisodeRequest` is what the driver sends per episode; `PolicyIO` is what the agent loop needs to
+render, tokenize and measure images: the tokenizer, the image processor and a few token ids. A
+vLLM replica builds it from the model folder without loading the model into torch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from PIL import Image
+
+from deepeyes.policy import merged_patches, resize_for_model
+
+
+@dataclass
+class EpisodeRequest:
+    """One episode to roll out: the prompt conversation, its images and the reference answer.
+
+    `messages` are chat messages whose content is a string or a list of {"type": "image"} /
+    {"type": "text", "text": ...} parts; the i-th image part is `images[i]` (original resolution).
+    `min_version`: the replica must serve this with policy version >= min_version.
+    Sampling: `greedy` wins over `temperature`; `temperature=None` means the config's.
+    """
+
+    uid: str
+    group_id: str
+    messages: list[dict[str, Any]]
+    images: list[Image.Image] = field(default_factory=list)
+    ground_truth: str = ""
+    question: str = ""
+    data_source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    min_version: int = 0
+    temperature: float | None = None
+    greedy: bool = False
+    seed: int | None = None
+
+
+@dataclass
+class PolicyIO:
+    """Tokenizer, image processor and the ids the loop needs; the pixel frame comes from the processor."""
+
+    tokenizer: Any
+    image_processor: Any
+    image_pad_id: int
+    eos_id: int
+    pad_id: int
+
+    @classmethod
+    def from_policy(cls, policy: Any) -> "PolicyIO":
+        """From a loaded deepeyes.policy.Policy."""
+        return cls(tokenizer=policy.tokenizer, image_processor=policy.image_processor,
+                   image_pad_id=policy.image_pad_id, eos_id=policy.eos_id, pad_id=policy.pad_id)
+
+    @classmethod
+    def from_folder(cls, path: str | os.PathLike[str], min_pixels: int | None = None,
+                    max_pixels: int | None = None) -> "PolicyIO":
+        """From a model folder without loading weights (vLLM replicas hold the model elsewhere)."""
+        import json
+        from pathlib import Path
+
+        from transformers import AutoTokenizer
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(path))
+        if min_pixels is not None:
+            image_processor.size["shortest_edge"] = min_pixels
+        if max_pixels is not None:
+            image_processor.size["longest_edge"] = max_pixels
+        config = json.loads(Path(path, "config.json").read_text())
+        return cls(tokenizer=tokenizer, image_processor=image_processor,
+                   image_pad_id=int(config["image_token_id"]),
+                   eos_id=int(tokenizer.convert_tokens_to_ids("<|im_end|>")),
+                   pad_id=int(tokenizer.convert_tokens_to_ids("<|endoftext|>")))
+
+    @property
+    def min_pixels(self) -> int:
+        return int(self.image_processor.size["shortest_edge"])
+
+    @property
+    def max_pixels(self) -> int:
+        return int(self.image_processor.size["longest_edge"])
+
+    def to_model_frame(self, image: Image.Image) -> Image.Image:
+        """The image resized to the frame the model sees (the processor's resize is then the identity)."""
+        return resize_for_model(image, self.min_pixels, self.max_pixels)
+
+    def grids(self, images: Sequence[Image.Image]) -> list[list[int]]:
+        """image_grid_thw of each image, from the processor itself (the one authority on it)."""
+        if not images:
+            return []
+        out = self.image_processor(images=list(images), return_tensors="pt")
+        return [[int(x) for x in g] for g in out["image_grid_thw"].tolist()]
+
+    def pad_tokens(self, grids: Sequence[Sequence[int]]) -> int:
+        return sum(merged_patches(g) for g in grids)
