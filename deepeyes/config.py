@@ -112,6 +112,9 @@ class JudgeConfig:
         "crop", "what counts as tool use: any <tool_call> (verl port) or a crop that came back "
                 "(DeepEyes original)")
     max_answer_chars: int = _f(1000, "answers this long or longer score acc=0 and a format error")
+    serve_llm_source: str = _f("Qwen/Qwen2.5-72B-Instruct", "serve-llm backend: model the ray.serve.llm "
+                                                            "app loads (HF id or folder)")
+    serve_llm_tensor_parallel: int = _f(8, "serve-llm backend: tensor parallel degree (GPUs per judge replica)")
 
 
 @dataclass
@@ -165,7 +168,7 @@ class TrainerConfig:
     val_rows: int = _f(16, "validation rows per evaluation (0 = all)")
     resume: str = _f("", "'auto' = continue from the latest checkpoint of run_dir; a path = that one")
     run_dir: str = _f("runs/latest", "run folder: config, metrics, events, trajectories, checkpoints, plots")
-    sft_steps: int = _f(0, "cold-start SFT steps before GRPO (0 = none; tiny model uses its cached warm start)")
+    sft_steps: int = _f(200, "steps of the cold-start SFT warm start (used when model.warm_start is true)")
     sft_lr: float = _f(3e-3, "cold-start SFT learning rate")
 
 
@@ -383,3 +386,10 @@ def help_text(default: Any = None, prefix: str = "") -> str:
         value = getattr(default, f.name)
         lines.append(f"  {prefix}{f.name} ({_type_name(tp)}, default {value!r}): {f.metadata['help']}")
     return "\n".join(lines)
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """A Config from its `to_dict` form (how the driver hands the resolved tree to Ray workers)."""
+    cfg = _build(Config, tree)
+    validate(cfg)
+    return cfg

@@ -1,0 +1,123 @@
+"""The DeepEyes reward: answer extraction, the format rule and the score formula (one place).
+
+Pure functions, no Ray, no I/O. `services/judge/scoring.py` adds the judge call around them.
+
+    score = acc_weight * acc + format_weight * fmt + tool_weight * tool     (0.8, 0.2, 1.2)
+
+- acc in {0, 1}: the judge's verdict (or the math checker's) on the extracted answer; an answer of
+  `max_answer_chars` (1000) characters or more scores acc=0 and is a format error (length hacking).
+- fmt = -1 on a format error, else 0. Format errors: `<think>` and `</think>` counts differ;
+  after the last `</think>`, `<answer>` and `</answer>` counts differ; no answer tags there.
+- tool = 1 only if acc = 1 and a tool was used: `call` = any tool call was made (verl port),
+  `crop` = at least one crop came back (DeepEyes original, the default).
+
+Possible scores: -0.2, 0, 0.6, 0.8, 1.8, 2.0.
+
+Multiple answers: when the text after the last `</think>` holds several complete
+`<answer>...</answer>` pairs, the LAST one is the answer (as in the DeepEyes original, which splits
+on the last `<answer>`). Balanced repeated pairs are not a format error (the rule only compares
+counts, as the original does); an unclosed or unopened extra tag is one, because the counts differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from deepeyes.config import JudgeConfig
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+_ANSWER_PAIR = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# ChatML end markers may trail a decoded response; they are never part of an answer.
+_CHAT_MARKERS = re.compile(r"<\|im_end\|>|<\|endoftext\|>|<\|im_start\|>(assistant|user)?")
+
+
+@dataclass
+class ScoreRequest:
+    """One finished episode to score. `response_text` is the decoded response (all turns)."""
+
+    response_text: str
+    question: str
+    ground_truth: str
+    data_source: str = ""
+    tool_calls: int = 0
+    crops: int = 0
+
+
+@dataclass
+class RewardResult:
+    """The reward and its parts. judge_ok=False: no verdict could be had (see `failure`);
+    score/acc/tool are then NaN so that a caller that forgets the failure policy fails loudly
+    instead of training on a silent zero."""
+
+    score: float
+    acc: float
+    format: float
+    tool: float
+    judge_ok: bool = True
+    failure: str = ""
+    answer: str | None = None
+    cached: bool = False
+    judge_latency_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _after_last_think(text: str) -> str:
+    i = text.rfind(THINK_CLOSE)
+    return text if i < 0 else text[i + len(THINK_CLOSE):]
+
+
+def extract_answer(text: str) -> str | None:
+    """The answer the model gave: the content of `<answer>` after the last `</think>`.
+
+    In order: the last complete `<answer>...</answer>` pair; an `<answer>` left open (the text to
+    the end); a `</answer>` with no opening (the text before it); no tags at all (the whole text
+    after the last `</think>`, as the DeepEyes original judges it). The fallbacks still count as
+    format errors (see `format_error`). Returns None when nothing is left to judge.
+    """
+    tail = _after_last_think(text)
+    pairs = _ANSWER_PAIR.findall(tail)
+    if pairs:
+        answer = pairs[-1]
+    elif ANSWER_OPEN in tail:
+        answer = tail.rsplit(ANSWER_OPEN, 1)[1]
+    elif ANSWER_CLOSE in tail:
+        answer = tail.split(ANSWER_CLOSE, 1)[0]
+    else:
+        answer = tail
+    answer = _CHAT_MARKERS.sub("", answer).strip()
+    return answer or None
+
+
+def format_error(text: str) -> bool:
+    """True when the tags break the DeepEyes format rule (the length rule is applied in scoring)."""
+    if text.count(THINK_OPEN) != text.count(THINK_CLOSE):
+        return True
+    tail = _after_last_think(text)
+    opened, closed = tail.count(ANSWER_OPEN), tail.count(ANSWER_CLOSE)
+    return opened != closed or opened == 0
+
+
+def tool_used(request: ScoreRequest, cfg: JudgeConfig) -> bool:
+    """Whether the episode used a tool, by cfg.tool_used (`call` or `crop`)."""
+    return request.tool_calls > 0 if cfg.tool_used == "call" else request.crops > 0
+
+
+def combine(acc: float, fmt_error: bool, used_tool: bool, cfg: JudgeConfig, **extra: Any) -> RewardResult:
+    """The formula: acc, the format flag and tool use -> RewardResult (extra fields passed on)."""
+    fmt = -1.0 if fmt_error else 0.0
+    tool = 1.0 if (acc == 1.0 and used_tool) else 0.0
+    score = cfg.acc_weight * acc + cfg.format_weight * fmt + cfg.tool_weight * tool
+    return RewardResult(score=score, acc=acc, format=fmt, tool=tool, **extra)
+
+
+def failed(fmt_error: bool, cause: str, **extra: Any) -> RewardResult:
+    """A result without a verdict: NaN score/acc/tool, judge_ok=False, the cause named."""
+    nan = float("nan")
+    return RewardResult(score=nan, acc=nan, format=-1.0 if fmt_error else 0.0, tool=nan,
+                        judge_ok=False, failure=cause, **extra)
