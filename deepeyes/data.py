@@ -1,0 +1,679 @@
+"""The data pipeline: DeepEyes-schema parquet in, validated prompt rows out; plus a synthetic twin.
+
+Reading (`read_deepeyes(files, cfg)`): the DeepEyes-Datasets-47k columns `data_source`, `prompt`
+(system + user turns; the user text holds one `<image>` marker per image), `images` (list of
+{bytes, path}), `reward_model` ({ground_truth, style}), `extra_info` ({answer, question, index,
+split, ...}), `ability`, `env_name`. Files stream through pyarrow in row batches. Every row is
+checked before it is kept; a malformed row is skipped, counted under a named reason (`SKIP_REASONS`)
+and logged once per reason, never a crash. Image pixel counts are read from the header (PIL's lazy
+open) before anything is decoded, so a decompression bomb costs a header parse. Rows keep the
+encoded image bytes (the size of the parquet, not of the decoded pixels) and decode on access
+(`Row.images`); tiny images come back upscaled so their short side is `min_image_side`.
+
+The system turn is replaced by `deepeyes.chat.SYSTEM_PROMPT`; the user turn becomes a content list
+(`{"type": "image"}` parts where the markers were, `{"type": "text"}` parts for the text between).
+
+Synthetic data (`write_synthetic`, `write_synthetic_suite`, `synthetic_split`) writes the same
+schema, deterministically (same seed, same bytes):
+- `vstar`: a 1024-2048 px cluttered scene with ONE small target (a coloured shape, a word on a
+  coloured sign, or a striped square in a coloured frame) whose asked attribute (shape / word /
+  stripe orientation) is below 6 px in the model's 224x224-ish frame but plain in a native crop;
+- `thinklite_eureka`: 8-27 px images of 1-3 dark dots and an arithmetic question (number answer);
+- `chart`: 3000-4096 px flat-colour bar charts with small value labels to read.
+
+Answer convention: `reward_model.ground_truth` is the answer WORD (or number), never an option
+letter; multiple-choice questions list `(A) word (B) word ...` and `extra_info.options` keeps the
+list, so a judge can map a letter answer to its word. `extra_info.target_bbox` is [x1, y1, x2, y2]
+in original image pixels (x2, y2 exclusive, a PIL crop box); `extra_info.target_attribute` names
+what is asked.
+
+CLI: `python -m deepeyes.data synth --out DIR --rows N --seed S` and
+`python -m deepeyes.data inspect FILE...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import io
+import logging
+import math
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw, ImageFont
+
+from deepeyes.chat import SYSTEM_PROMPT
+from deepeyes.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+IMAGE_MARKER = "<image>"
+SOURCES = ("vstar", "thinklite_eureka", "chart")
+# The real dataset's file names; the synthetic suite uses the same ones.
+VSTAR_FILE = "data_0.1.2_visual_toolbox_v2.parquet"
+THINKLITE_FILE = "data_thinklite_reasoning_acc.parquet"
+CHART_FILE = "data_v0.8_visual_toolbox_v2.parquet"
+TOOL_ENV = "visual_toolbox_v2"
+READ_BATCH_ROWS = 32  # rows decoded from parquet at a time (one batch of bytes in memory)
+MAX_ASPECT_RATIO = 200  # the Qwen2-VL image processor rejects ratios of 200 or more
+
+# Why a row is skipped, and what a user can do about it (logged with the first occurrence).
+SKIP_REASONS: dict[str, str] = {
+    "chart_excluded": "Chart rows are off by default (very high resolution); set data.include_chart=true",
+    "malformed_prompt": "prompt must be a list of {role, content} with a user turn whose content is text",
+    "missing_ground_truth": "reward_model.ground_truth is missing or empty; fix the row or drop it",
+    "missing_image": "images must be a non-empty list of {bytes, path} with embedded bytes",
+    "image_count_mismatch": "the user text must hold one <image> marker per entry of images",
+    "image_too_many_bytes": "an encoded image exceeds data.max_image_bytes; raise it or drop the row",
+    "image_too_many_pixels": "an image exceeds data.max_image_pixels (read from its header); raise it "
+                             "or drop the row",
+    "undecodable_image": "image bytes are not a decodable image (corrupt or truncated)",
+    "extreme_aspect_ratio": f"an image has long/short side >= {MAX_ASPECT_RATIO}, which the Qwen2-VL "
+                            "processor rejects",
+    "bad_target_bbox": "extra_info.target_bbox must be [x1, y1, x2, y2] inside the first image",
+}
+
+
+class RowSkipped(Exception):
+    """A row that cannot be used; `reason` is a key of SKIP_REASONS."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        assert reason in SKIP_REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# ---------------------------------------------------------------------------------------------
+# rows
+
+
+def upscale_to_min_side(image: Image.Image, min_side: int) -> Image.Image:
+    """Scale up so the short side is `min_side`, aspect kept (long side rounded half up)."""
+    w, h = image.size
+    if min(w, h) >= min_side:
+        return image
+    scale = min_side / min(w, h)
+    if w <= h:
+        size = (min_side, max(min_side, int(h * scale + 0.5)))
+    else:
+        size = (max(min_side, int(w * scale + 0.5)), min_side)
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def decode_image(data: bytes, min_side: int = 28) -> Image.Image:
+    """Decode to RGB and upscale tiny images (callers pass bytes that read_deepeyes validated)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(io.BytesIO(data))
+        image = image.convert("RGB")
+    return upscale_to_min_side(image, min_side)
+
+
+@dataclass
+class Row:
+    """One validated prompt: the chat messages, the image bytes, the reference answer.
+
+    `images` decodes on each access (RGB, tiny ones upscaled, not yet smart-resized): hold the
+    result rather than reading the property in a loop. `image_sizes` are the stored (w, h) before
+    any upscale; `extra["target_bbox"]`, when present, is in those original pixels.
+    """
+
+    index: str
+    data_source: str
+    messages: list[dict[str, Any]]
+    image_bytes: list[bytes]
+    ground_truth: str
+    question: str
+    extra: dict[str, Any]
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
+    ability: str = ""
+    env_name: str = ""
+    min_image_side: int = 28
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [decode_image(b, self.min_image_side) for b in self.image_bytes]
+
+
+@dataclass
+class DataSet:
+    """Rows read from parquet files, plus how many rows were skipped for which reason."""
+
+    rows: list[Row] = field(default_factory=list)
+    skipped: collections.Counter[str] = field(default_factory=collections.Counter)
+    files: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[Row]:
+        return iter(self.rows)
+
+    def __getitem__(self, i: int) -> Row:
+        return self.rows[i]
+
+    def summary(self) -> str:
+        by_source = collections.Counter(r.data_source for r in self.rows)
+        kept = ", ".join(f"{k}={v}" for k, v in sorted(by_source.items())) or "none"
+        skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
+        return (f"{len(self.rows)} rows from {len(self.files)} file(s) (by source: {kept}); "
+                f"skipped {sum(self.skipped.values())} ({skipped})")
+
+
+def is_chart_file(path: str | os.PathLike[str]) -> bool:
+    """The real Chart file is named data_v0.8_*; its rows are also caught by data_source."""
+    return "data_v0.8" in Path(path).name
+
+
+def _user_messages(prompt: Any) -> list[dict[str, Any]]:
+    """Parse the prompt list; raises RowSkipped('malformed_prompt') when it has no text user turn."""
+    if not isinstance(prompt, list) or not prompt:
+        raise RowSkipped("malformed_prompt", f"prompt is {type(prompt).__name__}, not a list of turns")
+    turns = [t for t in prompt if isinstance(t, dict) and t.get("role") != "system"]
+    if not any(t.get("role") == "user" for t in turns):
+        raise RowSkipped("malformed_prompt", "no user turn")
+    for t in turns:
+        if not isinstance(t.get("content"), str):
+            raise RowSkipped("malformed_prompt", f"{t.get('role')} turn content is not text")
+    return turns
+
+
+def _content_parts(text: str) -> list[dict[str, Any]]:
+    """'<image>\\nWhat is...' -> [{'type': 'image'}, {'type': 'text', 'text': 'What is...'}]."""
+    parts: list[dict[str, Any]] = []
+    pieces = text.split(IMAGE_MARKER)
+    for i, piece in enumerate(pieces):
+        if i > 0:
+            parts.append({"type": "image"})
+        piece = piece.strip()
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+def _check_image(data: Any, cfg: DataConfig) -> tuple[int, int]:
+    """Validate one encoded image cheaply-first; returns its (w, h). Raises RowSkipped."""
+    if not isinstance(data, (bytes, bytearray)) or not data:
+        raise RowSkipped("missing_image", "image entry has no bytes")
+    if len(data) > cfg.max_image_bytes:
+        raise RowSkipped("image_too_many_bytes", f"{len(data)} bytes > cap {cfg.max_image_bytes}")
+    with warnings.catch_warnings():
+        # Our own cap below is the check that matters; PIL's warning is noise here.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))  # lazy: reads the header only
+        except Image.DecompressionBombError as e:
+            raise RowSkipped("image_too_many_pixels", f"PIL refused the header: {e}") from None
+        except Exception as e:  # noqa: BLE001 - any parse failure is a bad row, not a crash
+            raise RowSkipped("undecodable_image", f"{type(e).__name__}: {e}") from None
+        w, h = image.size
+        if w <= 0 or h <= 0:
+            raise RowSkipped("undecodable_image", f"header size {w}x{h}")
+        if w * h > cfg.max_image_pixels:
+            raise RowSkipped("image_too_many_pixels", f"{w}x{h} = {w * h} pixels > cap {cfg.max_image_pixels}")
+        if max(w, h) / min(w, h) >= MAX_ASPECT_RATIO:
+            raise RowSkipped("extreme_aspect_ratio", f"{w}x{h}")
+        try:
+            if image.format == "JPEG":
+                # DCT-domain downscale: still reads the whole stream (catches truncation), 64x cheaper.
+                image.draft("RGB", (max(1, w // 8), max(1, h // 8)))
+            image.load()
+        except Exception as e:  # noqa: BLE001
+            raise RowSkipped("undecodable_image", f"{type(e).__name__}: {e}") from None
+    return w, h
+
+
+def _check_bbox(bbox: Any, size: tuple[int, int]) -> list[float]:
+    w, h = size
+    try:
+        x1, y1, x2, y2 = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        raise RowSkipped("bad_target_bbox", f"{bbox!r} is not 4 numbers") from None
+    if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
+        raise RowSkipped("bad_target_bbox", f"{bbox!r} not inside the {w}x{h} image")
+    return [x1, y1, x2, y2]
+
+
+def parse_row(record: dict[str, Any], where: str, cfg: DataConfig) -> Row:
+    """One parquet record -> Row; raises RowSkipped naming why the record is unusable."""
+    source = str(record.get("data_source") or "")
+    if source == "chart" and not cfg.include_chart:
+        raise RowSkipped("chart_excluded", "data_source is chart")
+    turns = _user_messages(record.get("prompt"))
+    reward = record.get("reward_model") or {}
+    truth = reward.get("ground_truth") if isinstance(reward, dict) else None
+    if truth is None or str(truth).strip() == "":
+        raise RowSkipped("missing_ground_truth", "reward_model.ground_truth is empty")
+    entries = record.get("images")
+    if not isinstance(entries, list) or not entries:
+        raise RowSkipped("missing_image", "images is empty")
+    blobs = [e.get("bytes") if isinstance(e, dict) else None for e in entries]
+    markers = sum(t["content"].count(IMAGE_MARKER) for t in turns)
+    if markers != len(blobs):
+        raise RowSkipped("image_count_mismatch", f"{markers} <image> marker(s) for {len(blobs)} image(s)")
+    sizes = [_check_image(b, cfg) for b in blobs]
+    extra = dict(record.get("extra_info") or {})
+    if extra.get("target_bbox") is not None:
+        extra["target_bbox"] = _check_bbox(extra["target_bbox"], sizes[0])
+
+    messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM_PROMPT}]
+    messages += [{"role": t["role"], "content": _content_parts(t["content"])} for t in turns]
+    question = extra.get("question")
+    if not isinstance(question, str) or not question.strip():
+        question = " ".join(p["text"] for t in messages[1:] for p in t["content"] if p["type"] == "text")
+    question = question.replace(IMAGE_MARKER, "").strip()
+    return Row(index=str(extra["index"]) if extra.get("index") is not None else where,
+               data_source=source, messages=messages, image_bytes=[bytes(b) for b in blobs],
+               ground_truth=str(truth).strip(), question=question, extra=extra, image_sizes=sizes,
+               ability=str(record.get("ability") or ""), env_name=str(record.get("env_name") or ""),
+               min_image_side=cfg.min_image_side)
+
+
+def read_deepeyes(files: list[str], cfg: DataConfig) -> DataSet:
+    """Read DeepEyes-schema parquet files into validated rows; bad rows are skipped and counted.
+
+    The Chart file (name holding `data_v0.8`, or rows with data_source `chart`) is skipped unless
+    `cfg.include_chart`. Row ids are `extra_info.index` when present and unique, else `file:rownum`.
+
+    Raises:
+        FileNotFoundError: a listed file does not exist.
+        ValueError: a file lacks a required column (the file is not DeepEyes-schema).
+    """
+    from tqdm import tqdm
+
+    if cfg.max_image_pixels > (Image.MAX_IMAGE_PIXELS or 0) and Image.MAX_IMAGE_PIXELS is not None:
+        # PIL refuses images above 2x its own limit at open; our configured cap is the rule here.
+        Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels
+    ds = DataSet(files=[str(f) for f in files])
+    seen: set[str] = set()
+    dup_logged = False
+
+    def skip(reason: str, detail: str, where: str, count: int = 1) -> None:
+        if reason not in ds.skipped:
+            log.warning("skipping %s: %s (%s). %s. Further rows with this reason are only counted.",
+                        where, reason, detail, SKIP_REASONS[reason])
+        ds.skipped[reason] += count
+
+    for path in files:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"data file {path} does not exist; check data.train_files / "
+                                    "data.val_files (empty lists mean synthetic data)")
+        pf = pq.ParquetFile(path)
+        name = Path(path).name
+        total = pf.metadata.num_rows
+        if is_chart_file(path) and not cfg.include_chart:
+            skip("chart_excluded", f"whole file, {total} rows", name, count=total)
+            continue
+        columns = set(pf.schema_arrow.names)
+        missing = {"data_source", "prompt", "images", "reward_model"} - columns
+        if missing:
+            raise ValueError(f"{path} lacks column(s) {sorted(missing)}: not a DeepEyes-schema parquet "
+                             f"(has {sorted(columns)})")
+        wanted = [c for c in ("data_source", "prompt", "images", "reward_model", "extra_info",
+                              "ability", "env_name") if c in columns]
+        rownum = 0
+        with tqdm(total=total, desc=name, unit="row", disable=None, leave=False) as bar:
+            for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=wanted):
+                for record in batch.to_pylist():
+                    where = f"{name}:{rownum}"
+                    rownum += 1
+                    try:
+                        row = parse_row(record, where, cfg)
+                    except RowSkipped as e:
+                        skip(e.reason, e.detail, where)
+                        continue
+                    if row.index in seen:
+                        # Real files number rows per file, so ids repeat across files; GRPO groups
+                        # by id, so repeats must not merge.
+                        if not dup_logged:
+                            log.info("extra_info.index %s repeats (at %s); repeats get file:rownum "
+                                     "ids", row.index, where)
+                            dup_logged = True
+                        row.index = where
+                    seen.add(row.index)
+                    ds.rows.append(row)
+                bar.update(batch.num_rows)
+    log.info("read %s", ds.summary())
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic data
+
+DEFAULT_MIX = {"vstar": 0.75, "thinklite_eureka": 0.15, "chart": 0.10}
+MODEL_MAX_PIXELS = 50176  # the frame the target must vanish in (model.max_pixels of the recipe)
+MAX_TARGET_PX_IN_FRAME = 5.5  # the target box's longest side in that frame, at most
+TARGET_COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 230), "green": (20, 170, 40),
+                  "yellow": (240, 220, 20), "orange": (245, 130, 20), "purple": (140, 40, 200)}
+SIGN_COLOURS = {"yellow": (245, 225, 40), "orange": (250, 150, 40), "cyan": (60, 220, 235),
+                "pink": (250, 150, 200)}
+SHAPES = ("circle", "square", "triangle", "star")
+STRIPES = ("horizontal", "vertical", "diagonal")
+WORDS = ("LION", "BOAT", "KITE", "MOON", "FISH", "TREE", "STAR", "DOOR", "BIRD", "LAMP",
+         "CAKE", "ROSE", "SHIP", "WOLF", "BELL", "RING", "CAT", "SUN", "OWL", "BUS")
+DOT_NAMES = {1: "one", 2: "two", 3: "three"}
+LETTERS = "ABCDEFGH"
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+
+_SCHEMA = pa.schema([
+    ("data_source", pa.string()),
+    ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+    ("images", pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))),
+    ("ability", pa.string()),
+    ("env_name", pa.string()),
+    ("reward_model", pa.struct([("ground_truth", pa.string()), ("style", pa.string())])),
+    ("extra_info", pa.struct([
+        ("answer", pa.string()), ("question", pa.string()), ("index", pa.string()),
+        ("split", pa.string()), ("kind", pa.string()), ("target_attribute", pa.string()),
+        ("target_bbox", pa.list_(pa.int32())), ("options", pa.list_(pa.string())),
+    ])),
+])
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=6)  # fixed options: same pixels, same bytes
+    return buf.getvalue()
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)  # Pillow's embedded font: identical on every machine
+
+
+def _clutter(rng: np.random.Generator, w: int, h: int) -> Image.Image:
+    """A muted background with many faint flat shapes: busy to the eye, cheap to draw and encode."""
+    base = rng.integers(110, 190)
+    tint = rng.integers(-10, 11, size=3)
+    image = Image.new("RGB", (w, h), tuple(int(np.clip(base + t, 0, 255)) for t in tint))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(60, 140))):
+        lum = int(base + rng.integers(-40, 41))
+        colour = tuple(int(np.clip(lum + t, 0, 255)) for t in rng.integers(-12, 13, size=3))
+        size = int(rng.integers(16, 400))
+        x, y = int(rng.integers(-size // 2, w)), int(rng.integers(-size // 2, h))
+        kind = rng.integers(0, 4)
+        box = [x, y, x + size, y + int(size * rng.uniform(0.3, 1.5))]
+        if kind == 0:
+            draw.ellipse(box, fill=colour)
+        elif kind == 1:
+            draw.rectangle(box, fill=colour)
+        elif kind == 2:
+            draw.line(box, fill=colour, width=int(rng.integers(2, 12)))
+        else:
+            pts = [(x + int(rng.integers(0, size)), y + int(rng.integers(0, size))) for _ in range(3)]
+            draw.polygon(pts, fill=colour)
+    return image
+
+
+def _shape_polygon(shape: str, x: int, y: int, s: int) -> list[tuple[float, float]]:
+    if shape == "triangle":
+        return [(x + s / 2, y), (x, y + s - 1), (x + s - 1, y + s - 1)]
+    if shape == "star":
+        cx, cy, r = x + (s - 1) / 2, y + (s - 1) / 2, (s - 1) / 2
+        return [(cx + (r if k % 2 == 0 else 0.4 * r) * math.sin(k * math.pi / 5),
+                 cy - (r if k % 2 == 0 else 0.4 * r) * math.cos(k * math.pi / 5)) for k in range(10)]
+    raise ValueError(shape)
+
+
+def _stripe_tile(orientation: str, s: int) -> Image.Image:
+    """Black/white stripes of period 4 px: far finer than the ~5-9x downscale to the model frame."""
+    yy, xx = np.mgrid[0:s, 0:s]
+    phase = {"horizontal": yy, "vertical": xx, "diagonal": xx + yy}[orientation]
+    return Image.fromarray(np.where((phase // 2) % 2 == 0, 0, 255).astype(np.uint8), "L").convert("RGB")
+
+
+def _scene_size(rng: np.random.Generator, target_side: int) -> tuple[int, int]:
+    """A 1024-2048 px scene large enough that the target shrinks below MAX_TARGET_PX_IN_FRAME."""
+    need = MODEL_MAX_PIXELS * (target_side / MAX_TARGET_PX_IN_FRAME) ** 2
+    while True:
+        w, h = (int(v) for v in rng.integers(1024, 2049, size=2))
+        if w * h >= need:
+            return w, h
+
+
+def _ask(rng: np.random.Generator, question: str, answer: str, choices: tuple[str, ...],
+         k: int) -> tuple[str, list[str]]:
+    """Multiple choice (3 in 4 rows: options list includes the answer) or a one-word question."""
+    if rng.random() < 0.75:
+        others = [c for c in choices if c != answer]
+        picked = [answer] + [str(c) for c in rng.choice(others, size=min(k, len(choices)) - 1, replace=False)]
+        options = [picked[i] for i in rng.permutation(len(picked))]
+        listing = " ".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options))
+        return f"{question}\nOptions: {listing}\nAnswer with the option's word.", options
+    return f"{question} Answer with one word.", []
+
+
+def _vstar(rng: np.random.Generator) -> dict[str, Any]:
+    kind = str(rng.choice(["shape", "text", "stripes"]))
+    if kind == "text":
+        word = str(rng.choice(WORDS))
+        font = _font(int(rng.integers(9, 12)))
+        l, t, r, b = font.getbbox(word)
+        pad = 3
+        tw, th = r - l + 2 * pad, b - t + 2 * pad
+        side = max(tw, th)
+    else:
+        side = int(rng.integers(24, 49))
+        tw = th = side
+    w, h = _scene_size(rng, side)
+    image = _clutter(rng, w, h)
+    draw = ImageDraw.Draw(image)
+    x, y = int(rng.integers(8, w - tw - 8)), int(rng.integers(8, h - th - 8))
+    bbox = [x, y, x + tw, y + th]
+    if kind == "shape":
+        colour = str(rng.choice(list(TARGET_COLOURS)))
+        answer = str(rng.choice(SHAPES))
+        fill = TARGET_COLOURS[colour]
+        if answer == "circle":
+            draw.ellipse([x, y, x + side - 1, y + side - 1], fill=fill)
+        elif answer == "square":
+            draw.rectangle([x, y, x + side - 1, y + side - 1], fill=fill)
+        else:
+            draw.polygon(_shape_polygon(answer, x, y, side), fill=fill)
+        question, options = _ask(rng, f"What shape is the small {colour} object?", answer, SHAPES, 4)
+    elif kind == "text":
+        colour = str(rng.choice(list(SIGN_COLOURS)))
+        answer = word
+        draw.rectangle([x, y, x + tw - 1, y + th - 1], fill=SIGN_COLOURS[colour])
+        draw.text((x + pad - l, y + pad - t), word, fill=(10, 10, 10), font=font)
+        question, options = _ask(rng, f"What word is written on the small {colour} sign?", answer, WORDS, 4)
+    else:
+        colour = str(rng.choice(list(TARGET_COLOURS)))
+        answer = str(rng.choice(STRIPES))
+        frame = 3
+        draw.rectangle([x, y, x + side - 1, y + side - 1], fill=TARGET_COLOURS[colour])
+        image.paste(_stripe_tile(answer, side - 2 * frame), (x + frame, y + frame))
+        question, options = _ask(rng, f"Which way do the stripes run inside the small {colour} frame?",
+                                 answer, STRIPES, 3)
+    return {"image": image, "question": question, "answer": answer, "options": options,
+            "kind": kind, "attribute": {"shape": "shape", "text": "word", "stripes": "stripe orientation"}[kind],
+            "bbox": bbox, "style": "model", "ability": "visual_search", "env": TOOL_ENV}
+
+
+def _thinklite(rng: np.random.Generator) -> dict[str, Any]:
+    w, h = (int(v) for v in rng.integers(8, 28, size=2))
+    n = int(rng.integers(1, 4))
+    bg = tuple(int(v) for v in rng.integers(170, 256, size=3))
+    image = Image.new("RGB", (w, h), bg)
+    cells = [(cx, cy) for cy in range(h // 3) for cx in range(w // 3)]  # 2x2 dot + 1 px gap per cell
+    draw = ImageDraw.Draw(image)
+    for c in rng.choice(len(cells), size=n, replace=False):
+        cx, cy = cells[int(c)]
+        draw.rectangle([3 * cx, 3 * cy, 3 * cx + 1, 3 * cy + 1], fill=(20, 20, 20))
+    a, b = int(rng.integers(2, 10)), int(rng.integers(1, 20))
+    question = (f"Let n be the number of dark dots in the image. What is {a} * n + {b}? "
+                "Reason step by step and put the final number in \\boxed{}.")
+    return {"image": image, "question": question, "answer": str(a * n + b), "options": [],
+            "kind": "dots", "attribute": "dot count", "bbox": None, "style": "rule",
+            "ability": "math", "env": ""}
+
+
+def _chart(rng: np.random.Generator) -> dict[str, Any]:
+    w, h = (int(v) for v in rng.integers(3000, 4097, size=2))
+    image = Image.new("RGB", (w, h), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    left, bottom, top = w // 10, h - h // 10, h // 6
+    draw.line([(left, top), (left, bottom), (w - w // 20, bottom)], fill=(0, 0, 0), width=6)
+    names = [str(c) for c in rng.permutation(list(TARGET_COLOURS))[: int(rng.integers(4, 7))]]
+    slot = (w - w // 20 - left) // len(names)
+    font = _font(int(rng.integers(12, 17)))
+    boxes = {}
+    values = {}
+    for i, name in enumerate(names):
+        value = int(rng.integers(10, 100))
+        x1 = left + i * slot + slot // 5
+        x2 = x1 + slot * 3 // 5
+        y1 = bottom - int((bottom - top) * value / 110)
+        draw.rectangle([x1, y1, x2, bottom - 3], fill=TARGET_COLOURS[name])
+        label = str(value)
+        l, t, r, b = font.getbbox(label)
+        lx, ly = (x1 + x2) // 2 - (r - l) // 2, y1 - 10 - (b - t)
+        draw.text((lx - l, ly - t), label, fill=(0, 0, 0), font=font)
+        boxes[name] = [lx - 2, ly - 2, lx + (r - l) + 2, ly + (b - t) + 2]
+        values[name] = label
+    pick = names[int(rng.integers(0, len(names)))]
+    question = f"What value is printed above the {pick} bar? Answer with the number."
+    return {"image": image, "question": question, "answer": values[pick], "options": [],
+            "kind": "chart_value", "attribute": "bar value", "bbox": boxes[pick], "style": "model",
+            "ability": "chart", "env": TOOL_ENV}
+
+
+_MAKERS = {"vstar": _vstar, "thinklite_eureka": _thinklite, "chart": _chart}
+
+
+def _counts(rows: int, mix: dict[str, float]) -> dict[str, int]:
+    """Split `rows` by `mix` with the largest-remainder rule (the counts sum to `rows`)."""
+    unknown = set(mix) - set(_MAKERS)
+    if unknown or not mix or any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
+        raise ValueError(f"mix {mix!r}: keys must be among {list(_MAKERS)}, weights >= 0, sum > 0")
+    total = sum(mix.values())
+    exact = {k: rows * v / total for k, v in mix.items()}
+    counts = {k: int(math.floor(v)) for k, v in exact.items()}
+    for k in sorted(exact, key=lambda k: (counts[k] - exact[k], list(mix).index(k)))[: rows - sum(counts.values())]:
+        counts[k] += 1
+    return counts
+
+
+def write_synthetic(path: str, rows: int, seed: int, mix: dict[str, float] | None = None,
+                    split: str = "train") -> str:
+    """Write `rows` synthetic DeepEyes-schema rows to `path` (parquet); returns `path`.
+
+    Deterministic: the same (rows, seed, mix, split) give the same bytes. Row i draws from its own
+    stream seeded by (seed, split, i), so different splits or seeds give disjoint rows.
+    """
+    if split not in SPLIT_CODES:
+        raise ValueError(f"split {split!r}: use one of {list(SPLIT_CODES)}")
+    counts = _counts(rows, dict(mix or DEFAULT_MIX))
+    kinds = [k for k, n in counts.items() for _ in range(n)]
+    order = np.random.default_rng([seed, SPLIT_CODES[split], 999_983]).permutation(len(kinds))
+    records: dict[str, list[Any]] = {name: [] for name in _SCHEMA.names}
+    for i, j in enumerate(order):
+        source = kinds[int(j)]
+        rng = np.random.default_rng([seed, SPLIT_CODES[split], i])
+        made = _MAKERS[source](rng)
+        index = f"synth-{split}-{seed}-{source}-{i}"
+        records["data_source"].append(source)
+        records["prompt"].append([{"role": "system", "content": "You are a helpful assistant."},
+                                  {"role": "user", "content": f"{IMAGE_MARKER}\n{made['question']}"}])
+        records["images"].append([{"bytes": _png(made["image"]), "path": f"{index}.png"}])
+        records["ability"].append(made["ability"])
+        records["env_name"].append(made["env"])
+        records["reward_model"].append({"ground_truth": made["answer"], "style": made["style"]})
+        records["extra_info"].append({
+            "answer": made["answer"], "question": made["question"], "index": index, "split": split,
+            "kind": made["kind"], "target_attribute": made["attribute"], "target_bbox": made["bbox"],
+            "options": made["options"]})
+    table = pa.Table.from_pydict(records, schema=_SCHEMA)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    # Fixed writer options (no timestamps are written by parquet-cpp): same table, same bytes.
+    pq.write_table(table, path, row_group_size=16, compression="snappy", version="2.6",
+                   data_page_version="1.0", use_dictionary=True, write_statistics=True)
+    return path
+
+
+def write_synthetic_suite(out_dir: str, rows: int, seed: int, split: str = "train") -> list[str]:
+    """Write the three files of the real dataset's layout (V*, ThinkLite, Chart) under `out_dir`.
+
+    `rows` are split by DEFAULT_MIX. Returns the paths in that order; the Chart file is excluded
+    by read_deepeyes unless data.include_chart.
+    """
+    counts = _counts(rows, DEFAULT_MIX)
+    names = {"vstar": VSTAR_FILE, "thinklite_eureka": THINKLITE_FILE, "chart": CHART_FILE}
+    # Each file gets its own seed stream (seed*3+k) so rows do not repeat across the three files.
+    return [write_synthetic(os.path.join(out_dir, names[k]), counts[k], seed * 3 + n, {k: 1.0}, split)
+            for n, k in enumerate(("vstar", "thinklite_eureka", "chart"))]
+
+
+def synthetic_split(out_dir: str, train_rows: int, val_rows: int, seed: int) -> tuple[list[str], list[str]]:
+    """Disjoint train and validation suites under `out_dir/train` and `out_dir/val`."""
+    return (write_synthetic_suite(os.path.join(out_dir, "train"), train_rows, seed, "train"),
+            write_synthetic_suite(os.path.join(out_dir, "val"), val_rows, seed, "val"))
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _inspect(files: list[str], cfg: DataConfig) -> str:
+    ds = read_deepeyes(files, cfg)
+    lines = [f"files: {len(files)}", f"rows kept: {len(ds)}"]
+    for source, n in sorted(collections.Counter(r.data_source for r in ds).items()):
+        lines.append(f"  {source}: {n}")
+    lines.append(f"rows skipped: {sum(ds.skipped.values())}")
+    for reason, n in sorted(ds.skipped.items()):
+        lines.append(f"  {reason}: {n}  ({SKIP_REASONS[reason]})")
+    sizes = np.array([s for r in ds for s in r.image_sizes], dtype=np.int64).reshape(-1, 2)
+    if len(sizes):
+        lines.append(f"images: {len(sizes)}")
+        for name, col in (("width", sizes[:, 0]), ("height", sizes[:, 1]), ("pixels", sizes.prod(1))):
+            lines.append(f"  {name}: min {col.min()}  median {int(np.median(col))}  max {col.max()}")
+        lines.append(f"  short side < {cfg.min_image_side} (upscaled on decode): "
+                     f"{int((sizes.min(1) < cfg.min_image_side).sum())}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m deepeyes.data",
+                                 description="Synthetic DeepEyes-schema data and a checker for parquet files.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("synth", help="write the three-file synthetic suite (V*, ThinkLite, Chart) to DIR",
+                       description="Write data_0.1.2_visual_toolbox_v2.parquet, data_thinklite_reasoning_acc"
+                                   ".parquet and data_v0.8_visual_toolbox_v2.parquet (rows split 75/15/10).")
+    s.add_argument("--out", required=True, help="output folder (created)")
+    s.add_argument("--rows", type=int, default=64, help="rows over the three files (default 64)")
+    s.add_argument("--seed", type=int, default=1234, help="generator seed; same seed, same bytes (default 1234)")
+    s.add_argument("--split", choices=list(SPLIT_CODES), default="train",
+                   help="split name; different splits give disjoint rows (default train)")
+    i = sub.add_parser("inspect", help="read parquet files as training would; print counts, skips, image sizes")
+    i.add_argument("files", nargs="+", help="DeepEyes-schema parquet files")
+    i.add_argument("--include-chart", action="store_true", help="keep Chart rows (data.include_chart)")
+    i.add_argument("--max-image-pixels", type=int, default=DataConfig().max_image_pixels,
+                   help="pixel cap per image, from the header (data.max_image_pixels)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.cmd == "synth":
+        import time
+
+        t0 = time.perf_counter()
+        paths = write_synthetic_suite(args.out, args.rows, args.seed, args.split)
+        for p in paths:
+            print(f"{p}  {pq.ParquetFile(p).metadata.num_rows} rows  {os.path.getsize(p) / 1e6:.2f} MB")
+        print(f"{args.rows} rows in {time.perf_counter() - t0:.1f} s")
+    else:
+        cfg = dataclasses.replace(DataConfig(), include_chart=args.include_chart,
+                                  max_image_pixels=args.max_image_pixels)
+        print(_inspect(args.files, cfg))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
