@@ -79,6 +79,10 @@ class ToolsConfig:
                                 "episode gets an error text")
     max_image_pixels: int = _f(64_000_000, "pixel cap for images sent to the HTTP route "
                                            "(checked before decoding)")
+    max_request_bytes: int = _f(96 * 1024 * 1024, "body size cap of one HTTP tool request (and of "
+                                                  "encoded image bytes sent through the handle)")
+    image_cache_mb: int = _f(512, "per tool replica: decoded images kept by object reference, so the "
+                                  "turns of one episode fetch its image once (0 = off)")
 
 
 @dataclass
@@ -136,6 +140,9 @@ class RolloutConfig:
     gpu_memory_utilization: float = _f(0.6, "vllm: fraction of GPU memory for the engine")
     tensor_parallel_size: int = _f(1, "vllm: tensor parallel degree per rollout replica")
     torch_threads: int = _f(1, "torch intra-op threads per rollout replica (CPU)")
+    reward: Literal["auto", "on", "off"] = _f(
+        "auto", "rollout replicas score episodes with the 'judge' Serve app: auto = when it is "
+                "running, on = always (error if absent), off = never (the driver scores)")
 
 
 @dataclass

@@ -1,0 +1,269 @@
+"""The GRPO recipe: setup (cluster, policy, data, services), train (Ray Train), summary, cleanup.
+
+Features and the flag that controls each:
+- cluster: joins `ray.address` / RAY_ADDRESS / a running cluster, else starts a local one.
+- services: deploys the tools, judge and rollout Serve apps unless they already run
+  (`serve.use_running`), with replicas and resources from `serve.*`.
+- policy: `model.path` (tiny = built offline), `model.warm_start` (cached cold-start SFT).
+- data: `data.train_files` / `data.val_files`, or a synthetic set written into the run folder.
+- training: `trainer.*` (GRPO, DAPO dynamic sampling, over-turn masking, clip-high, KL).
+- resume: `trainer.resume=auto` continues from the run folder's latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deepeyes.config import Config, ConfigError, to_dict
+from deepeyes.serving import ROUTE_PREFIXES
+
+log = logging.getLogger("deepeyes.driver")
+
+# Ray Train's controller polls workers every 2 s by default: each report() would wait that long.
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "TOKENIZERS_PARALLELISM": "false"}
+
+
+class GRPORecipe:
+    """One GRPO run: `setup()`, `train()`, `summary()`, `cleanup()`."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.trainer.run_dir).expanduser().resolve()
+        self.started_ray = False
+        self.deployed: list[str] = []
+        self.t0 = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        from trainer.loop import latest_checkpoint
+
+        self.resume_from = None
+        if cfg.trainer.resume:
+            self.resume_from = latest_checkpoint(self.run_dir) if cfg.trainer.resume == "auto" else Path(cfg.trainer.resume)
+            if cfg.trainer.resume != "auto" and not (self.resume_from / "trainer_state.json").exists():
+                raise ConfigError(f"trainer.resume={cfg.trainer.resume}: no trainer_state.json there")
+            if self.resume_from is None:
+                log.warning("trainer.resume=auto: no checkpoint under %s, starting fresh", self.run_dir)
+        elif latest_checkpoint(self.run_dir) is not None:
+            raise ConfigError(f"{self.run_dir} already holds checkpoints: pass trainer.resume=auto to "
+                              f"continue that run, or choose a new trainer.run_dir")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+        t = time.perf_counter()
+        self.policy_dir = prepare_policy(cfg)
+        self.timings["policy_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        self.train_files, self.val_files = prepare_data(cfg, self.run_dir)
+        from deepeyes.data import read_deepeyes
+        from trainer.loop import total_steps
+
+        train = read_deepeyes(self.train_files, cfg.data)
+        log.info("training data: %s", train.summary())
+        if len(train) == 0:
+            raise ConfigError(f"no usable training rows in {self.train_files}: {train.summary()}")
+        self.steps = total_steps(cfg, len(train))
+        self.timings["data_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        self.started_ray = connect_ray(cfg)
+        self.timings["ray_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        self.deployed = deploy_services(cfg, self.run_dir, self.policy_dir)
+        self.timings["deploy_s"] = time.perf_counter() - t
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> None:
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        from trainer.loop import train_loop_per_worker
+
+        cfg = self.cfg
+        loop_config = {
+            "config": to_dict(cfg), "run_dir": str(self.run_dir), "policy_dir": str(self.policy_dir),
+            "train_files": self.train_files, "val_files": self.val_files,
+            "resume_from": str(self.resume_from) if self.resume_from else "",
+        }
+        trainer = TorchTrainer(
+            train_loop_per_worker, train_loop_config=loop_config,
+            scaling_config=ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
+                                         resources_per_worker={"CPU": cfg.trainer.cpus_per_worker}),
+            run_config=RunConfig(name="train", storage_path=str(self.run_dir)))
+        t = time.perf_counter()
+        error: list[BaseException] = []
+
+        def fit() -> None:
+            try:
+                trainer.fit()
+            except BaseException as e:  # surfaced below, in the main thread
+                error.append(e)
+
+        worker = threading.Thread(target=fit, daemon=True)
+        worker.start()
+        follow_progress(self.run_dir, worker, cfg.logging.progress, self.steps)
+        worker.join()
+        self.timings["train_s"] = time.perf_counter() - t
+        if error:
+            raise error[0]
+
+    # ------------------------------------------------------------------ summary
+    def summary(self) -> dict[str, Any]:
+        from trainer.metrics import read_metrics
+
+        rows = [r for r in read_metrics(self.run_dir) if "reward/score" in r]
+        val = [r for r in read_metrics(self.run_dir) if "val/acc" in r]
+        out: dict[str, Any] = {"run_dir": str(self.run_dir), "steps": len(rows),
+                               "wall_s": round(time.perf_counter() - self.t0, 1),
+                               "setup_s": {k: round(v, 1) for k, v in self.timings.items()}}
+        if rows:
+            keys = ["reward/score", "reward/acc", "reward/tool", "rollout/tool_calls", "rollout/num_turns",
+                    "actor/entropy"]
+            out["first"] = {k: round(rows[0].get(k, 0.0), 4) for k in keys}
+            out["last"] = {k: round(rows[-1].get(k, 0.0), 4) for k in keys}
+            phases = ["rollout", "old_logprob", "update", "publish"]
+            total = sum(r.get("timing/step_s", 0.0) for r in rows)
+            out["phase_split"] = {p: round(sum(r.get(f"timing/{p}_s", 0.0) for r in rows) / max(total, 1e-9), 3)
+                                  for p in phases}
+        if val:
+            out["validation"] = {k: round(v, 4) for k, v in val[-1].items() if k.startswith("val/")}
+        if self.cfg.logging.plots and rows:
+            from trainer.plots import render_plots
+
+            out["plots"] = [str(p) for p in render_plots(self.run_dir)]
+        (self.run_dir / "summary.json").write_text(json.dumps(out, indent=2))
+        return out
+
+    # ------------------------------------------------------------------ cleanup
+    def cleanup(self) -> None:
+        import ray
+        from ray import serve
+
+        if not ray.is_initialized():
+            return
+        if self.started_ray:
+            serve.shutdown()
+            ray.shutdown()
+        else:  # a shared cluster: remove only what this run deployed
+            for name in self.deployed:
+                serve.delete(name)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare_policy(cfg: Config) -> Path:
+    """The policy folder the rollout replicas and Train workers load (tiny: built + warm start)."""
+    from deepeyes.policy import resolve_policy_path
+
+    base = resolve_policy_path(cfg.model)
+    if not (base / "config.json").exists():
+        raise ConfigError(f"model.path={cfg.model.path}: no model folder at {base} (config.json missing)")
+    if cfg.model.path == "tiny" and cfg.model.warm_start:
+        from trainer.sft import warm_started_policy_path
+
+        log.info("cold-start SFT of the tiny policy (cached after the first run)...")
+        return warm_started_policy_path(cfg, base, progress=cfg.logging.progress)
+    return base
+
+
+def prepare_data(cfg: Config, run_dir: Path) -> tuple[list[str], list[str]]:
+    """Parquet files to train and validate on (synthetic ones written into the run folder)."""
+    from deepeyes.data import write_synthetic, write_synthetic_suite
+
+    train = list(cfg.data.train_files)
+    val = list(cfg.data.val_files)
+    data_dir = run_dir / "data"
+    if not train:
+        (data_dir / "train").mkdir(parents=True, exist_ok=True)
+        train = write_synthetic_suite(str(data_dir / "train"), cfg.data.synthetic_train_rows,
+                                      cfg.data.synthetic_seed, split="train")
+        if not val and cfg.data.synthetic_val_rows > 0:
+            val = [write_synthetic(str(data_dir / "val.parquet"), cfg.data.synthetic_val_rows,
+                                   cfg.data.synthetic_seed, mix={"vstar": 1.0}, split="val")]
+    for f in train + val:
+        if not Path(f).exists():
+            raise ConfigError(f"data file {f} does not exist (data.train_files / data.val_files)")
+    return [str(Path(f).resolve()) for f in train], [str(Path(f).resolve()) for f in val]
+
+
+def connect_ray(cfg: Config) -> bool:
+    """Join a cluster (config, RAY_ADDRESS, or a running one) or start a local one. True if started."""
+    import ray
+
+    os.environ.update(TRAIN_ENV)
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    try:
+        ray.init(address="auto", log_to_driver=True)
+        return False
+    except ConnectionError:
+        pass
+    kwargs: dict[str, Any] = {"include_dashboard": cfg.ray.include_dashboard,
+                              "runtime_env": {"env_vars": dict(TRAIN_ENV)}}
+    if cfg.ray.num_cpus:
+        kwargs["num_cpus"] = cfg.ray.num_cpus
+    if cfg.ray.temp_dir:
+        kwargs["_temp_dir"] = cfg.ray.temp_dir
+    ray.init(**kwargs)
+    return True
+
+
+def deploy_services(cfg: Config, run_dir: Path, policy_dir: Path) -> list[str]:
+    """Deploy tools, judge, rollout (in that order) unless running; returns the ones deployed."""
+    from ray import serve
+
+    from services.judge.app import build_app as judge_app
+    from services.rollout.app import build_app as rollout_app
+    from services.tools.app import build_app as tools_app
+
+    if cfg.judge.backend == "openai" and cfg.judge.check_at_startup:
+        from services.judge.backends import check_reachable
+
+        asyncio.run(check_reachable(cfg.judge))
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    running = {name for name, app in serve.status().applications.items() if str(app.status).endswith("RUNNING")}
+    args = {"config": str(run_dir / "config.yaml"), "overrides": [f"model.path={policy_dir}"]}
+    deployed = []
+    for name, builder in (("tools", tools_app), ("judge", judge_app), ("rollout", rollout_app)):
+        if name in running and cfg.serve.use_running:
+            log.info("using the running Serve app %r", name)
+            continue
+        serve.run(builder(args), name=name, route_prefix=ROUTE_PREFIXES[name])
+        deployed.append(name)
+    return deployed
+
+
+def follow_progress(run_dir: Path, worker: threading.Thread, enabled: bool, steps: int) -> None:
+    """A progress bar fed by metrics.jsonl while Ray Train runs (step, reward, tool calls, ETA)."""
+    from tqdm import tqdm
+
+    from trainer.metrics import read_metrics
+
+    if not enabled:
+        return
+    seen = len([r for r in read_metrics(run_dir) if "reward/score" in r])  # a resumed run's earlier steps
+    bar = tqdm(desc="GRPO", unit="step", total=steps, initial=seen, file=sys.stderr, dynamic_ncols=True)
+    while worker.is_alive():
+        worker.join(timeout=1.0)
+        rows = [r for r in read_metrics(run_dir) if "reward/score" in r]
+        if len(rows) > seen:
+            bar.update(len(rows) - seen)
+            seen = len(rows)
+            last = rows[-1]
+            bar.set_postfix(step=int(last["step"]), score=f"{last['reward/score']:.3f}",
+                            tool_calls=f"{last['rollout/tool_calls']:.2f}")
+    bar.close()

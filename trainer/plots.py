@@ -1,0 +1,67 @@
+"""PNG curves of a run: reward, entropy, turns, tool calls, response length, per-phase time."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from trainer.metrics import read_metrics
+
+PANELS = [
+    ("reward", ["reward/score", "reward/acc", "reward/tool", "reward/format"]),
+    ("entropy", ["actor/entropy"]),
+    ("num_turns", ["rollout/num_turns"]),
+    ("tool_calls", ["rollout/tool_calls", "rollout/tool_errors"]),
+    ("response_length", ["rollout/response_tokens"]),
+    ("validation", ["val/acc", "val/tool_use", "val/grounding_iou"]),
+]
+PHASES = ["rollout", "old_logprob", "update", "publish"]
+
+
+def render_plots(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Write plots/curves.png (one panel per metric group) and plots/timing.png; return the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    if not rows:
+        raise FileNotFoundError(f"no metrics in {run_dir / 'metrics.jsonl'}: is this a run folder?")
+    out = run_dir / "plots"
+    out.mkdir(exist_ok=True)
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for ax, (title, keys) in zip(axes.flat, PANELS):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"GRPO run: {run_dir.name}")
+    fig.tight_layout()
+    curves = out / "curves.png"
+    fig.savefig(curves, dpi=90)
+    plt.close(fig)
+
+    steps = [r for r in rows if "timing/step_s" in r]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bottom = [0.0] * len(steps)
+    for phase in PHASES:
+        vals = [r.get(f"timing/{phase}_s", 0.0) for r in steps]
+        ax.bar([r["step"] for r in steps], vals, bottom=bottom, label=phase)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_xlabel("step")
+    ax.set_ylabel("seconds")
+    ax.set_title("time per step by phase")
+    ax.legend()
+    fig.tight_layout()
+    timing = out / "timing.png"
+    fig.savefig(timing, dpi=90)
+    plt.close(fig)
+    return [curves, timing]

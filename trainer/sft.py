@@ -1,0 +1,213 @@
+"""Cold-start SFT: a short supervised warm start on tool-using conversations.
+
+A random-init policy almost never calls the tool, so GRPO would have nothing to reinforce. From
+each synthetic row with a target box we write the conversation DeepEyes teaches: think, call
+`image_zoom_in_tool` on the target, read the real crop the tool returns, answer. The token layout
+is the rollout's own (prompt with generation header, assistant content through <|im_end|> with
+loss, observation segments without), so what SFT teaches is exactly what the agent loop samples.
+
+`python -m trainer.sft [--config ...] [key=value ...]` builds (or finds) the cached warm-started
+tiny policy and prints its valid tool-call rate under sampling. The main job uses the same cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from deepeyes.chat import CHAT_TEMPLATE
+from deepeyes.config import Config, load_config
+from deepeyes.policy import Policy, encode_text_with_images, load_policy, process_images, resize_for_model
+from services.tools.registry import execute_tool, tool_schemas
+from trainer.packing import make_example, pack, packed_forward, plan_micro_batches
+
+log = logging.getLogger("deepeyes.sft")
+ASSISTANT_HEADER = "<|im_start|>assistant\n"
+END = "<|im_end|>"
+SFT_VERSION = "sft-v1"
+
+
+def frame_box(target_bbox: Sequence[float], orig_size: tuple[int, int], frame_size: tuple[int, int],
+              margin: float = 0.25) -> list[int]:
+    """The target box mapped into the model's frame, grown by `margin` of its size on each side."""
+    sx, sy = frame_size[0] / orig_size[0], frame_size[1] / orig_size[1]
+    x1, y1, x2, y2 = target_bbox
+    w, h = (x2 - x1) * sx, (y2 - y1) * sy
+    box = [x1 * sx - margin * w, y1 * sy - margin * h, x2 * sx + margin * w, y2 * sy + margin * h]
+    return [max(0, round(box[0])), max(0, round(box[1])),
+            min(frame_size[0], round(box[2])), min(frame_size[1], round(box[3]))]
+
+
+def tool_conversation(row: Any, cfg: Config) -> tuple[list[dict[str, Any]], list[Image.Image]]:
+    """The conversation DeepEyes teaches for one data row, and its images in the model frame."""
+    frame = resize_for_model(row.images[0], cfg.model.min_pixels, cfg.model.max_pixels)
+    messages = [dict(m) for m in row.messages]
+    images = [frame]
+    answer = f"<answer>{row.ground_truth}</answer>"
+    target = row.extra.get("target_bbox")
+    if target is None:  # no box to zoom on (e.g. math rows): answer directly
+        messages.append({"role": "assistant", "content": "<think>I can read this directly.</think>" + answer})
+        return messages, images
+    bbox = frame_box(target, row.images[0].size, frame.size)
+    arguments = {"bbox_2d": bbox, "label": "target"}
+    result = execute_tool("image_zoom_in_tool", frame, arguments, min_side_policy=cfg.tools.min_side_policy)
+    messages.append({"role": "assistant", "content": "<think>The detail is too small here. I zoom in on it.</think>",
+                     "tool_calls": [{"type": "function", "function": {"name": "image_zoom_in_tool",
+                                                                      "arguments": arguments}}]})
+    if result.ok:
+        messages.append({"role": "tool", "content": [{"type": "image"}, {"type": "text", "text": result.text}]})
+        images.append(result.image)
+    else:
+        messages.append({"role": "tool", "content": result.text})
+    messages.append({"role": "assistant", "content": "<think>Now the detail is clear.</think>" + answer})
+    return messages, images
+
+
+def conversation_tokens(policy: Policy, messages: list[dict[str, Any]], images: list[Image.Image],
+                        tools: list[dict[str, Any]]) -> tuple[list[int], list[int], Any, Any]:
+    """Token ids and loss mask (1 on assistant content through <|im_end|>), with image tensors.
+
+    The text is cut into the pieces the rollout produces (prompt through the assistant header,
+    assistant content through <|im_end|>, observation segments) and each piece is tokenized alone,
+    as the agent loop does: a BPE merge never crosses a turn boundary.
+    """
+    text = policy.tokenizer.apply_chat_template(messages, tools=tools, chat_template=CHAT_TEMPLATE,
+                                                tokenize=False)
+    pieces: list[tuple[str, int]] = []
+    pos = 0
+    while (start := text.find(ASSISTANT_HEADER, pos)) >= 0:
+        content_start = start + len(ASSISTANT_HEADER)
+        end = text.index(END, content_start) + len(END)
+        pieces.append((text[pos:content_start], 0))
+        pieces.append((text[content_start:end], 1))
+        pos = end
+    pieces.append((text[pos:], 0))
+    pixel_values, grids = process_images(policy, images)
+    grid_list = grids.tolist() if grids is not None else []
+    ids: list[int] = []
+    mask: list[int] = []
+    used = 0
+    for piece, m in pieces:
+        n_img = piece.count("<|image_pad|>")
+        piece_ids = encode_text_with_images(policy, piece, grid_list[used:used + n_img])
+        used += n_img
+        ids += piece_ids
+        mask += [m] * len(piece_ids)
+    return ids, mask, pixel_values, grids
+
+
+def train_sft(policy: Policy, rows: Sequence[Any], cfg: Config, steps: int, lr: float,
+              batch_size: int = 8, seed: int = 0, progress: bool = True) -> list[float]:
+    """Supervised steps (token-mean NLL over assistant tokens); returns the loss per step."""
+    tools = tool_schemas(cfg.tools.enabled)
+    examples = []
+    for row in rows:
+        messages, images = tool_conversation(row, cfg)
+        ids, mask, pv, grid = conversation_tokens(policy, messages, images, tools)
+        examples.append(make_example(policy.model, policy.image_pad_id, ids, mask, 1.0, pv, grid))
+    model = policy.model
+    model.train()
+    model.requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    from tqdm import tqdm
+
+    bar = tqdm(range(steps), desc="sft warm start", disable=not progress, file=sys.stderr)
+    for _ in bar:
+        idx = torch.randperm(len(examples), generator=gen)[:batch_size].tolist()
+        batch = [examples[i] for i in idx]
+        total = sum(float(e.loss_mask[1:].sum()) for e in batch)
+        opt.zero_grad(set_to_none=True)
+        loss_value = 0.0
+        for mb in plan_micro_batches([len(e) for e in batch], cfg.trainer.micro_batch_tokens):
+            pk = pack([batch[i] for i in mb])
+            logp, _ = packed_forward(model, pk)
+            loss = -(logp * pk.target_mask).sum() / total
+            loss.backward()
+            loss_value += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss_value)
+        bar.set_postfix(loss=f"{loss_value:.3f}")
+    model.eval()
+    model.requires_grad_(False)
+    return losses
+
+
+def _sft_rows(cfg: Config, rows: int, seed: int) -> list[Any]:
+    from deepeyes.data import read_deepeyes, write_synthetic
+
+    with tempfile.TemporaryDirectory() as d:
+        path = write_synthetic(os.path.join(d, "sft.parquet"), rows=rows, seed=seed)
+        return read_deepeyes([path], cfg.data).rows
+
+
+def warm_start_key(base: Path, cfg: Config) -> str:
+    h = hashlib.sha1()
+    h.update((base / "model.safetensors").read_bytes())
+    h.update(json.dumps([SFT_VERSION, cfg.trainer.sft_steps, cfg.trainer.sft_lr, cfg.model.min_pixels,
+                         cfg.model.max_pixels, cfg.tools.enabled]).encode())
+    return h.hexdigest()[:12]
+
+
+def warm_started_policy_path(cfg: Config, base: Path, progress: bool = True) -> Path:
+    """The cached warm-started copy of `base` (built on first use; atomic rename)."""
+    root = Path(os.path.expanduser(cfg.model.cache_dir))
+    final = root / f"warm-{warm_start_key(base, cfg)}"
+    if (final / "model.safetensors").exists():
+        return final
+    t0 = time.perf_counter()
+    policy = load_policy(base, min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels, trainable=True)
+    torch.manual_seed(cfg.trainer.seed)
+    rows = _sft_rows(cfg, rows=128, seed=cfg.data.synthetic_seed + 7919)
+    losses = train_sft(policy, rows, cfg, steps=cfg.trainer.sft_steps, lr=cfg.trainer.sft_lr, progress=progress)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".warm-", dir=root))
+    try:
+        for f in base.iterdir():
+            if f.name != "model.safetensors":
+                shutil.copy2(f, tmp / f.name)
+        policy.model.save_pretrained(tmp)
+        (tmp / "warm_start.json").write_text(json.dumps(
+            {"base": str(base), "steps": cfg.trainer.sft_steps, "lr": cfg.trainer.sft_lr,
+             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+             "seconds": time.perf_counter() - t0}, indent=2))
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m trainer.sft", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="scenario YAML (default deploy/configs/tiny-cpu.yaml)")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = load_config(args.config, args.overrides)
+    from deepeyes.policy import resolve_policy_path
+
+    t0 = time.perf_counter()
+    path = warm_started_policy_path(cfg, resolve_policy_path(cfg.model))
+    print(f"warm-started policy at {path} ({time.perf_counter() - t0:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
