@@ -50,6 +50,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
 from deepeyes.chat import SYSTEM_PROMPT
 from deepeyes.config import DataConfig
@@ -289,8 +290,6 @@ def read_deepeyes(files: list[str], cfg: DataConfig) -> DataSet:
         FileNotFoundError: a listed file does not exist.
         ValueError: a file lacks a required column (the file is not DeepEyes-schema).
     """
-    from tqdm import tqdm
-
     if cfg.max_image_pixels > (Image.MAX_IMAGE_PIXELS or 0) and Image.MAX_IMAGE_PIXELS is not None:
         # PIL refuses images above 2x its own limit at open; our configured cap is the rule here.
         Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels
@@ -457,7 +456,7 @@ def _vstar(rng: np.random.Generator) -> dict[str, Any]:
     kind = str(rng.choice(["shape", "text", "stripes"]))
     if kind == "text":
         word = str(rng.choice(WORDS))
-        font = _font(int(rng.integers(9, 12)))
+        font = _font(int(rng.integers(10, 13)))  # cap height 8-9 px: plain at native size
         l, t, r, b = font.getbbox(word)
         pad = 3
         tw, th = r - l + 2 * pad, b - t + 2 * pad
@@ -551,7 +550,7 @@ def _chart(rng: np.random.Generator) -> dict[str, Any]:
 _MAKERS = {"vstar": _vstar, "thinklite_eureka": _thinklite, "chart": _chart}
 
 
-def _counts(rows: int, mix: dict[str, float]) -> dict[str, int]:
+def mix_counts(rows: int, mix: dict[str, float]) -> dict[str, int]:
     """Split `rows` by `mix` with the largest-remainder rule (the counts sum to `rows`)."""
     unknown = set(mix) - set(_MAKERS)
     if unknown or not mix or any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
@@ -573,7 +572,7 @@ def write_synthetic(path: str, rows: int, seed: int, mix: dict[str, float] | Non
     """
     if split not in SPLIT_CODES:
         raise ValueError(f"split {split!r}: use one of {list(SPLIT_CODES)}")
-    counts = _counts(rows, dict(mix or DEFAULT_MIX))
+    counts = mix_counts(rows, dict(mix or DEFAULT_MIX))
     kinds = [k for k, n in counts.items() for _ in range(n)]
     order = np.random.default_rng([seed, SPLIT_CODES[split], 999_983]).permutation(len(kinds))
     records: dict[str, list[Any]] = {name: [] for name in _SCHEMA.names}
@@ -607,7 +606,7 @@ def write_synthetic_suite(out_dir: str, rows: int, seed: int, split: str = "trai
     `rows` are split by DEFAULT_MIX. Returns the paths in that order; the Chart file is excluded
     by read_deepeyes unless data.include_chart.
     """
-    counts = _counts(rows, DEFAULT_MIX)
+    counts = mix_counts(rows, DEFAULT_MIX)
     names = {"vstar": VSTAR_FILE, "thinklite_eureka": THINKLITE_FILE, "chart": CHART_FILE}
     # Each file gets its own seed stream (seed*3+k) so rows do not repeat across the three files.
     return [write_synthetic(os.path.join(out_dir, names[k]), counts[k], seed * 3 + n, {k: 1.0}, split)
