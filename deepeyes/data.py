@@ -381,7 +381,8 @@ _SCHEMA = pa.schema([
 
 def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=6)  # fixed options: same pixels, same bytes
+    # Fixed options (same pixels, same bytes); level 1: 3-4x faster than 6 on 16 MP charts, ~2x larger.
+    image.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
@@ -432,12 +433,17 @@ def _stripe_tile(orientation: str, s: int) -> Image.Image:
 
 
 def _scene_size(rng: np.random.Generator, target_side: int) -> tuple[int, int]:
-    """A 1024-2048 px scene large enough that the target shrinks below MAX_TARGET_PX_IN_FRAME."""
+    """A 1024-2048 px scene large enough that the target shrinks below MAX_TARGET_PX_IN_FRAME.
+
+    The model frame scales both sides by about sqrt(max_pixels / (w*h)), so w*h must reach
+    max_pixels * (side / MAX_TARGET_PX_IN_FRAME)^2; w and h are drawn so that it does.
+    """
     need = MODEL_MAX_PIXELS * (target_side / MAX_TARGET_PX_IN_FRAME) ** 2
-    while True:
-        w, h = (int(v) for v in rng.integers(1024, 2049, size=2))
-        if w * h >= need:
-            return w, h
+    if need > 2048 * 2048:
+        raise ValueError(f"a {target_side}px target cannot vanish in a 2048x2048 scene")
+    w = int(rng.integers(max(1024, math.ceil(need / 2048)), 2049))
+    h = int(rng.integers(max(1024, math.ceil(need / w)), 2049))
+    return w, h
 
 
 def _ask(rng: np.random.Generator, question: str, answer: str, choices: tuple[str, ...],
@@ -462,7 +468,7 @@ def _vstar(rng: np.random.Generator) -> dict[str, Any]:
         tw, th = r - l + 2 * pad, b - t + 2 * pad
         side = max(tw, th)
     else:
-        side = int(rng.integers(24, 49))
+        side = int(rng.integers(24, 45))
         tw = th = side
     w, h = _scene_size(rng, side)
     image = _clutter(rng, w, h)
