@@ -140,9 +140,9 @@ class RolloutConfig:
     gpu_memory_utilization: float = _f(0.6, "vllm: fraction of GPU memory for the engine")
     tensor_parallel_size: int = _f(1, "vllm: tensor parallel degree per rollout replica")
     torch_threads: int = _f(1, "torch intra-op threads per rollout replica (CPU)")
-    reward: Literal["auto", "on", "off"] = _f(
+    reward: Literal["auto", "always", "never"] = _f(
         "auto", "rollout replicas score episodes with the 'judge' Serve app: auto = when it is "
-                "running, on = always (error if absent), off = never (the driver scores)")
+                "running, always (error if absent), never (the driver scores)")
 
 
 @dataclass

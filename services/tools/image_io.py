@@ -19,6 +19,10 @@ class ImageDecodeError(ValueError):
     """The bytes are not an image we accept; the message names the cause and the fix."""
 
 
+class ImageTooLargeError(ImageDecodeError):
+    """The encoded size or the header's pixel count is over its cap (HTTP 413)."""
+
+
 def decode_image(data: bytes, *, max_pixels: int, max_bytes: int | None = None) -> Image.Image:
     """Bytes of an encoded image (PNG, JPEG, WebP, ...) -> an RGB PIL image, first frame.
 
@@ -33,7 +37,7 @@ def decode_image(data: bytes, *, max_pixels: int, max_bytes: int | None = None) 
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ImageDecodeError(f"expected encoded image bytes, got {type(data).__name__}")
     if max_bytes is not None and len(data) > max_bytes:
-        raise ImageDecodeError(f"image is {len(data)} bytes, over the cap of {max_bytes}: "
+        raise ImageTooLargeError(f"image is {len(data)} bytes, over the cap of {max_bytes}: "
                                f"send a smaller or more compressed image")
     try:
         with warnings.catch_warnings():
@@ -44,7 +48,7 @@ def decode_image(data: bytes, *, max_pixels: int, max_bytes: int | None = None) 
             if w <= 0 or h <= 0:
                 raise ImageDecodeError(f"image header says {w}x{h}: not a usable image")
             if w * h > max_pixels:
-                raise ImageDecodeError(f"image is {w}x{h} = {w * h} pixels, over the cap of "
+                raise ImageTooLargeError(f"image is {w}x{h} = {w * h} pixels, over the cap of "
                                        f"{max_pixels} (tools.max_image_pixels): downscale it first")
             image.load()
             return image.convert("RGB") if image.mode != "RGB" else image
@@ -53,7 +57,7 @@ def decode_image(data: bytes, *, max_pixels: int, max_bytes: int | None = None) 
     except UnidentifiedImageError:
         raise ImageDecodeError("the bytes are not an image PIL can read (send PNG, JPEG or WebP)") from None
     except Image.DecompressionBombError as e:
-        raise ImageDecodeError(f"image rejected as a decompression bomb: {e}") from None
+        raise ImageTooLargeError(f"image rejected as a decompression bomb: {e}") from None
     except Exception as e:  # PIL plugins raise OSError, SyntaxError, struct.error, ... on bad bytes
         raise ImageDecodeError(f"image is truncated or corrupt ({type(e).__name__}: {e})"[:500]) from None
 
