@@ -298,6 +298,8 @@ def read_deepeyes(files: list[str], cfg: DataConfig) -> DataSet:
     dup_logged = False
 
     def skip(reason: str, detail: str, where: str, count: int = 1) -> None:
+        if count == 0:
+            return
         if reason not in ds.skipped:
             log.warning("skipping %s: %s (%s). %s. Further rows with this reason are only counted.",
                         where, reason, detail, SKIP_REASONS[reason])
