@@ -1,0 +1,199 @@
+"""The judge as a Ray Serve application: `score` for in-cluster callers, an OpenAI-compatible route.
+
+- `JudgeService.score(ScoreRequest) -> RewardResult` (through a handle): the rollout calls it at
+  episode end, so judging overlaps with other episodes' generation.
+- `POST /judge/score`: the same over HTTP for callers outside the cluster.
+- `POST /judge/v1/chat/completions`, `GET /judge/v1/models`: an OpenAI-compatible front of the
+  `hf` backend's model, so the official `openai` client (and this project's `openai` backend)
+  works against `base_url=http://127.0.0.1:{port}/judge/v1`.
+
+The HTTP routes are for trusted networks: Serve binds 127.0.0.1 unless configured; a bearer token
+is checked when `serve.auth_token_env` names a set environment variable.
+
+Deploy: `serve.run(build_app({"config": path, "overrides": [...]}), name="judge",
+route_prefix="/judge")` or `serve deploy deploy/serve.yaml`.
+"""
+
+
+import asyncio
+import concurrent.futures
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Header, HTTPException
+from pydantic import BaseModel, Field
+from ray import serve
+
+from deepeyes.config import Config
+from deepeyes.serving import authorized, bearer_token, config_from_args, deployment_options
+from services.judge.backends import check_reachable, make_judge
+from services.judge.reward import RewardResult, ScoreRequest
+from services.judge.scoring import VerdictCache, score as score_episode, stats as judge_stats
+
+__all__ = ["JudgeService", "build_app", "check_reachable"]
+
+MAX_CHAT_TOKENS = 512  # cap of the chat route: the judge replies with a word, not an essay
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
+class ChatCompletionRequest(BaseModel):
+    model: str = ""
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_CHAT_TOKENS)
+
+
+class ScoreBody(BaseModel):
+    response_text: str
+    question: str
+    ground_truth: str
+    data_source: str = ""
+    tool_calls: int = Field(default=0, ge=0)
+    crops: int = Field(default=0, ge=0)
+
+
+class _Metrics:
+    """Ray metrics of the judge. Prometheus names cannot hold '/': `judge/latency_s` is exported
+    as judge_latency_s, with the DESIGN name in the description."""
+
+    def __init__(self) -> None:
+        from ray.util import metrics
+
+        self.latency = metrics.Histogram(
+            "judge_latency_s", description="judge/latency_s: seconds one judgment took (cache hits included)",
+            boundaries=[0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30])
+        self.failures = metrics.Counter("judge_failures", description="judge/failures: judgments without a verdict")
+        self.hit_rate = metrics.Gauge("judge_cache_hit_rate", description="judge/cache_hit_rate: verdict cache hits / lookups")
+
+    def record(self, result: RewardResult, cache: VerdictCache) -> None:
+        if result.judge_latency_s:
+            self.latency.observe(result.judge_latency_s)
+        if not result.judge_ok:
+            self.failures.inc()
+        self.hit_rate.set(cache.stats()["cache_hit_rate"])
+
+
+api = FastAPI(title="deepeyes judge")
+
+
+@serve.deployment
+@serve.ingress(api)
+class JudgeService:
+    """Scores finished episodes with the configured judge backend and the DeepEyes reward.
+
+    Invariant: a score is either a verdict-backed reward or an explicit failure (judge_ok=False,
+    the cause named, counted in judge/failures), never a silent zero; identical concurrent
+    requests in one replica share one judgment (verdict cache + in-flight dedupe).
+    """
+
+    async def __init__(self, cfg: Config) -> None:
+        import torch
+
+        torch.set_num_threads(1)  # Ray gives fractional replicas 1 OMP thread; say so explicitly
+        self.cfg = cfg
+        jc = cfg.judge
+        if jc.check_at_startup:
+            await check_reachable(jc)  # raises JudgeUnavailable naming the URL: fail fast
+        self.judge = make_judge(jc, cache_dir=cfg.model.cache_dir)
+        self.cache = VerdictCache(jc.cache_size)
+        self.token = bearer_token(cfg.serve.auth_token_env)
+        self.results = self.failed_results = 0
+        self._metrics = _Metrics() if cfg.logging.ray_metrics else None
+
+    # -- in-cluster API ---------------------------------------------------------------------
+
+    async def score(self, request: ScoreRequest) -> RewardResult:
+        """The reward of one finished episode (apply cfg.judge.failure_policy to failures)."""
+        result = await score_episode(request, self.judge, self.cfg.judge, self.cache)
+        self.results += 1
+        self.failed_results += not result.judge_ok
+        if self._metrics is not None:
+            self._metrics.record(result, self.cache)
+        return result
+
+    async def stats(self) -> dict[str, Any]:
+        """Counters: calls, retries, unparseable, failures, cache hits/misses/hit rate, results."""
+        out = judge_stats(self.judge, self.cache)
+        out.update(results=self.results, failed_results=self.failed_results)
+        generator = getattr(self.judge, "generator", None)
+        if generator is not None:
+            out["generate_calls"] = generator.generate_calls
+        return out
+
+    async def check(self) -> list[str]:
+        """Probe the remote judge now (model ids it lists; [] for local backends)."""
+        return await check_reachable(self.cfg.judge)
+
+    async def check_health(self) -> None:
+        generator = getattr(self.judge, "generator", None)
+        worker = getattr(generator, "_worker", None)
+        if worker is not None and worker.done() and not worker.cancelled() and worker.exception():
+            raise RuntimeError(f"hf judge batching worker died: {worker.exception()!r}")
+
+    # -- HTTP -------------------------------------------------------------------------------
+
+    def _auth(self, header: str | None) -> None:
+        if not authorized(header, self.token):
+            raise HTTPException(401, f"missing or wrong bearer token (set by ${self.cfg.serve.auth_token_env})")
+
+    @api.post("/score")
+    async def score_http(self, body: ScoreBody, authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        self._auth(authorization)
+        return (await self.score(ScoreRequest(**body.model_dump()))).to_dict()
+
+    def _generator(self) -> Any:
+        generator = getattr(self.judge, "generator", None)
+        if generator is None:
+            raise HTTPException(404, f"the chat route fronts the hf judge backend; this service runs "
+                                     f"judge.backend={self.cfg.judge.backend} (set judge.backend=hf)")
+        return generator
+
+    @api.get("/v1/models")
+    async def models(self, authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        self._auth(authorization)
+        self._generator()
+        return {"object": "list", "data": [{"id": self.cfg.judge.hf_model_path, "object": "model",
+                                            "created": 0, "owned_by": "deepeyes-ray"}]}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest,
+                               authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        self._auth(authorization)
+        generator = self._generator()
+        jc = self.cfg.judge
+        text, prompt_tokens, completion_tokens = await generator.generate(
+            [m.model_dump() for m in body.messages], body.max_tokens or jc.max_tokens,
+            jc.temperature if body.temperature is None else body.temperature)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:16]}", "object": "chat.completion",
+            "created": int(time.time()), "model": body.model or jc.hf_model_path,
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        }
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Serve application builder: args {"config": scenario YAML, "overrides": [key=value, ...]}."""
+    cfg = config_from_args(args)
+    if cfg.judge.check_at_startup:
+        # Checked here too (not only in the replica) so that `serve.run` / `serve deploy` report
+        # the unreachable URL itself rather than a generic "failed to update the deployments".
+        _run_now(check_reachable(cfg.judge))
+    return JudgeService.options(**deployment_options(cfg.serve.judge)).bind(cfg)
+
+
+def _run_now(coro: Any) -> Any:
+    """Run a coroutine to completion from sync code, also when the caller has a running loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()

@@ -1,0 +1,95 @@
+"""The judge Serve app: the official openai client against its chat route, `score` via a handle,
+and the start-up check failing fast on an unreachable judge."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def judge_app(ray_cluster, tmp_path_factory):
+    from ray import serve
+
+    from services.judge.app import build_app
+
+    cache = os.environ.get("DEEPEYES_TEST_CACHE") or str(tmp_path_factory.mktemp("judge-app-cache"))
+    handle = serve.run(build_app({"overrides": ["judge.backend=hf", f"model.cache_dir={cache}",
+                                                "judge.temperature=0.0", "judge.max_tokens=4",
+                                                "serve.judge.num_cpus=0.25"]}),
+                       name="judge", route_prefix="/judge")
+    yield {"handle": handle, "base_url": f"http://127.0.0.1:{ray_cluster['http_port']}/judge/v1"}
+    serve.delete("judge")
+
+
+def test_chat_route_answers_the_official_openai_client(judge_app):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=judge_app["base_url"], api_key="unused", max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list().data] == ["tiny-text"]
+    resp = client.chat.completions.create(
+        model="tiny-text", max_tokens=3, temperature=0.0,
+        messages=[{"role": "system", "content": "Reply with one word."},
+                  {"role": "user", "content": "Is the answer correct?"}])
+    assert isinstance(resp.choices[0].message.content, str)
+    assert 1 <= resp.usage.completion_tokens <= 3 and resp.usage.prompt_tokens > 5
+
+
+def test_openai_backend_against_the_service_route(judge_app):
+    from deepeyes.config import JudgeConfig
+    from services.judge.backends import make_judge
+
+    judge = make_judge(JudgeConfig(backend="openai", base_url=judge_app["base_url"], timeout_s=60,
+                                   max_retries=0))
+    v = asyncio.run(judge.judge("What colour?", "blue", "blue"))
+    # A random tiny model rarely says the verdict word: a decided verdict or a counted unparseable.
+    assert v.ok or ("unparseable" in v.error and judge.stats()["unparseable"] == 2)
+    assert judge.stats()["calls"] == (1 if v.ok else 2)
+
+
+def test_score_through_the_handle(judge_app):
+    from services.judge.reward import ScoreRequest
+
+    handle = judge_app["handle"]
+    math_row = ScoreRequest("<think>3/6 = 1/2.</think><answer>\\boxed{\\frac{1}{2}}</answer>",
+                            "Ratio of the bars 3 and 6?", "0.5", data_source="thinklite_eureka",
+                            tool_calls=1, crops=1)
+    r = handle.score.remote(math_row).result()
+    assert r.judge_ok and r.score == pytest.approx(2.0)      # math checker, tool used: 0.8 + 1.2
+    long = ScoreRequest("<answer>" + "z" * 1200 + "</answer>", "Q?", "z")
+    assert handle.score.remote(long).result().score == pytest.approx(-0.2)
+    judged = ScoreRequest("<think>t</think><answer>blue</answer>", "What colour?", "blue")
+    before = handle.stats.remote().result()
+    r3 = handle.score.remote(judged).result()
+    after = handle.stats.remote().result()
+    assert after["results"] == before["results"] + 1
+    assert r3.judge_ok or "unparseable" in r3.failure
+    assert after["failed_results"] == before["failed_results"] + (not r3.judge_ok)
+    assert after["cache_misses"] == before["cache_misses"] + 1
+
+
+def test_startup_check_fails_fast_naming_the_url(ray_cluster):
+    from ray import serve
+
+    from deepeyes.config import load_config
+    from services.judge.app import JudgeService, build_app
+    from services.judge.backends import JudgeUnavailable
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"  # nothing listens there
+    with pytest.raises(JudgeUnavailable, match=f"judge not reachable at {url}/models"):
+        build_app({"overrides": ["judge.backend=openai", f"judge.base_url={url}", "judge.timeout_s=2"]})
+    # The same check runs in the replica constructor (bound directly here, past the builder):
+    # the deploy fails instead of serving a judge that cannot answer.
+    cfg = load_config(overrides=["judge.backend=openai", f"judge.base_url={url}", "judge.timeout_s=2"])
+    with pytest.raises(RuntimeError, match="Deploying application judge-down failed"):
+        serve.run(JudgeService.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1}).bind(cfg),
+                  name="judge-down", route_prefix="/judge-down")
+    serve.delete("judge-down")
