@@ -190,6 +190,7 @@ async def run_episode(request: EpisodeRequest, *, policy_io: PolicyIO, generate:
         max_new = min(cfg.max_new_tokens_per_turn, remaining)
         sp = SamplingParams(max_new_tokens=max_new, temperature=temperature, top_p=cfg.top_p,
                             top_k=cfg.top_k, stop_token_ids=[policy_io.eos_id],
+                            banned_token_ids=policy_io.banned_ids,
                             seed=None if request.seed is None else request.seed + turn)
         check_image_tokens(prompt_ids + response, grids, policy_io.image_pad_id)
         t0 = time.perf_counter()

@@ -34,6 +34,7 @@ class SamplingParams:
     top_k: int = -1
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
+    banned_token_ids: list[int] = field(default_factory=list)  # never sampled (e.g. <|image_pad|>)
 
     @property
     def greedy(self) -> bool:
@@ -80,14 +81,20 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
 
 def sample_token(logits: torch.Tensor, sp: SamplingParams,
                  generator: torch.Generator | None) -> tuple[int, float]:
-    """One token from 1-D float32 logits; returns (token, log-prob under logits / T)."""
+    """One token from 1-D float32 logits; returns (token, log-prob under logits / T).
+
+    Banned ids are removed like top-k removes tokens: from the choice, not from the log-prob.
+    """
+    choice = logits
+    if sp.banned_token_ids:
+        choice = logits.clone()
+        choice[sp.banned_token_ids] = float("-inf")
     if sp.greedy:
         lp = torch.log_softmax(logits, dim=-1)
-        tok = int(torch.argmax(logits))
+        tok = int(torch.argmax(choice))
         return tok, float(lp[tok])
-    scaled = logits / sp.temperature
-    lp = torch.log_softmax(scaled, dim=-1)
-    probs = torch.softmax(_filter_top_k_top_p(scaled, sp.top_k, sp.top_p), dim=-1)
+    lp = torch.log_softmax(logits / sp.temperature, dim=-1)
+    probs = torch.softmax(_filter_top_k_top_p(choice / sp.temperature, sp.top_k, sp.top_p), dim=-1)
     tok = int(torch.multinomial(probs.cpu(), 1, generator=generator))
     return tok, float(lp[tok])
 
@@ -144,6 +151,11 @@ class HFEngine:
         async with self._lock:
             await asyncio.to_thread(self._load_sync, state_dict)
             self.version = version
+
+    def load_state_sync(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """load_weights for callers without an event loop (a replica's constructor); no batch runs yet."""
+        self._load_sync(state_dict)
+        self.version = version
 
     def generate_batch_sync(self, requests: Sequence[tuple[list[int], list[Image.Image], SamplingParams]]
                             ) -> list[GenerateResult]:

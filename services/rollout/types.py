@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from PIL import Image
 
-from deepeyes.policy import merged_patches, resize_for_model
+from deepeyes.policy import resize_for_model
 
 
 @dataclass
@@ -97,5 +97,9 @@ class PolicyIO:
         out = self.image_processor(images=list(images), return_tensors="pt")
         return [[int(x) for x in g] for g in out["image_grid_thw"].tolist()]
 
-    def pad_tokens(self, grids: Sequence[Sequence[int]]) -> int:
-        return sum(merged_patches(g) for g in grids)
+    @property
+    def banned_ids(self) -> list[int]:
+        """Vision placeholders the policy must never write: a sampled <|image_pad|> would break
+        the pad-count invariant and the next forward (the random tiny model does sample them)."""
+        toks = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
+        return sorted({self.image_pad_id, *(int(self.tokenizer.convert_tokens_to_ids(t)) for t in toks)})

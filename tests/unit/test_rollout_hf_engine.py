@@ -63,6 +63,17 @@ def test_greedy_is_the_argmax_of_a_plain_forward(policy):
     assert abs(out.logprobs[0] - float(torch.log_softmax(logits, -1).max())) < 1e-4
 
 
+def test_banned_tokens_are_never_chosen_but_keep_their_logprob_mass():
+    from services.rollout.engines import sample_token
+
+    logits = torch.tensor([0.0, 5.0, 1.0, 0.5])
+    tok, lp = sample_token(logits, SamplingParams(1, 0.0, banned_token_ids=[1]), None)
+    assert tok == 2 and abs(lp - float(torch.log_softmax(logits, -1)[2])) < 1e-6
+    gen = torch.Generator().manual_seed(0)
+    picks = {sample_token(logits, SamplingParams(1, 1.0, banned_token_ids=[1]), gen)[0] for _ in range(200)}
+    assert 1 not in picks and picks == {0, 2, 3}
+
+
 @dataclass
 class FakeToolResult:
     ok: bool

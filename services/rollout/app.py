@@ -1,0 +1,306 @@
+"""Serve adapter of the rollout service: replicas that run episodes on a versioned policy.
+
+`build_app({"config": path, "overrides": [...]})` -> the "rollout" application (route /rollout).
+The driver calls `RolloutWorker.run_episode(EpisodeRequest)` through a deployment handle and gets
+a Trajectory; the HTTP routes are for debugging and meant for trusted networks only (bearer token
+optional, `serve.auth_token_env`).
+"""
+
+# No `from __future__ import annotations` here: Serve pickles the ingress class by value, and
+# FastAPI must see the route's real annotation types, not strings it can no longer resolve.
+import asyncio
+import base64
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Header, HTTPException
+from pydantic import BaseModel, Field
+from ray import serve
+
+from deepeyes.config import Config
+from deepeyes.serving import authorized, bearer_token, config_from_args, deployment_options
+from services.rollout.trajectory import Trajectory
+from services.rollout.types import EpisodeRequest
+
+TOOL_APP, TOOL_DEPLOYMENT = "tools", "ToolService"
+JUDGE_APP, JUDGE_DEPLOYMENT = "judge", "JudgeService"
+WEIGHT_FETCH_TIMEOUT_S = 300.0   # fetching a published state dict from the object store
+JUDGE_PROBE_EVERY_S = 10.0       # how often a replica looks again for a judge app that is absent
+
+
+class EpisodeBody(BaseModel):
+    """POST /rollout/episode: one episode; images are base64-encoded files (PNG/JPEG)."""
+
+    messages: list[dict[str, Any]]
+    images_b64: list[str] = Field(default_factory=list)
+    ground_truth: str = ""
+    question: str = ""
+    data_source: str = ""
+    uid: str = "http"
+    group_id: str = "http"
+    min_version: int = 0
+    temperature: float | None = None
+    greedy: bool = False
+    seed: int | None = None
+
+
+class EpisodeSummary(BaseModel):
+    """What the debug route returns: the trajectory without tensors or images."""
+
+    uid: str
+    response_text: str
+    num_turns: int
+    tool_calls: list[dict[str, Any]]
+    finish_reason: str
+    reward: dict[str, Any]
+    policy_version: int
+    prompt_tokens: int
+    response_tokens: int
+    timings: dict[str, float]
+
+
+def policy_folder(cfg: Config) -> Path:
+    """The one place that decides which folder the rollout policy loads from."""
+    from deepeyes.policy import resolve_policy_path
+
+    return resolve_policy_path(cfg.model)
+
+
+def build_engine(cfg: Config, device: str) -> tuple[Any, Any]:
+    """(engine, PolicyIO) for cfg.rollout.engine on the policy folder."""
+    from services.rollout.types import PolicyIO
+
+    folder = policy_folder(cfg)
+    if cfg.rollout.engine == "vllm":
+        from services.rollout.vllm_engine import VLLMEngine
+
+        return (VLLMEngine(folder, cfg.model, cfg.rollout),
+                PolicyIO.from_folder(folder, cfg.model.min_pixels, cfg.model.max_pixels))
+    from services.rollout.engines import load_hf_engine
+
+    engine = load_hf_engine(folder, cfg.model, cfg.rollout, device=device)
+    return engine, PolicyIO.from_policy(engine.policy)
+
+
+def summarize(t: Trajectory) -> EpisodeSummary:
+    return EpisodeSummary(
+        uid=t.uid, response_text=t.response_text, num_turns=t.num_turns,
+        tool_calls=[{"turn": c.turn, "name": c.name, "arguments": c.arguments, "ok": c.ok,
+                     "text": c.text, "executed": c.executed, "appended": c.appended} for c in t.tool_calls],
+        finish_reason=t.finish_reason, reward=t.reward, policy_version=t.policy_version,
+        prompt_tokens=len(t.prompt_ids), response_tokens=sum(t.loss_mask), timings=t.timings)
+
+
+class _Metrics:
+    """Ray metrics of the replica (names of DESIGN section 8 with '/' -> '_' for Prometheus)."""
+
+    def __init__(self, replica: str) -> None:
+        from ray.util import metrics
+
+        self.tags = {"app": "rollout", "replica": replica}
+        keys = ("app", "replica")
+        self.hist = {name: metrics.Histogram(name.replace("/", "_"), description=name, tag_keys=keys,
+                                             boundaries=bounds)
+                     for name, bounds in [("rollout/num_turns", [2, 4, 6, 8, 10, 12]),
+                                          ("rollout/tool_calls", [0.5, 1, 2, 3, 4, 5]),
+                                          ("rollout/response_tokens", [64, 256, 1024, 4096, 16384]),
+                                          ("timing/generate_s", [0.1, 0.5, 1, 5, 20, 60]),
+                                          ("timing/tool_s", [0.01, 0.1, 0.5, 1, 5]),
+                                          ("timing/judge_s", [0.01, 0.1, 1, 5, 30]),
+                                          ("timing/episode_s", [0.5, 1, 5, 20, 60, 300])]}
+        self.tool_errors = metrics.Counter("rollout_tool_errors", description="rollout/tool_errors", tag_keys=keys)
+        self.episodes = metrics.Counter("rollout_episodes", description="episodes served", tag_keys=keys)
+        self.version = metrics.Gauge("sync_version", description="sync/version", tag_keys=keys)
+        self.sync_s = metrics.Histogram("sync_seconds", description="sync/seconds", tag_keys=keys,
+                                        boundaries=[0.01, 0.1, 1, 10, 60])
+        for m in [*self.hist.values(), self.tool_errors, self.episodes, self.version, self.sync_s]:
+            m.set_default_tags(self.tags)
+
+    def record(self, t: Trajectory) -> None:
+        values = {"rollout/num_turns": t.num_turns,
+                  "rollout/tool_calls": sum(1 for c in t.tool_calls if c.executed),
+                  "rollout/response_tokens": len(t.response_ids),
+                  "timing/generate_s": t.timings.get("generate_s", 0.0),
+                  "timing/tool_s": t.timings.get("tool_s", 0.0),
+                  "timing/judge_s": t.timings.get("judge_s", 0.0),
+                  "timing/episode_s": t.timings.get("total_s", 0.0)}
+        for name, v in values.items():
+            self.hist[name].observe(float(v))
+        errors = sum(1 for c in t.tool_calls if c.executed and not c.ok)
+        if errors:
+            self.tool_errors.inc(errors)
+        self.episodes.inc()
+
+    def sync(self, version: int, seconds: float) -> None:
+        self.version.set(version)
+        self.sync_s.observe(seconds)
+
+
+def _replica_tag() -> str:
+    try:
+        ctx = serve.get_replica_context()
+        rid = getattr(ctx, "replica_id", None)
+        return str(getattr(rid, "unique_id", None) or getattr(ctx, "replica_tag", "local"))
+    except Exception:  # outside a replica (tests calling the class directly)
+        return "local"
+
+
+http = FastAPI(title="deepeyes rollout (debug routes; trusted networks only)")
+
+
+@serve.deployment
+@serve.ingress(http)
+class RolloutWorker:
+    """A replica runs many episodes at once on one engine holding one policy version.
+
+    Invariant: an episode that asks for min_version v runs on a policy of version >= v, and each
+    replica loads each version at most once (concurrent requests wait on the same load); a new or
+    restarted replica starts on the latest published version. Publishing never talks to replicas:
+    they pull from the WeightStore (services/rollout/weights.py).
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        import torch
+
+        from services.rollout.weights import get_weight_store
+
+        torch.set_num_threads(cfg.rollout.torch_threads)
+        self.cfg = cfg
+        device = "cuda" if cfg.serve.rollout.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.engine, self.policy_io = build_engine(cfg, device)
+        self._load_lock = asyncio.Lock()
+        self._token = bearer_token(cfg.serve.auth_token_env)
+        self._tools = serve.get_deployment_handle(TOOL_DEPLOYMENT, app_name=TOOL_APP)
+        self._judge: Any = None
+        self._judge_probe_t = 0.0
+        self.episodes = 0
+        self.loads: list[int] = []
+        # Start on the latest published version, if any: an HF engine loads it here; an engine
+        # without a synchronous load (vLLM) loads it before its first episode.
+        self._start_version = 0
+        store = get_weight_store()
+        if store is not None:
+            import ray
+
+            version, refs = ray.get(store.latest.remote(), timeout=WEIGHT_FETCH_TIMEOUT_S)
+            self._start_version = version
+            if version > self.engine.version and refs and hasattr(self.engine, "load_state_sync"):
+                self.engine.load_state_sync(ray.get(refs[0], timeout=WEIGHT_FETCH_TIMEOUT_S), version)
+                self.loads.append(version)
+        self._metrics = _Metrics(_replica_tag())
+
+    # -- the handle API -----------------------------------------------------------------------
+
+    async def run_episode(self, request: EpisodeRequest) -> Trajectory:
+        """Run one episode on a policy of version >= request.min_version."""
+        from services.rollout.agent_loop import run_episode
+
+        await self._ensure_version(max(request.min_version, self._start_version))
+        traj = await run_episode(request, policy_io=self.policy_io, generate=self.engine.generate,
+                                 call_tool=self._tool_fn(), score=await self._score_fn(),
+                                 cfg=self.cfg.rollout, tools_cfg=self.cfg.tools,
+                                 policy_version=self.engine.version)
+        self.episodes += 1
+        self._metrics.record(traj)
+        return traj
+
+    async def stats(self) -> dict[str, Any]:
+        """Version, episodes served, versions loaded, batch sizes the engine saw, tokens generated."""
+        return {"version": self.engine.version, "episodes": self.episodes, "loads": list(self.loads),
+                "batch_sizes": dict(getattr(self.engine, "batch_sizes", {})),
+                "tokens_generated": getattr(self.engine, "tokens_generated", 0), "replica": _replica_tag()}
+
+    async def check_health(self) -> None:
+        if self.engine is None:
+            raise RuntimeError("rollout engine not loaded")
+
+    # -- HTTP (debug) -------------------------------------------------------------------------
+
+    @http.post("/episode", response_model=EpisodeSummary)
+    async def http_episode(self, body: EpisodeBody, authorization: str | None = Header(None)) -> EpisodeSummary:
+        if not authorized(authorization, self._token):
+            raise HTTPException(401, "missing or wrong bearer token (see serve.auth_token_env)")
+        from PIL import Image
+
+        try:
+            images = [Image.open(io.BytesIO(base64.b64decode(b))) for b in body.images_b64]
+            for im in images:
+                im.load()
+        except Exception as e:
+            raise HTTPException(400, f"images_b64 must hold base64-encoded image files ({e})") from e
+        req = EpisodeRequest(images=images, **body.model_dump(exclude={"images_b64"}))
+        try:
+            return summarize(await self.run_episode(req))
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from e
+
+    @http.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {"ok": True, "version": self.engine.version}
+
+    # -- internals ----------------------------------------------------------------------------
+
+    async def _ensure_version(self, min_version: int) -> None:
+        if self.engine.version >= min_version:
+            return
+        async with self._load_lock:  # one load per version: latecomers find it done
+            if self.engine.version >= min_version:
+                return
+            from services.rollout.weights import get_weight_store
+
+            store = get_weight_store()
+            if store is None:
+                raise RuntimeError(f"episode needs policy version {min_version} but no weights were "
+                                   f"published (publish_weights() creates the WeightStore)")
+            version, refs = await asyncio.wait_for(store.latest.remote(), WEIGHT_FETCH_TIMEOUT_S)
+            if version < min_version:
+                raise RuntimeError(f"episode needs policy version {min_version}; the latest published "
+                                   f"is {version}: publish before requesting it")
+            t0 = time.perf_counter()
+            state = await asyncio.wait_for(refs[0], WEIGHT_FETCH_TIMEOUT_S)
+            await self.engine.load_weights(state, version)
+            self.loads.append(version)
+            self._metrics.sync(version, time.perf_counter() - t0)
+
+    def _tool_fn(self):
+        """Per-episode tool callable: the model-frame image goes into the object store once."""
+        import ray
+
+        cache: dict[int, Any] = {}
+        timeout = self.cfg.tools.timeout_s
+
+        async def call_tool(name: str, image: Any, arguments: dict[str, Any]) -> Any:
+            if image is not None and id(image) not in cache:
+                cache[id(image)] = ray.put(image)
+            # Wrapped in a list so the handle passes the reference through unresolved.
+            ref = [cache[id(image)]] if image is not None else None
+            return await self._tools.options(timeout_s=timeout).call.remote(name, ref, arguments)
+
+        return call_tool
+
+    async def _score_fn(self):
+        mode = self.cfg.rollout.reward
+        if mode == "never":
+            return None
+        if self._judge is None and (mode == "always" or time.monotonic() - self._judge_probe_t > JUDGE_PROBE_EVERY_S):
+            self._judge_probe_t = time.monotonic()
+            if mode == "always" or JUDGE_APP in serve.status().applications:
+                self._judge = serve.get_deployment_handle(JUDGE_DEPLOYMENT, app_name=JUDGE_APP)
+        if self._judge is None:
+            return None
+        judge = self._judge
+        # The judge retries internally; this bounds the whole exchange.
+        timeout = self.cfg.judge.timeout_s * (self.cfg.judge.max_retries + 1) + 5.0
+
+        async def score(request: Any) -> Any:
+            return await asyncio.wait_for(judge.score.remote(request), timeout)
+
+        return score
+
+
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    """The rollout application from builder args ({"config": path, "overrides": [...]})."""
+    cfg = config_from_args(args)
+    return RolloutWorker.options(**deployment_options(cfg.serve.rollout)).bind(cfg)

@@ -1,0 +1,80 @@
+"""Versioned policy weights in the Ray object store: the trainer publishes, rollout replicas pull.
+
+Pull by version (DESIGN section 2, step 5): the trainer puts one CPU state dict in the object store
+and records (version, ref) in a named actor; a replica that needs version >= v asks the actor for
+the latest and loads it. Publishing therefore never depends on how many replicas exist, and a
+replica that starts later (autoscaling, restart) finds the latest version on its own.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+import torch
+
+WEIGHT_STORE_NAME = "deepeyes_weight_store"
+# Serve replicas live in Serve's namespace and a driver in its own (anonymous unless set), so both
+# sides name one namespace for the store; pass another to run several trainings on one cluster.
+WEIGHT_STORE_NAMESPACE = "deepeyes"
+_STORES: dict[str, Any] = {}  # handles this process created (keeps the non-detached actor alive)
+
+
+@ray.remote(num_cpus=0)
+class WeightStore:
+    """The latest published policy version and a reference to its CPU state dict.
+
+    Invariant: versions only grow; `latest()` always returns a version together with the ref that
+    was published with it. The ref travels inside a list so Ray hands it over unresolved (the
+    actor never holds the tensors in its own heap, only the reference that keeps them alive).
+    """
+
+    def __init__(self) -> None:
+        self._version = 0
+        self._refs: list[ray.ObjectRef] = []
+
+    def publish(self, version: int, state_ref_list: list[ray.ObjectRef]) -> None:
+        if version <= self._version:
+            raise ValueError(f"weight version {version} is not newer than the published {self._version}; "
+                             f"publish increasing versions")
+        self._version = int(version)
+        self._refs = list(state_ref_list)
+
+    def latest(self) -> tuple[int, list[ray.ObjectRef]]:
+        return self._version, self._refs
+
+    def version(self) -> int:
+        return self._version
+
+
+def get_or_create_weight_store(namespace: str = WEIGHT_STORE_NAMESPACE) -> Any:
+    """The named store of this namespace, created on first use.
+
+    Not detached: it lives as long as the job that created it (the driver), like the weights.
+    A non-detached actor dies when its creator drops the last handle, so the creating process
+    keeps one here.
+    """
+    if namespace not in _STORES:
+        _STORES[namespace] = WeightStore.options(name=WEIGHT_STORE_NAME, namespace=namespace,
+                                                 get_if_exists=True, lifetime=None).remote()
+    return _STORES[namespace]
+
+
+def get_weight_store(namespace: str = WEIGHT_STORE_NAMESPACE) -> Any | None:
+    """The store if someone created it, else None (replicas never create it)."""
+    try:
+        return ray.get_actor(WEIGHT_STORE_NAME, namespace=namespace)
+    except ValueError:
+        return None
+
+
+def publish_weights(state_dict: dict[str, torch.Tensor], version: int, namespace: str = WEIGHT_STORE_NAMESPACE,
+                    timeout_s: float = 120.0) -> float:
+    """Put a CPU copy of the state dict in the object store once and record it; returns seconds."""
+    t0 = time.perf_counter()
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    ref = ray.put(cpu)
+    store = get_or_create_weight_store(namespace)
+    ray.get(store.publish.remote(version, [ref]), timeout=timeout_s)
+    return time.perf_counter() - t0
