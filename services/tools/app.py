@@ -12,7 +12,8 @@ by the ref, so the turns of an episode fetch it once. A bare ref, a PIL image or
 HTTP (outside the cluster; for trusted networks, optional bearer token):
     POST {prefix}/{name}  {"image": base64, "arguments": {...}, "resize": {min_pixels, max_pixels}?}
                           -> {"ok": bool, "text": str, "image": base64 PNG | null}
-    GET  {prefix}/        -> the tool schemas;   GET {prefix}/healthz -> {"status": "ok"}
+    GET  {prefix}/        -> the tool schemas (`GET {prefix}` redirects there, 307)
+    GET  {prefix}/healthz -> {"status": "ok"} (no token needed)
 The HTTP image is the image as the model saw it (the bbox is in its pixels); with `resize` the
 service smart-resizes it first (Qwen's rule, `deepeyes.policy.resize_for_model`). Status codes:
 200 for every answered call (ok true or false), 400 bad body or image, 401 token, 404 unknown
