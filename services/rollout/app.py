@@ -268,14 +268,16 @@ class RolloutWorker:
         """Per-episode tool callable: the model-frame image goes into the object store once."""
         import ray
 
+        from services.tools.app import image_arg
+
         cache: dict[int, Any] = {}
         timeout = self.cfg.tools.timeout_s
 
         async def call_tool(name: str, image: Any, arguments: dict[str, Any]) -> Any:
             if image is not None and id(image) not in cache:
                 cache[id(image)] = ray.put(image)
-            # Wrapped in a list so the handle passes the reference through unresolved.
-            ref = [cache[id(image)]] if image is not None else None
+            # image_arg wraps the ref so the handle passes it through unresolved (tools/app.py).
+            ref = image_arg(cache[id(image)]) if image is not None else None
             return await self._tools.options(timeout_s=timeout).call.remote(name, ref, arguments)
 
         return call_tool

@@ -218,3 +218,21 @@ def test_score_request_carries_calls_and_crops(io):
     assert req.tool_calls == 1 and req.crops == 1 and req.ground_truth == "red" and req.data_source == "vstar"
     assert "<answer>red</answer>" in req.response_text
     assert traj.reward == {"score": 1.8}
+
+
+def test_with_the_real_zoom_tool_and_registry_schemas(io):
+    """The real tool core and the registry's schema (default tool_schemas=None path)."""
+    from services.tools.registry import execute_tool
+
+    async def call_tool(name, image, arguments):
+        return execute_tool(name, image, arguments)
+
+    cfg = RolloutConfig(max_response_length=4096, max_new_tokens_per_turn=512)
+    tiny_box = CALL.replace("[10, 20, 90, 80]", "[100, 100, 110, 105]")  # 10x5: expanded to >= 28
+    traj = asyncio.run(run_episode(request(), policy_io=io, generate=ScriptedEngine(io, [tiny_box, ANSWER]),
+                                   call_tool=call_tool, score=None, cfg=cfg, tools_cfg=ToolsConfig()))
+    assert "image_zoom_in_tool" in io.tokenizer.decode(traj.prompt_ids)  # the registry's schema
+    (rec,) = traj.tool_calls
+    assert rec.ok and traj.crops_returned == 1
+    w, h = traj.images[1].size
+    assert min(w, h) >= 28 and w % 28 == 0 and h % 28 == 0
