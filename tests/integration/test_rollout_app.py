@@ -20,7 +20,7 @@ def overrides(policy_dir, replicas):
     return [f"model.path={policy_dir}", f"serve.rollout.num_replicas={replicas}",
             "serve.rollout.num_cpus=0.25", "serve.rollout.max_ongoing_requests=64",
             "rollout.max_new_tokens_per_turn=8", "rollout.max_response_length=32",
-            "rollout.batch_wait_ms=20", "rollout.reward=never", "serve.tools.num_cpus=0.1"]
+            "rollout.batch_wait_ms=20", "rollout.reward=always", "serve.tools.num_cpus=0.1"]
 
 
 def episode(i, min_version=0):
@@ -53,12 +53,19 @@ def test_rollout_app_versions_and_scale_out(ray_cluster, tiny_policy_dir):
         serve.run(build_tools({"overrides": ["serve.tools.num_cpus=0.1"]}), name="tools", route_prefix="/tools")
     except ImportError:  # the tool service lands separately; the tiny policy rarely calls it anyway
         pass
+    from services.judge.app import build_app as build_judge
+    serve.run(build_judge({"overrides": ["serve.judge.num_cpus=0.1", "judge.backend=rule"]}), name="judge",
+              route_prefix="/judge")
     handle = serve.run(build_app({"overrides": overrides(tiny_policy_dir, 2)}), name="rollout",
                        route_prefix="/rollout")
 
-    # 32 concurrent episodes on 2 replicas, version 0
+    # 32 concurrent episodes on 2 replicas, version 0, each scored by the judge app
     trajs = [r.result(timeout_s=300) for r in [handle.run_episode.remote(episode(i)) for i in range(32)]]
     assert all(t.policy_version == 0 and 0 < len(t.response_ids) <= 32 for t in trajs)
+    # scored through the judge app: the DeepEyes reward takes one of its six values (a random
+    # policy almost never writes <answer> tags: mostly format errors, -0.2)
+    assert all(min(abs(t.reward["score"] - v) for v in (-0.2, 0, 0.6, 0.8, 1.8, 2.0)) < 1e-9 for t in trajs)
+    assert sum(t.reward["format"] == -1 for t in trajs) >= 16
     assert {t.uid for t in trajs} == {f"e{i}" for i in range(32)}
     stats = replica_stats(handle, 2)
     assert len(stats) == 2 and sum(s["episodes"] for s in stats.values()) == 32
@@ -93,3 +100,4 @@ def test_rollout_app_versions_and_scale_out(ray_cluster, tiny_policy_dir):
     assert r.json()["policy_version"] == 2 and r.json()["num_turns"] >= 2
     assert httpx.get(f"http://127.0.0.1:{ray_cluster['http_port']}/rollout/healthz", timeout=30).json()["ok"]
     serve.delete("rollout")
+    serve.delete("judge")

@@ -236,3 +236,10 @@ def test_with_the_real_zoom_tool_and_registry_schemas(io):
     assert rec.ok and traj.crops_returned == 1
     w, h = traj.images[1].size
     assert min(w, h) >= 28 and w % 28 == 0 and h % 28 == 0
+
+
+def test_policy_io_from_folder_matches_the_loaded_policy(io, tiny_policy_dir):
+    light = PolicyIO.from_folder(tiny_policy_dir)
+    assert (light.image_pad_id, light.eos_id, light.pad_id) == (io.image_pad_id, io.eos_id, io.pad_id)
+    assert (light.min_pixels, light.max_pixels) == (3136, 50176)
+    assert io.image_pad_id in io.banned_ids and io.eos_id not in io.banned_ids
