@@ -93,6 +93,28 @@ def summarize(t: Trajectory) -> EpisodeSummary:
         prompt_tokens=len(t.prompt_ids), response_tokens=sum(t.loss_mask), timings=t.timings)
 
 
+def serve_tool_fn(tools_handle: Any, timeout_s: float):
+    """Per-episode tool callable over the ToolService handle.
+
+    The model-frame image goes into the object store ONCE per episode (the loop passes the same
+    image object to every call) and travels as `image_arg(ref)`, which the handle passes through
+    unresolved (services/tools/app.py); `timeout_s` bounds each call.
+    """
+    import ray
+
+    from services.tools.app import image_arg
+
+    cache: dict[int, Any] = {}
+
+    async def call_tool(name: str, image: Any, arguments: dict[str, Any]) -> Any:
+        if image is not None and id(image) not in cache:
+            cache[id(image)] = ray.put(image)
+        ref = image_arg(cache[id(image)]) if image is not None else None
+        return await asyncio.wait_for(tools_handle.call.remote(name, ref, arguments), timeout_s)
+
+    return call_tool
+
+
 class _Metrics:
     """Ray metrics of the replica (names of DESIGN section 8 with '/' -> '_' for Prometheus)."""
 
@@ -265,22 +287,7 @@ class RolloutWorker:
             self._metrics.sync(version, time.perf_counter() - t0)
 
     def _tool_fn(self):
-        """Per-episode tool callable: the model-frame image goes into the object store once."""
-        import ray
-
-        from services.tools.app import image_arg
-
-        cache: dict[int, Any] = {}
-        timeout = self.cfg.tools.timeout_s
-
-        async def call_tool(name: str, image: Any, arguments: dict[str, Any]) -> Any:
-            if image is not None and id(image) not in cache:
-                cache[id(image)] = ray.put(image)
-            # image_arg wraps the ref so the handle passes it through unresolved (tools/app.py).
-            ref = image_arg(cache[id(image)]) if image is not None else None
-            return await self._tools.options(timeout_s=timeout).call.remote(name, ref, arguments)
-
-        return call_tool
+        return serve_tool_fn(self._tools, self.cfg.tools.timeout_s)
 
     async def _score_fn(self):
         mode = self.cfg.rollout.reward

@@ -101,3 +101,40 @@ def test_rollout_app_versions_and_scale_out(ray_cluster, tiny_policy_dir):
     assert httpx.get(f"http://127.0.0.1:{ray_cluster['http_port']}/rollout/healthz", timeout=30).json()["ok"]
     serve.delete("rollout")
     serve.delete("judge")
+
+
+def test_scripted_episode_through_the_tool_service(ray_cluster, tiny_policy_dir):
+    """The replica's tool path (serve_tool_fn) against the real ToolService, with a scripted policy."""
+    import asyncio
+
+    from ray import serve
+
+    from deepeyes.config import RolloutConfig, ToolsConfig
+    from deepeyes.policy import load_policy
+    from services.rollout.agent_loop import run_episode
+    from services.rollout.app import serve_tool_fn
+    from services.rollout.engines import GenerateResult
+    from services.rollout.types import PolicyIO
+    from services.tools.app import build_app as build_tools
+
+    serve.run(build_tools({"overrides": ["serve.tools.num_cpus=0.1"]}), name="tools", route_prefix="/tools")
+    io_ = PolicyIO.from_policy(load_policy(tiny_policy_dir))
+    turns = ['<tool_call>\n{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [20, 10, 76, 66]}}\n</tool_call>',
+             '<tool_call>\n{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [500, 500, 600, 600]}}\n</tool_call>',
+             "<answer>red</answer>"]
+
+    async def scripted(prompt_ids, images, sampling):  # stands in for the policy (a random one never calls)
+        ids = io_.tokenizer(turns.pop(0), add_special_tokens=False)["input_ids"] + [io_.eos_id]
+        return GenerateResult(ids, [0.0] * len(ids), "stop")
+
+    async def main():
+        handle = serve.get_deployment_handle("ToolService", app_name="tools")
+        return await run_episode(episode(0), policy_io=io_, generate=scripted,
+                                 call_tool=serve_tool_fn(handle, 30.0), score=None,
+                                 cfg=RolloutConfig(max_response_length=2048), tools_cfg=ToolsConfig())
+
+    traj = asyncio.run(main())
+    first, second = traj.tool_calls
+    assert first.ok and traj.images[1].size == (56, 56)  # a 56x56 crop of the 120x90 frame (model frame 112x84)
+    assert not second.ok and second.appended  # outside the image: an error text the episode goes on with
+    assert traj.num_turns == 1 + 3 + 2 and traj.finish_reason == "answer"
