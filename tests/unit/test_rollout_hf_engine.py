@@ -120,3 +120,12 @@ def test_episode_logprobs_match_teacher_forcing_batched(policy):
             if m:
                 worst = max(worst, abs(got - want))
     assert worst < 1e-4, worst
+    # the same pass with 1-D positions (no M-RoPE index) is visibly off: the check above has teeth
+    with torch.no_grad():
+        naive = torch.log_softmax(policy.model(input_ids=ids, attention_mask=mask, pixel_values=proc["pixel_values"],
+                                               image_grid_thw=proc["image_grid_thw"]).logits[:, :-1].float() / 0.8, -1)
+    naive = naive.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    t = trajs[0]
+    gap = max(abs(naive[0, i - 1].item() - lp[0, i].item())
+              for i in range(len(t.prompt_ids), len(t.input_ids)) if t.loss_mask[i - len(t.prompt_ids)])
+    assert gap > 1e-3, gap
