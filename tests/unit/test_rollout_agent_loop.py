@@ -7,7 +7,6 @@ own, never from the loop's output.
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass
 
 import pytest
