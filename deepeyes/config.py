@@ -207,7 +207,7 @@ class ServeConfig:
 
 @dataclass
 class RayConfig:
-    address: str = _f("", "Ray cluster address; empty = RAY_ADDRESS, else join a running one, else start local")
+    address: str = _f("", "Ray cluster to join ('auto' = the one `ray start` runs here, or host:port); empty = RAY_ADDRESS if set, else start a local cluster")
     num_cpus: int = _f(0, "logical CPUs of a locally started cluster (0 = Ray's count)")
     include_dashboard: bool = _f(True, "start the dashboard with a local cluster")
     temp_dir: str = _f("", "Ray temp dir for a local cluster (keep it short; empty = Ray's default)")
@@ -343,6 +343,10 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Config:
     """Read a scenario YAML (default: tiny-cpu) and apply `key=value` overrides; validate all."""
     path = Path(path) if path else DEFAULT_SCENARIO
+    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+        # `serve deploy` builds apps in a worker whose cwd is not the repo: a Serve YAML's
+        # `config: deploy/configs/x.yaml` means the repository's file.
+        path = REPO_ROOT / path
     if not path.exists():
         known = ", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
         raise ConfigError(f"config file {path} does not exist (scenarios in {CONFIG_DIR}: {known})")

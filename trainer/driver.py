@@ -199,20 +199,16 @@ def prepare_data(cfg: Config, run_dir: Path) -> tuple[list[str], list[str]]:
 
 
 def connect_ray(cfg: Config) -> bool:
-    """Join a cluster (config, RAY_ADDRESS, or a running one) or start a local one. True if started."""
+    """Join the cluster named by ray.address / RAY_ADDRESS, else start a local one. True if started."""
     import ray
 
     os.environ.update(TRAIN_ENV)
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
-    if address:
+    if address:  # `auto`, an address, or RAY_ADDRESS (set by `ray job submit`)
         ray.init(address=address, log_to_driver=True)
         return False
-    try:
-        ray.init(address="auto", log_to_driver=True)
-        return False
-    except ConnectionError:
-        pass
-    kwargs: dict[str, Any] = {"include_dashboard": cfg.ray.include_dashboard,
+    # address="local": a fresh cluster even if `ray start` left one running on this machine.
+    kwargs: dict[str, Any] = {"address": "local", "include_dashboard": cfg.ray.include_dashboard,
                               "runtime_env": {"env_vars": dict(TRAIN_ENV)}}
     if cfg.ray.num_cpus:
         kwargs["num_cpus"] = cfg.ray.num_cpus

@@ -104,7 +104,8 @@ def episode_requests(cfg: Config, rows: Sequence[Any], row_ids: Sequence[int], s
         row = rows[rid]
         originals = row.images
         frames = [resize_for_model(im, cfg.model.min_pixels, cfg.model.max_pixels) for im in originals]
-        extra = dict(row.extra, orig_size=list(originals[0].size) if originals else None)
+        # target_bbox is in the stored image's pixels (before any upscale of tiny images)
+        extra = dict(row.extra, orig_size=list(row.image_sizes[0]) if row.image_sizes else None)
         for k in range(n):
             reqs.append(EpisodeRequest(
                 uid=f"{tag}{step}-{row.index}-{k}", group_id=f"{tag}{step}-{row.index}",

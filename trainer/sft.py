@@ -52,7 +52,8 @@ def frame_box(target_bbox: Sequence[float], orig_size: tuple[int, int], frame_si
 
 def tool_conversation(row: Any, cfg: Config) -> tuple[list[dict[str, Any]], list[Image.Image]]:
     """The conversation DeepEyes teaches for one data row, and its images in the model frame."""
-    frame = resize_for_model(row.images[0], cfg.model.min_pixels, cfg.model.max_pixels)
+    original = row.images[0]  # decodes: read once
+    frame = resize_for_model(original, cfg.model.min_pixels, cfg.model.max_pixels)
     messages = [dict(m) for m in row.messages]
     images = [frame]
     answer = f"<answer>{row.ground_truth}</answer>"
@@ -60,7 +61,7 @@ def tool_conversation(row: Any, cfg: Config) -> tuple[list[dict[str, Any]], list
     if target is None:  # no box to zoom on (e.g. math rows): answer directly
         messages.append({"role": "assistant", "content": "<think>I can read this directly.</think>" + answer})
         return messages, images
-    bbox = frame_box(target, row.images[0].size, frame.size)
+    bbox = frame_box(target, row.image_sizes[0], frame.size)  # the box is in the stored image's pixels
     arguments = {"bbox_2d": bbox, "label": "target"}
     result = execute_tool("image_zoom_in_tool", frame, arguments, min_side_policy=cfg.tools.min_side_policy)
     messages.append({"role": "assistant", "content": "<think>The detail is too small here. I zoom in on it.</think>",

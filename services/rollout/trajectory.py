@@ -39,9 +39,9 @@ class Trajectory:
     image_grid_thw: list[list[int]]
     response_text: str             # decoded response (for logging and the judge)
     tool_calls: list[ToolCallRecord] = field(default_factory=list)
-    num_turns: int = 0             # assistant turns + observation turns (DESIGN section 8)
+    num_turns: int = 0             # 1 (prompt) + assistant turns + observation turns: 2 x calls + 2 (DESIGN 8)
     policy_version: int = 0
-    finish_reason: str = ""        # answer | turn_cap | budget | error
+    finish_reason: str = ""        # answer | turn_cap | budget | length | error
     reward: dict[str, Any] = field(default_factory=dict)  # score, acc, format, tool, judge_ok, ...
     timings: dict[str, float] = field(default_factory=dict)  # generate_s, tool_s, judge_s, total_s
     data_source: str = ""
