@@ -24,7 +24,7 @@ from PIL import Image
 
 from deepeyes.chat import CHAT_TEMPLATE, QWEN_ADDED_TOKENS, SYSTEM_PROMPT
 
-TINY_VERSION = "tiny-qwen2.5-vl-v2"
+TINY_VERSION = "tiny-qwen2.5-vl-v3"
 PATCH = 14
 MERGE = 2
 FACTOR = PATCH * MERGE  # 28: the smart-resize grid
@@ -114,6 +114,7 @@ def _corpus(seed: int) -> list[str]:
                    "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
                    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
     lines = [SYSTEM_PROMPT, tools_block, schema_words] * 40
+    lines += [" ".join(str(n) for n in range(k, 1000, 7)) for k in range(7)] * 6  # every number < 1000
     for _ in range(3000):
         kind = rng.random()
         if kind < 0.3:
@@ -137,18 +138,35 @@ def _corpus(seed: int) -> list[str]:
     return lines
 
 
-def build_tiny_tokenizer(seed: int = 0, vocab_size: int = 2000) -> Any:
-    """Byte-level BPE trained on the generated corpus, wrapped as a Qwen2Tokenizer."""
+def _number_regex() -> str:
+    """Qwen's pre-tokenizer regex with numbers in runs of up to 3 digits (Qwen splits every digit).
+
+    The one deliberate difference from the real tokenizer: a 1M-parameter policy cannot learn to
+    stop a number it must spell digit by digit (it wrote 13-digit coordinates), while one token
+    per coordinate under 1000 is easy. Real checkpoints keep their own tokenizer.
+    """
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    rx = PRETOKENIZE_REGEX.replace(r"\p{N}|", r"\p{N}{1,3}|")
+    assert rx != PRETOKENIZE_REGEX, "transformers changed Qwen2's PRETOKENIZE_REGEX"
+    return rx
+
+
+def build_tiny_tokenizer(seed: int = 0, vocab_size: int = 2400) -> Any:
+    """Byte-level BPE trained on the generated corpus, with the Qwen2.5 added tokens in order."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import AddedToken
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
+
+    def pre_tokenizer() -> Any:
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_number_regex()), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
 
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizer()
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -158,15 +176,19 @@ def build_tiny_tokenizer(seed: int = 0, vocab_size: int = 2000) -> Any:
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["model"]["merges"]]
 
     qt = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, pad_token=None, eos_token=None)
+    qt.backend_tokenizer.pre_tokenizer = pre_tokenizer()  # saved in tokenizer.json, kept on load
     # Added tokens in the real Qwen2.5 order; eos/pad are set only after all exist (see notes).
     for text, special in QWEN_ADDED_TOKENS:
         if text not in qt.get_vocab():
             qt.add_tokens([AddedToken(text, special=special, normalized=False)], special_tokens=special)
-    qt.eos_token = "<|im_end|>"
-    qt.pad_token = "<|endoftext|>"
-    qt.chat_template = CHAT_TEMPLATE
-    qt.model_max_length = 32768
-    return qt
+    # Saved as the generic fast tokenizer: Qwen2Tokenizer rebuilds its pre-tokenizer on load and
+    # would drop the number rule above; TokenizersBackend loads tokenizer.json verbatim.
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=qt.backend_tokenizer, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE,
+                                   model_max_length=32768)
+    return fast
 
 
 # ---------------------------------------------------------------------------------------------

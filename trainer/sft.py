@@ -148,6 +148,39 @@ def train_sft(policy: Policy, rows: Sequence[Any], cfg: Config, steps: int, lr: 
     return losses
 
 
+def tool_call_rate(policy: Policy, rows: Sequence[Any], cfg: Config, seed: int = 0) -> dict[str, float]:
+    """Episodes sampled (temperature rollout.temperature) by the real agent loop on the HF engine.
+
+    Returns the fraction of episodes with a valid zoom call (a crop came back), with any
+    executed call, and with an <answer>: what GRPO will start from.
+    """
+    import asyncio
+
+    from services.rollout.agent_loop import run_episode
+    from services.rollout.engines import HFEngine
+    from services.rollout.types import EpisodeRequest, PolicyIO
+
+    engine = HFEngine(policy, max_batch_size=cfg.rollout.max_batch_size, batch_wait_ms=cfg.rollout.batch_wait_ms)
+    io = PolicyIO.from_policy(policy)
+
+    async def call_tool(name: str, image: Any, args: Any) -> Any:
+        return execute_tool(name, image, args, min_side_policy=cfg.tools.min_side_policy)
+
+    async def run_all() -> list[Any]:
+        reqs = [EpisodeRequest(uid=f"eval-{i}", group_id=f"eval-{i}", messages=r.messages, images=r.images,
+                               ground_truth=r.ground_truth, question=r.question, data_source=r.data_source,
+                               extra=r.extra, seed=seed + i) for i, r in enumerate(rows)]
+        return await asyncio.gather(*(run_episode(q, policy_io=io, generate=engine.generate, call_tool=call_tool,
+                                                  score=None, cfg=cfg.rollout, tools_cfg=cfg.tools) for q in reqs))
+
+    trajs = asyncio.run(run_all())
+    n = max(len(trajs), 1)
+    return {"valid_call_rate": sum(t.crops_returned > 0 for t in trajs) / n,
+            "any_call_rate": sum(any(c.executed for c in t.tool_calls) for t in trajs) / n,
+            "answer_rate": sum("<answer>" in t.response_text for t in trajs) / n,
+            "episodes": float(len(trajs))}
+
+
 def _sft_rows(cfg: Config, rows: int, seed: int) -> list[Any]:
     from deepeyes.data import read_deepeyes, write_synthetic
 
@@ -175,6 +208,11 @@ def warm_started_policy_path(cfg: Config, base: Path, progress: bool = True) -> 
     torch.manual_seed(cfg.trainer.seed)
     rows = _sft_rows(cfg, rows=128, seed=cfg.data.synthetic_seed + 7919)
     losses = train_sft(policy, rows, cfg, steps=cfg.trainer.sft_steps, lr=cfg.trainer.sft_lr, progress=progress)
+    train_s = time.perf_counter() - t0
+    held_out = [r for r in _sft_rows(cfg, rows=24, seed=cfg.data.synthetic_seed + 104729) if r.extra.get("target_bbox")]
+    rates = tool_call_rate(policy, held_out, cfg, seed=cfg.trainer.seed)
+    log.info("warm start: %d steps in %.1f s, loss %.3f -> %.3f, %s", cfg.trainer.sft_steps, train_s,
+             losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"), rates)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".warm-", dir=root))
     try:
@@ -185,7 +223,7 @@ def warm_started_policy_path(cfg: Config, base: Path, progress: bool = True) -> 
         (tmp / "warm_start.json").write_text(json.dumps(
             {"base": str(base), "steps": cfg.trainer.sft_steps, "lr": cfg.trainer.sft_lr,
              "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-             "seconds": time.perf_counter() - t0}, indent=2))
+             "train_seconds": train_s, "seconds": time.perf_counter() - t0, "held_out": rates}, indent=2))
         try:
             os.rename(tmp, final)
         except OSError:
@@ -208,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     path = warm_started_policy_path(cfg, resolve_policy_path(cfg.model))
     print(f"warm-started policy at {path} ({time.perf_counter() - t0:.1f} s)")
+    print((path / "warm_start.json").read_text())
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ def test_overrides_nested_and_typed():
     assert cfg.data.train_files == ["a.parquet", "b.parquet"]
     assert cfg.serve.rollout.num_replicas == 3
     assert isinstance(cfg.trainer.lr, float)
+    assert load_config(None, ["trainer.lr=1e-6"]).trainer.lr == 1e-6  # YAML 1.1 reads this as a string
 
 
 @pytest.mark.parametrize("override, fragment", [
