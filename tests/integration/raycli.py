@@ -105,12 +105,21 @@ def _alive(pid: int) -> bool:
 
 
 def head_args(temp_dir: str, num_cpus: float, dashboard_port: int, metrics_port: int,
-              resources: dict[str, float] | None = None) -> list[str]:
+              resources: dict[str, float] | None = None, gcs_port: int | None = None) -> list[str]:
     """`ray start --head` arguments with every fixed port of a default head replaced by a free one."""
     args = ["--head", f"--num-cpus={num_cpus}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-            f"--temp-dir={temp_dir}", f"--port={free_port()}", f"--dashboard-port={dashboard_port}",
+            f"--temp-dir={temp_dir}", f"--port={gcs_port or free_port()}", f"--dashboard-port={dashboard_port}",
             f"--metrics-export-port={metrics_port}", f"--ray-client-server-port={free_port()}",
             "--object-store-memory=500000000", *node_ports()]
+    if resources:
+        args.append(f"--resources={json.dumps(resources)}")
+    return args
+
+
+def worker_args(gcs_address: str, num_cpus: float, resources: dict[str, float] | None = None) -> list[str]:
+    """`ray start` arguments of one more node on this machine (its own free ports)."""
+    args = [f"--address={gcs_address}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
+            f"--metrics-export-port={free_port()}", "--object-store-memory=300000000", *node_ports()]
     if resources:
         args.append(f"--resources={json.dumps(resources)}")
     return args
@@ -178,10 +187,13 @@ def wait_apps_running(dashboard: str, apps: list[str], timeout_s: float) -> dict
         time.sleep(2)
 
 
-def edited_serve_config(src: Path, dst: Path, http_port: int, replicas: dict[str, int] | None = None) -> Path:
+def edited_serve_config(src: Path, dst: Path, http_port: int, replicas: dict[str, int] | None = None,
+                        proxy_location: str | None = None) -> Path:
     """A copy of a Serve YAML on another HTTP port, with some deployments' num_replicas changed."""
     cfg = yaml.safe_load(src.read_text())
     cfg["http_options"]["port"] = http_port
+    if proxy_location:
+        cfg["proxy_location"] = proxy_location
     for app in cfg["applications"]:
         for dep in app.get("deployments", []):
             if replicas and dep["name"] in replicas:
@@ -195,3 +207,24 @@ def alive_actors(dashboard: str) -> list[dict[str, Any]]:
     out = cli("ray", "list", "actors", "--address", dashboard, "--filter", "state=ALIVE", "--format", "json",
               "--limit", "1000", timeout=60)
     return json.loads(out.stdout)
+
+
+def all_actors(dashboard: str) -> list[dict[str, Any]]:
+    """Every actor the cluster has known, dead ones included (they keep their node_id)."""
+    out = cli("ray", "list", "actors", "--address", dashboard, "--format", "json", "--limit", "10000", timeout=60)
+    return json.loads(out.stdout)
+
+
+def alive_nodes(dashboard: str) -> list[dict[str, Any]]:
+    out = cli("ray", "list", "nodes", "--address", dashboard, "--filter", "state=ALIVE", "--format", "json",
+              timeout=60)
+    return json.loads(out.stdout)
+
+
+def wait_job(dashboard: str, job_id: str, timeout_s: float) -> str:
+    deadline = time.time() + timeout_s
+    while True:
+        status = get_json(f"{dashboard}/api/jobs/{job_id}")["status"]
+        if status in ("SUCCEEDED", "FAILED", "STOPPED") or time.time() > deadline:
+            return status
+        time.sleep(2)
