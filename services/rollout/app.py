@@ -232,7 +232,8 @@ class RolloutWorker:
         """Version, episodes served, versions loaded, batch sizes the engine saw, tokens generated."""
         return {"version": self.engine.version, "episodes": self.episodes, "loads": list(self.loads),
                 "batch_sizes": dict(getattr(self.engine, "batch_sizes", {})),
-                "tokens_generated": getattr(self.engine, "tokens_generated", 0), "replica": _replica_tag()}
+                "tokens_generated": getattr(self.engine, "tokens_generated", 0),
+                "engine_busy_s": getattr(self.engine, "busy_s", 0.0), "replica": _replica_tag()}
 
     async def check_health(self) -> None:
         if self.engine is None:

@@ -131,6 +131,7 @@ class HFEngine:
         self.pad_id = policy.pad_id
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.tokens_generated = 0
+        self.busy_s = 0.0  # wall time spent inside batched decodes (engine utilisation)
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task | None = None
         self._lock: asyncio.Lock | None = None
@@ -184,6 +185,7 @@ class HFEngine:
                 except asyncio.TimeoutError:
                     break
             async with self._lock:
+                t0 = time.perf_counter()
                 try:
                     results = await asyncio.to_thread(
                         self.generate_batch_sync, [(p.prompt_ids, p.images, p.sampling) for p in batch])
@@ -192,6 +194,8 @@ class HFEngine:
                         if not p.future.done():
                             p.future.set_exception(e)
                     continue
+                finally:
+                    self.busy_s += time.perf_counter() - t0
             self.batch_sizes[len(batch)] += 1
             for p, r in zip(batch, results):
                 self.tokens_generated += len(r.token_ids)
