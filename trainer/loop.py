@@ -158,6 +158,28 @@ def apply_judge_failures(cfg: Config, trajs: list[Trajectory]) -> tuple[list[Tra
     return kept, failures
 
 
+def dynamic_sampling(trajs: list[Trajectory], groups_wanted: int, max_rounds: int,
+                     more_episodes: Any, global_max: Any = float) -> tuple[list[Trajectory], int]:
+    """DAPO: drop groups whose rewards are all equal (no gradient) and refill with new prompts.
+
+    `more_episodes(rows_to_take, groups_needed, round)` takes `rows_to_take` prompts from the
+    shared data order and rolls out `groups_needed` of them. Every worker runs the same rounds
+    and takes the same number of rows (`global_max` = an all-reduce MAX), so the data order stays
+    identical on all workers. Returns the kept trajectories and how many groups were dropped.
+    """
+    dropped = 0
+    for round_ in range(max_rounds + 1):
+        flat = zero_variance_groups([t.reward["score"] for t in trajs], [t.group_id for t in trajs])
+        dropped += len(flat)
+        trajs = [t for t in trajs if t.group_id not in flat]
+        missing = max(0, groups_wanted - len({t.group_id for t in trajs}))
+        most = int(global_max(missing))
+        if most == 0 or round_ == max_rounds:
+            break
+        trajs = trajs + more_episodes(most, missing, round_)
+    return trajs, dropped
+
+
 # ---------------------------------------------------------------------------------------------
 # distributed helpers (gloo on CPU, NCCL on GPU)
 
@@ -173,6 +195,13 @@ def all_sum(values: Sequence[float], device: torch.device) -> list[float]:
     if world()[1] > 1:
         dist.all_reduce(t)
     return t.tolist()
+
+
+def all_max(value: float, device: torch.device) -> float:
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    if world()[1] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
@@ -391,18 +420,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         trajs, judge_failures = apply_judge_failures(cfg, trajs)
         dropped_groups = 0
         if cfg.trainer.dynamic_sampling:  # DAPO: drop zero-variance groups, refill from the data
-            for round_ in range(cfg.trainer.max_refill_rounds + 1):
-                flat = zero_variance_groups([t.reward["score"] for t in trajs], [t.group_id for t in trajs])
-                dropped_groups += len(flat)
-                trajs = [t for t in trajs if t.group_id not in flat]
-                missing = len(mine) - len({t.group_id for t in trajs})
-                if missing <= 0 or round_ == cfg.trainer.max_refill_rounds:
-                    break
-                extra_rows = sampler.take(missing * world_size)[rank::world_size]
-                more, f2 = run_episodes(handle, episode_requests(cfg, train.rows, extra_rows, step, version,
-                                                                 cfg.rollout.n, tag=f"r{round_}s"))
-                more, jf2 = apply_judge_failures(cfg, more)
-                trajs, failed, judge_failures = trajs + more, failed + f2, judge_failures + jf2
+            def more_episodes(take: int, groups_needed: int, round_: int) -> list[Trajectory]:
+                nonlocal failed, judge_failures
+                rows_ = sampler.take(take * world_size)[rank::world_size][:groups_needed]
+                extra, f2 = run_episodes(handle, episode_requests(cfg, train.rows, rows_, step, version,
+                                                                  cfg.rollout.n, tag=f"r{round_}s"))
+                extra, jf2 = apply_judge_failures(cfg, extra)
+                failed, judge_failures = failed + f2, judge_failures + jf2
+                return extra
+
+            trajs, dropped_groups = dynamic_sampling(trajs, len(mine), cfg.trainer.max_refill_rounds, more_episodes,
+                                                     lambda x: all_max(x, device))
         timings["rollout"] = time.perf_counter() - t0
 
         # ADVANTAGE: GRPO within each prompt group
@@ -425,7 +453,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         local_tokens = sum(float(e.loss_mask[1:].sum()) for e in examples)
         global_tokens = all_sum([local_tokens], device)[0]
         stats = UpdateStats()
-        for _ in range(cfg.trainer.updates_per_step):
+        if global_tokens == 0:  # nothing to learn from (every group dropped): no step, no decay
+            log.warning("step %d: no policy tokens in the batch; optimizer step skipped", step)
+        for _ in range(cfg.trainer.updates_per_step if global_tokens > 0 else 0):
             stats = update(model, optimizer, examples, cfg, global_tokens, cfg.rollout.temperature, sync_grads)
         timings["update"] = time.perf_counter() - t0
 

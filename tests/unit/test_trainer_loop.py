@@ -1,0 +1,68 @@
+"""Pieces of the GRPO loop that need no cluster: data order, DAPO refill, lr schedule, IoU."""
+
+from __future__ import annotations
+
+import pytest
+
+from deepeyes.config import load_config
+from services.rollout.trajectory import ToolCallRecord, Trajectory
+from trainer.loop import PromptSampler, dynamic_sampling, grounding_iou, iou, lr_factor, total_steps
+
+
+def _traj(group: str, score: float) -> Trajectory:
+    return Trajectory(uid=f"{group}-{score}", group_id=group, prompt_ids=[1], response_ids=[2], loss_mask=[1],
+                      logprobs=[0.0], images=[], image_grid_thw=[], response_text="", reward={"score": score})
+
+
+def test_sampler_is_seeded_epochwise_and_resumable():
+    a = PromptSampler(5, seed=3)
+    first = a.take(3) + a.take(3) + a.take(4)
+    assert sorted(first[:5]) == list(range(5)) and sorted(first[5:]) == list(range(5))  # two epochs
+    b = PromptSampler(5, seed=3)
+    b.take(3)
+    c = PromptSampler(5, seed=3, epoch=b.epoch, pos=b.pos)  # a resumed run continues the order
+    assert c.take(7) == first[3:]
+    assert PromptSampler(5, seed=4).take(5) != first[:5]
+
+
+def test_dynamic_sampling_drops_flat_groups_and_refills():
+    trajs = [_traj("a", 0.0), _traj("a", 1.8), _traj("b", -0.2), _traj("b", -0.2), _traj("c", 0.8), _traj("c", 0.8)]
+    calls = []
+
+    def more(take, needed, round_):
+        calls.append((take, needed, round_))
+        # round 0 brings one useful group and one flat group; round 1 one useful group
+        if round_ == 0:
+            return [_traj("d", 0.0), _traj("d", 2.0), _traj("e", 0.6), _traj("e", 0.6)]
+        return [_traj("f", -0.2), _traj("f", 0.8)]
+
+    kept, dropped = dynamic_sampling(trajs, groups_wanted=3, max_rounds=2, more_episodes=more)
+    assert {t.group_id for t in kept} == {"a", "d", "f"}
+    assert dropped == 3  # b, c, then e
+    assert calls == [(2, 2, 0), (1, 1, 1)]
+
+
+def test_dynamic_sampling_takes_the_global_max_of_rows():
+    trajs = [_traj("a", 0.0), _traj("a", 0.0)]
+    seen = []
+    kept, dropped = dynamic_sampling(trajs, 1, 1, lambda take, need, r: seen.append((take, need)) or [],
+                                     global_max=lambda x: 4)  # another worker misses 4 groups
+    assert seen == [(4, 1)] and kept == [] and dropped == 1
+
+
+def test_total_steps_and_lr_schedule():
+    cfg = load_config(None, ["trainer.steps=0", "trainer.batch_size=4", "trainer.epochs=2",
+                             "trainer.warmup_steps=2", "trainer.lr_schedule=cosine"])
+    assert total_steps(cfg, 10) == 5  # ceil(10 * 2 / 4)
+    assert [round(lr_factor(cfg, s, 6), 6) for s in (1, 2, 4, 6)] == [0.5, 1.0, 0.5, 0.0]  # cos(pi*2/4)=0
+
+
+def test_iou_and_grounding():
+    assert iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(50 / 150)
+    t = _traj("g", 1.0)
+    from PIL import Image
+
+    t.images = [Image.new("RGB", (112, 56))]
+    t.extra = {"target_bbox": [200, 100, 400, 200], "orig_size": [448, 224]}  # frame = original / 4
+    t.tool_calls = [ToolCallRecord(0, "image_zoom_in_tool", {"bbox_2d": [50, 25, 100, 50]}, True, "ok")]
+    assert grounding_iou(t) == pytest.approx(1.0)
