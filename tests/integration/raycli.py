@@ -82,18 +82,28 @@ class RayNode:
                                      start_new_session=True)
 
     def stop(self, grace_s: float = 15.0) -> None:
-        pids = [self.proc.pid, *_children(self.proc.pid)]
+        """SIGTERM the tree, then SIGKILL what is left of it. A process is identified by (pid, start
+        time), so a pid the kernel hands to someone else meanwhile is never signalled."""
+        procs = {p: _start_time(p) for p in [self.proc.pid, *_children(self.proc.pid)]}
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            for p in pids:
-                try:
-                    os.kill(p, sig)
-                except ProcessLookupError:
-                    pass
+            for p, started in procs.items():
+                if started is not None and _start_time(p) == started:
+                    try:
+                        os.kill(p, sig)
+                    except ProcessLookupError:
+                        pass
             deadline = time.time() + grace_s
-            while time.time() < deadline and any(Path(f"/proc/{p}").exists() and _alive(p) for p in pids):
+            while time.time() < deadline and any(_start_time(p) == t and _alive(p) for p, t in procs.items()):
                 time.sleep(0.3)
             self.proc.poll()
         self.log.close()
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _alive(pid: int) -> bool:
