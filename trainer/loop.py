@@ -395,11 +395,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         start_step = state["step"] + 1
         version = state["version"]
         log.info("resumed from %s at step %d (policy version %d)", ck, state["step"], version)
-    if rank == 0 and (loop_config.get("resume_from") or store_version(store) < version):
-        # The replicas must serve the weights we hold now, whatever version they last saw.
-        version = max(version, store_version(store) + 1)
-        publish_weights(cpu_state_dict(model), version)
-    version = int(all_sum([version], device)[0] / world_size)
+    if rank == 0:
+        seen = store_version(store)
+        if loop_config.get("resume_from") or seen > version:
+            # Replicas may hold weights that are not ours (a checkpoint's, or an earlier job's on a
+            # long-lived cluster): publish what we hold now under a version newer than any seen.
+            version = max(version, seen + 1)
+            publish_weights(cpu_state_dict(model), version)
+    version = int(all_max(version, device))  # rank 0 may have published a newer one just now
 
     sink = MetricsSink(run_dir, cfg.logging.tensorboard, cfg.logging.ray_metrics) if rank == 0 else None
     traj_dir = run_dir / "trajectories"
