@@ -227,8 +227,17 @@ def all_actors(dashboard: str) -> list[dict[str, Any]]:
 
 def alive_nodes(dashboard: str) -> list[dict[str, Any]]:
     out = cli("ray", "list", "nodes", "--address", dashboard, "--filter", "state=ALIVE", "--format", "json",
-              timeout=60)
-    return json.loads(out.stdout)
+              timeout=60, check=False)
+    return _json_list(out.stdout)
+
+
+def _json_list(text: str) -> list[dict[str, Any]]:
+    """The JSON list in a `ray list --format json` output; [] while the state API is not ready
+    (it then prints a warning or nothing instead)."""
+    try:
+        return json.loads(text[text.index("["):])
+    except ValueError:
+        return []
 
 
 def wait_job(dashboard: str, job_id: str, timeout_s: float) -> str:
