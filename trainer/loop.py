@@ -307,19 +307,39 @@ def update(model: Any, optimizer: Any, examples: Sequence[Example], cfg: Config,
 # checkpoints
 
 
-def save_checkpoint(folder: Path, policy: Policy, optimizer: Any, state: dict[str, Any]) -> None:
+def save_checkpoint(folder: Path, policy: Policy, model_state: dict[str, torch.Tensor],
+                    optim_state: dict[str, Any], state: dict[str, Any]) -> None:
     """Model (HF format under hf/, loadable by from_pretrained and vLLM), optimizer, trainer state."""
     hf = folder / "hf"
     hf.mkdir(parents=True, exist_ok=True)
-    policy.model.save_pretrained(hf)
+    policy.model.save_pretrained(hf, state_dict=model_state)
     src = Path(policy.path)
     for f in src.iterdir():  # tokenizer, processor, template: everything but the weights
         if f.is_file() and not f.name.endswith(".safetensors") and f.name not in ("config.json", "generation_config.json"):
             (hf / f.name).write_bytes(f.read_bytes())
-    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    torch.save(optim_state, folder / "optimizer.pt")
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     torch.save(rng, folder / "rng.pt")
     (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def full_optimizer_state(model: Any, optimizer: Any, fsdp: bool) -> dict[str, Any]:
+    """The optimizer state as one full (unsharded, CPU) dict; a collective under FSDP2."""
+    if not fsdp:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model: Any, optimizer: Any, state: dict[str, Any], fsdp: bool) -> None:
+    if not fsdp:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
 
 
 def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
@@ -353,21 +373,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # SETUP
     torch.manual_seed(cfg.trainer.seed)
-    policy = load_policy(loop_config["policy_dir"], device=device, dtype=cfg.model.dtype,
-                         min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels,
-                         attn_implementation=cfg.model.attn_implementation, trainable=True)
+    resume_from = Path(loop_config["resume_from"]) if loop_config.get("resume_from") else None
+    # A resumed run starts from the checkpoint's HF export (loaded before any sharding).
+    policy = load_policy(resume_from / "hf" if resume_from else loop_config["policy_dir"], device=device,
+                         dtype=cfg.model.dtype, min_pixels=cfg.model.min_pixels,
+                         max_pixels=cfg.model.max_pixels, attn_implementation=cfg.model.attn_implementation,
+                         trainable=True)
+    policy.path = loop_config["policy_dir"]  # tokenizer/processor files for checkpoint exports
     model = policy.model
     ref_model = None
-    if cfg.trainer.kl_coef > 0:
+    if cfg.trainer.kl_coef > 0:  # the reference policy is the run's starting point, not the checkpoint
         ref_model = load_policy(loop_config["policy_dir"], device=device, dtype=cfg.model.dtype).model
     sync_grads = all_reduce_grads
-    if cfg.trainer.use_gpu and world_size > 1:  # FSDP2: shard each decoder layer, then the root
+    fsdp = cfg.trainer.use_gpu and world_size > 1
+    if fsdp:  # FSDP2: shard each decoder layer, then the root; it reduce-scatters in backward
         from torch.distributed.fsdp import fully_shard
 
         for layer in model.model.language_model.layers:
             fully_shard(layer)
         fully_shard(model)
-        sync_grads = lambda m: None  # noqa: E731  (FSDP2 reduce-scatters in backward)
+        sync_grads = lambda m: None  # noqa: E731
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay)
     train = read_deepeyes(loop_config["train_files"], cfg.data)
     val = read_deepeyes(loop_config["val_files"], cfg.data) if loop_config["val_files"] else None
@@ -377,32 +402,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     sampler = PromptSampler(len(train), cfg.trainer.seed, cfg.data.shuffle)
     handle = serve.get_deployment_handle("RolloutWorker", app_name="rollout")
     store = get_or_create_weight_store()
-    start_step, version = 1, int(loop_config.get("start_version", 0))
+    start_step, version = 1, 0
 
-    # RESUME
-    if loop_config.get("resume_from"):
-        ck = Path(loop_config["resume_from"])
-        state = json.loads((ck / STATE_FILE).read_text())
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
-        loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(ck / "hf", dtype=model.dtype)
-        model.load_state_dict(loaded.state_dict())
-        optimizer.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=False))
-        rng = torch.load(ck / "rng.pt", weights_only=False)
+    # RESUME: optimizer, RNG, data position, step and policy version from the checkpoint
+    if resume_from:
+        state = json.loads((resume_from / STATE_FILE).read_text())
+        load_optimizer_state(model, optimizer, torch.load(resume_from / "optimizer.pt", weights_only=False), fsdp)
+        rng = torch.load(resume_from / "rng.pt", weights_only=False)
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         sampler.epoch, sampler.pos = state["sampler"]["epoch"], state["sampler"]["pos"]
-        start_step = state["step"] + 1
-        version = state["version"]
-        log.info("resumed from %s at step %d (policy version %d)", ck, state["step"], version)
-    if rank == 0:
-        seen = store_version(store)
-        if loop_config.get("resume_from") or seen > version:
-            # Replicas may hold weights that are not ours (a checkpoint's, or an earlier job's on a
-            # long-lived cluster): publish what we hold now under a version newer than any seen.
-            version = max(version, seen + 1)
-            publish_weights(cpu_state_dict(model), version)
-    version = int(all_max(version, device))  # rank 0 may have published a newer one just now
+        start_step, version = state["step"] + 1, state["version"]
+        log.info("resumed from %s at step %d (policy version %d)", resume_from, state["step"], version)
+    seen = store_version(store)
+    if resume_from or seen > version:
+        # Replicas may hold weights that are not ours (a checkpoint's, or an earlier job's on a
+        # long-lived cluster): publish what we hold now under a version newer than any seen.
+        version = max(version, seen + 1)
+        state_dict = cpu_state_dict(model)  # a collective under FSDP2: every rank takes part
+        if rank == 0:
+            publish_weights(state_dict, version)
+    version = int(all_max(version, device))
 
     sink = MetricsSink(run_dir, cfg.logging.tensorboard, cfg.logging.ray_metrics) if rank == 0 else None
     traj_dir = run_dir / "trajectories"
@@ -499,10 +519,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # CHECKPOINT: every save_every steps and at the end; every rank reports (a Train barrier)
         if step == steps or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
             state = {"step": step, "version": version, "sampler": sampler.state(), "steps": steps}
+            optim_state = full_optimizer_state(model, optimizer, fsdp)  # collective under FSDP2
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None
                 if rank == 0:
-                    save_checkpoint(Path(tmp), policy, optimizer, state)
+                    save_checkpoint(Path(tmp), policy, state_dict, optim_state, state)
                     ckpt = Checkpoint.from_directory(tmp)
                 ray.train.report({"step": step, "reward/score": metrics["reward/score"]}, checkpoint=ckpt,
                                  checkpoint_dir_name=f"step_{step:06d}")
