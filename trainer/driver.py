@@ -231,7 +231,9 @@ def deploy_services(cfg: Config, run_dir: Path, policy_dir: Path) -> list[str]:
 
         asyncio.run(check_reachable(cfg.judge))
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    running = {name for name, app in serve.status().applications.items() if str(app.status).endswith("RUNNING")}
+    # An app still DEPLOYING (a `serve deploy` just issued) is present too: wait, don't redeploy.
+    running = wait_for_apps({name for name, app in serve.status().applications.items()
+                             if str(app.status).rsplit(".", 1)[-1] in ("RUNNING", "DEPLOYING")})
     args = {"config": str(run_dir / "config.yaml"), "overrides": [f"model.path={policy_dir}"]}
     deployed = []
     for name, builder in (("tools", tools_app), ("judge", judge_app), ("rollout", rollout_app)):
@@ -241,6 +243,24 @@ def deploy_services(cfg: Config, run_dir: Path, policy_dir: Path) -> list[str]:
         serve.run(builder(args), name=name, route_prefix=ROUTE_PREFIXES[name])
         deployed.append(name)
     return deployed
+
+
+def wait_for_apps(names: set[str], timeout_s: float = 600.0) -> set[str]:
+    """Wait until these Serve apps are RUNNING; an app that fails is an error naming it."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        apps = serve.status().applications
+        states = {n: str(apps[n].status).rsplit(".", 1)[-1] for n in names if n in apps}
+        failed = [n for n, st in states.items() if st in ("DEPLOY_FAILED", "UNHEALTHY")]
+        if failed:
+            raise RuntimeError(f"Serve app(s) {failed} are {[states[n] for n in failed]}: see `serve status`")
+        if all(st == "RUNNING" for st in states.values()):
+            return set(states)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Serve apps {states} not RUNNING after {timeout_s:.0f} s")
+        time.sleep(1.0)
 
 
 def follow_progress(run_dir: Path, worker: threading.Thread, enabled: bool, steps: int) -> None:

@@ -414,14 +414,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         sampler.epoch, sampler.pos = state["sampler"]["epoch"], state["sampler"]["pos"]
         start_step, version = state["step"] + 1, state["version"]
         log.info("resumed from %s at step %d (policy version %d)", resume_from, state["step"], version)
-    seen = store_version(store)
-    if resume_from or seen > version:
-        # Replicas may hold weights that are not ours (a checkpoint's, or an earlier job's on a
-        # long-lived cluster): publish what we hold now under a version newer than any seen.
-        version = max(version, seen + 1)
-        state_dict = cpu_state_dict(model)  # a collective under FSDP2: every rank takes part
-        if rank == 0:
-            publish_weights(state_dict, version)
+    # Replicas may hold other weights than ours (the raw folder of a `serve deploy`ed app, a
+    # checkpoint's, an earlier job's): publish what we hold now under a version newer than any
+    # they have seen, and ask for it from the first request on.
+    version = max(version, store_version(store) + 1)
+    state_dict = cpu_state_dict(model)  # a collective under FSDP2: every rank takes part
+    if rank == 0:
+        publish_weights(state_dict, version)
     version = int(all_max(version, device))
 
     sink = MetricsSink(run_dir, cfg.logging.tensorboard, cfg.logging.ray_metrics) if rank == 0 else None

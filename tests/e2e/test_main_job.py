@@ -45,12 +45,13 @@ def test_two_steps_then_resume(tmp_path, tiny_policy_dir):
     assert [r["step"] for r in train_rows] == [1, 2]
     for r in train_rows:
         assert r["rollout/episodes"] == 4  # 2 prompts x n=2 over 2 workers
-        assert r["sync/version"] == r["step"]
+        assert r["sync/version"] == r["step"] + 1  # v1 = the starting weights, published at start
         assert r["rollout/logprob_mismatch"] < 1e-3  # engine and trainer agree on what was sampled
     assert any("val/acc" in r for r in rows)
     saved = [json.loads(l) for f in sorted((run_dir / "trajectories").glob("step_*.jsonl"))
              for l in f.read_text().splitlines()]
-    assert saved and all(t["version"] == int(t["uid"][1:].split("-")[0]) - 1 for t in saved)  # on-policy
+    # on-policy: step s samples with the weights published after step s-1 (version s)
+    assert saved and all(t["version"] == int(t["uid"][1:].split("-")[0]) for t in saved)
     for t in saved:  # every episode's reward is one of DESIGN section 3's values, parts consistent
         rw = t["reward"]
         assert min(abs(rw["score"] - v) for v in (-0.2, 0.0, 0.6, 0.8, 1.8, 2.0)) < 1e-9
@@ -58,7 +59,7 @@ def test_two_steps_then_resume(tmp_path, tiny_policy_dir):
 
     ckpt = run_dir / "train" / "step_000002"
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    assert state["step"] == 2 and state["version"] == 2
+    assert state["step"] == 2 and state["version"] == 3
     # the HF export loads through the project's one loader (the from_pretrained path)
     from deepeyes.policy import load_policy
 
