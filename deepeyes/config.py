@@ -200,6 +200,7 @@ class ServeConfig:
     port: int = _f(8000, "HTTP port of Serve")
     auth_token_env: str = _f("DEEPEYES_API_TOKEN", "env var holding an optional bearer token for the HTTP routes")
     use_running: bool = _f(True, "use Serve apps already running (from serve deploy) instead of deploying")
+    access_log: bool = _f(False, "Serve's per-request access log lines (one per tool call, episode, judgment)")
     tools: DeploymentConfig = _deploy(num_replicas=1, max_ongoing_requests=128, num_cpus=0.25)
     judge: DeploymentConfig = _deploy(num_replicas=1, max_ongoing_requests=256, num_cpus=0.25)
     rollout: DeploymentConfig = _deploy(num_replicas=1, max_ongoing_requests=64, num_cpus=0.5)

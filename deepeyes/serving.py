@@ -30,11 +30,12 @@ def config_from_args(args: dict[str, Any] | None) -> Config:
     return load_config(args.get("config"), list(overrides))
 
 
-def deployment_options(dc: DeploymentConfig) -> dict[str, Any]:
+def deployment_options(dc: DeploymentConfig, access_log: bool = False) -> dict[str, Any]:
     """DeploymentConfig -> keyword arguments of `Deployment.options(...)`."""
     opts: dict[str, Any] = {
         "max_ongoing_requests": dc.max_ongoing_requests,
         "ray_actor_options": {"num_cpus": dc.num_cpus, "num_gpus": dc.num_gpus},
+        "logging_config": {"enable_access_log": access_log},
     }
     if dc.max_replicas > 0:
         opts["autoscaling_config"] = {

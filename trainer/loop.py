@@ -501,6 +501,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             sink.write(step, metrics)
             write_trajectories(traj_dir / f"step_{step:06d}.jsonl", trajs[: cfg.logging.save_trajectories])
+        if rank == 0 and not cfg.logging.progress:  # with progress on, the driver draws a bar instead
             eta = (time.perf_counter() - t_run) / (step - start_step + 1) * (steps - step)
             print(f"step {step}/{steps} score={metrics['reward/score']:.3f} acc={metrics['reward/acc']:.2f} "
                   f"tool_calls={metrics['rollout/tool_calls']:.2f} turns={metrics['rollout/num_turns']:.2f} "
@@ -640,29 +641,36 @@ def iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def grounding_iou(t: Trajectory) -> float | None:
-    """IoU of the first valid zoom box with the target box mapped into the model frame."""
+def grounding(t: Trajectory) -> tuple[float, float] | None:
+    """(IoU, contains-centre) of the first valid zoom box vs the target box in the model frame.
+
+    None when the row has no target box. Tiny targets (a few pixels in the frame) cap the IoU of
+    any useful zoom box far below 1, so whether the box holds the target's centre is reported too.
+    """
     target, orig = t.extra.get("target_bbox"), t.extra.get("orig_size")
     if not target or not orig or not t.images:
         return None
     fw, fh = t.images[0].size
     sx, sy = fw / orig[0], fh / orig[1]
     tb = [target[0] * sx, target[1] * sy, target[2] * sx, target[3] * sy]
+    cx, cy = (tb[0] + tb[2]) / 2, (tb[1] + tb[3]) / 2
     for c in t.tool_calls:
         box = (c.arguments or {}).get("bbox_2d") if isinstance(c.arguments, dict) else None
         if c.executed and c.ok and isinstance(box, list) and len(box) == 4:
-            return iou([float(v) for v in box], tb)
-    return 0.0
+            b = [float(v) for v in box]
+            return iou(b, tb), float(b[0] <= cx <= b[2] and b[1] <= cy <= b[3])
+    return 0.0, 0.0
 
 
 def validate(cfg: Config, handle: Any, val: Any, step: int, version: int) -> dict[str, float]:
     rows = list(range(len(val) if cfg.trainer.val_rows <= 0 else min(cfg.trainer.val_rows, len(val))))
     trajs, failed = run_episodes(handle, episode_requests(cfg, val.rows, rows, step, version, 1, greedy=True, tag="v"))
-    ious = [x for x in (grounding_iou(t) for t in trajs) if x is not None]
+    ground = [g for g in (grounding(t) for t in trajs) if g is not None]
     return {
         "val/acc": sum(float(t.reward.get("acc", 0.0)) for t in trajs) / max(len(trajs), 1),
         "val/score": sum(float(t.reward.get("score", 0.0)) for t in trajs) / max(len(trajs), 1),
         "val/tool_use": sum(1.0 for t in trajs if t.crops_returned > 0) / max(len(trajs), 1),
-        "val/grounding_iou": sum(ious) / len(ious) if ious else 0.0,
+        "val/grounding_iou": sum(g[0] for g in ground) / len(ground) if ground else 0.0,
+        "val/box_holds_target": sum(g[1] for g in ground) / len(ground) if ground else 0.0,
         "val/episodes": float(len(trajs)), "val/failed": float(failed),
     }

@@ -13,7 +13,7 @@ PANELS = [
     ("num_turns", ["rollout/num_turns"]),
     ("tool_calls", ["rollout/tool_calls", "rollout/tool_errors"]),
     ("response_length", ["rollout/response_tokens"]),
-    ("validation", ["val/acc", "val/tool_use", "val/grounding_iou"]),
+    ("validation", ["val/acc", "val/tool_use", "val/box_holds_target", "val/grounding_iou"]),
 ]
 PHASES = ["rollout", "old_logprob", "update", "publish"]
 

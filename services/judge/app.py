@@ -186,7 +186,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         # Checked here too (not only in the replica) so that `serve.run` / `serve deploy` report
         # the unreachable URL itself rather than a generic "failed to update the deployments".
         _run_now(check_reachable(cfg.judge))
-    return JudgeService.options(**deployment_options(cfg.serve.judge)).bind(cfg)
+    return JudgeService.options(**deployment_options(cfg.serve.judge, cfg.serve.access_log)).bind(cfg)
 
 
 def _run_now(coro: Any) -> Any:

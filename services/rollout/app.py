@@ -313,4 +313,4 @@ class RolloutWorker:
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """The rollout application from builder args ({"config": path, "overrides": [...]})."""
     cfg = config_from_args(args)
-    return RolloutWorker.options(**deployment_options(cfg.serve.rollout)).bind(cfg)
+    return RolloutWorker.options(**deployment_options(cfg.serve.rollout, cfg.serve.access_log)).bind(cfg)

@@ -303,4 +303,4 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     """
     cfg = config_from_args(args)
     token = bearer_token(cfg.serve.auth_token_env)
-    return ToolService.options(**deployment_options(cfg.serve.tools)).bind(cfg.tools, token)
+    return ToolService.options(**deployment_options(cfg.serve.tools, cfg.serve.access_log)).bind(cfg.tools, token)

@@ -6,7 +6,7 @@ import pytest
 
 from deepeyes.config import load_config
 from services.rollout.trajectory import ToolCallRecord, Trajectory
-from trainer.loop import PromptSampler, dynamic_sampling, grounding_iou, iou, lr_factor, total_steps
+from trainer.loop import PromptSampler, dynamic_sampling, grounding, iou, lr_factor, total_steps
 
 
 def _traj(group: str, score: float) -> Trajectory:
@@ -65,4 +65,7 @@ def test_iou_and_grounding():
     t.images = [Image.new("RGB", (112, 56))]
     t.extra = {"target_bbox": [200, 100, 400, 200], "orig_size": [448, 224]}  # frame = original / 4
     t.tool_calls = [ToolCallRecord(0, "image_zoom_in_tool", {"bbox_2d": [50, 25, 100, 50]}, True, "ok")]
-    assert grounding_iou(t) == pytest.approx(1.0)
+    assert grounding(t) == pytest.approx((1.0, 1.0))
+    t.tool_calls = [ToolCallRecord(0, "image_zoom_in_tool", {"bbox_2d": [0, 0, 70, 35]}, True, "ok")]
+    # box 70x35 = 2450, target 50..100 x 25..50 (1250) -> overlap 20x10 = 200; union 3500
+    assert grounding(t) == pytest.approx((200 / 3500, 0.0))  # centre (75, 37.5) lies outside
