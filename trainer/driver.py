@@ -128,10 +128,11 @@ class GRPORecipe:
                                "wall_s": round(time.perf_counter() - self.t0, 1),
                                "setup_s": {k: round(v, 1) for k, v in self.timings.items()}}
         if rows:
-            keys = ["reward/score", "reward/acc", "reward/tool", "rollout/tool_calls", "rollout/num_turns",
-                    "actor/entropy"]
-            out["first"] = {k: round(rows[0].get(k, 0.0), 4) for k in keys}
-            out["last"] = {k: round(rows[-1].get(k, 0.0), 4) for k in keys}
+            keys = ["reward/score", "reward/acc", "reward/format", "reward/tool", "rollout/tool_calls",
+                    "rollout/tool_errors", "rollout/num_turns", "actor/entropy"]
+            k = min(5, len(rows))  # one step's batch is noisy: compare the first and last k steps
+            out[f"first_{k}_steps_mean"] = {m: round(sum(r.get(m, 0.0) for r in rows[:k]) / k, 4) for m in keys}
+            out[f"last_{k}_steps_mean"] = {m: round(sum(r.get(m, 0.0) for r in rows[-k:]) / k, 4) for m in keys}
             phases = ["rollout", "old_logprob", "update", "publish"]
             total = sum(r.get("timing/step_s", 0.0) for r in rows)
             out["phase_split"] = {p: round(sum(r.get(f"timing/{p}_s", 0.0) for r in rows) / max(total, 1e-9), 3)

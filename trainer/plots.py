@@ -18,6 +18,15 @@ PANELS = [
 PHASES = ["rollout", "old_logprob", "update", "publish"]
 
 
+def moving_average(ys: list[float], window: int) -> list[float]:
+    """Trailing mean over up to `window` points (the first points average what exists)."""
+    out = []
+    for i in range(len(ys)):
+        chunk = ys[max(0, i - window + 1): i + 1]
+        out.append(sum(chunk) / len(chunk))
+    return out
+
+
 def render_plots(run_dir: str | os.PathLike[str]) -> list[Path]:
     """Write plots/curves.png (one panel per metric group) and plots/timing.png; return the paths."""
     import matplotlib
@@ -36,8 +45,12 @@ def render_plots(run_dir: str | os.PathLike[str]) -> list[Path]:
     for ax, (title, keys) in zip(axes.flat, PANELS):
         for key in keys:
             pts = [(r["step"], r[key]) for r in rows if key in r]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", ms=3, label=key)
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            line, = ax.plot(xs, ys, marker="o", ms=2, lw=0.8, alpha=0.45 if len(pts) > 8 else 1.0, label=key)
+            if len(pts) > 8:  # a batch of a few prompts is noisy: draw the trend over 5 steps too
+                ax.plot(xs, moving_average(ys, 5), color=line.get_color(), lw=2)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
