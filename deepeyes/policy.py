@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
@@ -200,14 +200,13 @@ def tiny_model_config(tokenizer: Any) -> Any:
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t, _ in QWEN_ADDED_TOKENS}
     hidden, heads = 128, 4
-    head_dim = hidden // heads  # 32; mrope sections must sum to head_dim / 2
     vocab = ((len(tokenizer) + 63) // 64) * 64
     return Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=vocab, hidden_size=hidden, intermediate_size=256, num_hidden_layers=2,
             num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=32768,
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                             "mrope_section": [4, 6, 6]},
+                             "mrope_section": [4, 6, 6]},  # sums to head_dim/2 = (128/4)/2
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False,
         ),
@@ -251,25 +250,35 @@ def build_tiny_policy(folder: str | os.PathLike[str], seed: int = 0,
     return folder
 
 
-def tiny_policy_path(cache_dir: str = "~/.cache/deepeyes-ray", seed: int = 0,
-                     min_pixels: int = 3136, max_pixels: int = 50176) -> Path:
-    """The cached tiny folder for these settings, built on first use (atomic rename)."""
-    key = hashlib.sha1(f"{TINY_VERSION}-{seed}-{min_pixels}-{max_pixels}".encode()).hexdigest()[:10]
+def build_cached(cache_dir: str | os.PathLike[str], name: str, build: Callable[[Path], Any]) -> Path:
+    """`cache_dir/name`, written by `build(tmp_folder)` on first use and renamed into place.
+
+    The rename is atomic, so concurrent first users (test workers, replicas) never see a half
+    written folder; when two build at once the loser's identical copy is dropped.
+    """
     root = Path(os.path.expanduser(cache_dir))
-    final = root / f"tiny-qwen2.5-vl-{key}"
+    final = root / name
     if (final / "model.safetensors").exists():
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
     try:
-        build_tiny_policy(tmp, seed=seed, min_pixels=min_pixels, max_pixels=max_pixels)
+        build(tmp)
         try:
             os.rename(tmp, final)
-        except OSError:  # another process won the race: theirs is identical
+        except OSError:  # another process won the race
             pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def tiny_policy_path(cache_dir: str = "~/.cache/deepeyes-ray", seed: int = 0,
+                     min_pixels: int = 3136, max_pixels: int = 50176) -> Path:
+    """The cached tiny folder for these settings, built on first use."""
+    key = hashlib.sha1(f"{TINY_VERSION}-{seed}-{min_pixels}-{max_pixels}".encode()).hexdigest()[:10]
+    return build_cached(cache_dir, f"tiny-qwen2.5-vl-{key}",
+                        lambda tmp: build_tiny_policy(tmp, seed=seed, min_pixels=min_pixels, max_pixels=max_pixels))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 
 from deepeyes.config import ConfigError, help_text, load_config
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from trainer.driver import GRPORecipe
 
+    # SIGTERM (a job stop, a kill) unwinds like Ctrl-C so cleanup stops the cluster we started.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     recipe = GRPORecipe(cfg)
     try:
         recipe.setup()

@@ -29,7 +29,8 @@ from PIL import Image
 
 from deepeyes.chat import CHAT_TEMPLATE
 from deepeyes.config import Config, load_config
-from deepeyes.policy import Policy, encode_text_with_images, load_policy, process_images, resize_for_model
+from deepeyes.policy import (Policy, build_cached, encode_text_with_images, load_policy, process_images,
+                             resize_for_model)
 from services.tools.registry import execute_tool, tool_schemas
 from trainer.packing import make_example, pack, packed_forward, plan_micro_batches
 
@@ -198,24 +199,19 @@ def warm_start_key(base: Path, cfg: Config) -> str:
 
 
 def warm_started_policy_path(cfg: Config, base: Path, progress: bool = True) -> Path:
-    """The cached warm-started copy of `base` (built on first use; atomic rename)."""
-    root = Path(os.path.expanduser(cfg.model.cache_dir))
-    final = root / f"warm-{warm_start_key(base, cfg)}"
-    if (final / "model.safetensors").exists():
-        return final
-    t0 = time.perf_counter()
-    policy = load_policy(base, min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels, trainable=True)
-    torch.manual_seed(cfg.trainer.seed)
-    rows = _sft_rows(cfg, rows=128, seed=cfg.data.synthetic_seed + 7919)
-    losses = train_sft(policy, rows, cfg, steps=cfg.trainer.sft_steps, lr=cfg.trainer.sft_lr, progress=progress)
-    train_s = time.perf_counter() - t0
-    held_out = [r for r in _sft_rows(cfg, rows=24, seed=cfg.data.synthetic_seed + 104729) if r.extra.get("target_bbox")]
-    rates = tool_call_rate(policy, held_out, cfg, seed=cfg.trainer.seed)
-    log.info("warm start: %d steps in %.1f s, loss %.3f -> %.3f, %s", cfg.trainer.sft_steps, train_s,
-             losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"), rates)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".warm-", dir=root))
-    try:
+    """The cached warm-started copy of `base` (built on first use)."""
+
+    def build(tmp: Path) -> None:
+        t0 = time.perf_counter()
+        policy = load_policy(base, min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels, trainable=True)
+        torch.manual_seed(cfg.trainer.seed)
+        rows = _sft_rows(cfg, rows=128, seed=cfg.data.synthetic_seed + 7919)
+        losses = train_sft(policy, rows, cfg, steps=cfg.trainer.sft_steps, lr=cfg.trainer.sft_lr, progress=progress)
+        train_s = time.perf_counter() - t0
+        held_out = [r for r in _sft_rows(cfg, rows=24, seed=cfg.data.synthetic_seed + 104729) if r.extra.get("target_bbox")]
+        rates = tool_call_rate(policy, held_out, cfg, seed=cfg.trainer.seed)
+        log.info("warm start: %d steps in %.1f s, loss %.3f -> %.3f, %s", cfg.trainer.sft_steps, train_s,
+                 losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"), rates)
         for f in base.iterdir():
             if f.name != "model.safetensors":
                 shutil.copy2(f, tmp / f.name)
@@ -224,13 +220,8 @@ def warm_started_policy_path(cfg: Config, base: Path, progress: bool = True) -> 
             {"base": str(base), "steps": cfg.trainer.sft_steps, "lr": cfg.trainer.sft_lr,
              "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
              "train_seconds": train_s, "seconds": time.perf_counter() - t0, "held_out": rates}, indent=2))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    return build_cached(cfg.model.cache_dir, f"warm-{warm_start_key(base, cfg)}", build)
 
 
 def main(argv: list[str] | None = None) -> None:

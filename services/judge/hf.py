@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -46,23 +44,11 @@ def build_tiny_text_model(folder: str | os.PathLike[str], seed: int = 0) -> Path
 
 
 def tiny_text_model_path(cache_dir: str = "~/.cache/deepeyes-ray", seed: int = 0) -> Path:
-    """The cached tiny text model folder, built on first use (atomic rename)."""
+    """The cached tiny text model folder, built on first use."""
+    from deepeyes.policy import build_cached
+
     key = hashlib.sha1(f"{TINY_TEXT_VERSION}-{seed}".encode()).hexdigest()[:10]
-    root = Path(os.path.expanduser(cache_dir))
-    final = root / f"tiny-text-{key}"
-    if (final / "model.safetensors").exists():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
-    try:
-        build_tiny_text_model(tmp, seed)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process won the race: theirs is identical
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return build_cached(cache_dir, f"tiny-text-{key}", lambda tmp: build_tiny_text_model(tmp, seed))
 
 
 class HFGenerator:
