@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ap = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="configuration keys (set in the YAML or as key=value):\n" + help_text())
+                                 epilog="configuration keys (set in the YAML or as key=value; the defaults shown "
+                                        "are the built-in ones, which a scenario YAML may change):\n" + help_text())
     ap.add_argument("--config", help="scenario YAML (default: deploy/configs/tiny-cpu.yaml)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.steps=2")
     args = ap.parse_args(argv)

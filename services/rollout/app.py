@@ -137,7 +137,11 @@ class _Metrics:
         self.version = metrics.Gauge("sync_version", description="sync/version", tag_keys=keys)
         self.sync_s = metrics.Histogram("sync_seconds", description="sync/seconds", tag_keys=keys,
                                         boundaries=[0.01, 0.1, 1, 10, 60])
-        for m in [*self.hist.values(), self.tool_errors, self.episodes, self.version, self.sync_s]:
+        self.batch_size = metrics.Histogram("rollout_engine_batch_size", tag_keys=keys,
+                                            description="sequences per batched engine forward",
+                                            boundaries=[1, 2, 4, 8, 16, 32, 64])
+        for m in [*self.hist.values(), self.tool_errors, self.episodes, self.version, self.sync_s,
+                  self.batch_size]:
             m.set_default_tags(self.tags)
 
     def record(self, t: Trajectory) -> None:
@@ -212,6 +216,8 @@ class RolloutWorker:
                 self.engine.load_state_sync(ray.get(refs[0], timeout=WEIGHT_FETCH_TIMEOUT_S), version)
                 self.loads.append(version)
         self._metrics = _Metrics(_replica_tag())
+        if hasattr(self.engine, "on_batch"):  # the HF engine reports each batched forward's size
+            self.engine.on_batch = lambda n: self._metrics.batch_size.observe(float(n))
 
     # -- the handle API -----------------------------------------------------------------------
 

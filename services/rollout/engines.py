@@ -16,7 +16,7 @@ import collections
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from PIL import Image
@@ -132,6 +132,7 @@ class HFEngine:
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.tokens_generated = 0
         self.busy_s = 0.0  # wall time spent inside batched decodes (engine utilisation)
+        self.on_batch: Callable[[int], None] | None = None  # observer of each batch's size (metrics)
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task | None = None
         self._lock: asyncio.Lock | None = None
@@ -197,6 +198,8 @@ class HFEngine:
                 finally:
                     self.busy_s += time.perf_counter() - t0
             self.batch_sizes[len(batch)] += 1
+            if self.on_batch is not None:
+                self.on_batch(len(batch))
             for p, r in zip(batch, results):
                 self.tokens_generated += len(r.token_ids)
                 if not p.future.done():

@@ -29,7 +29,7 @@ TRAINER_METRICS = ["reward/score", "reward/acc", "reward/format", "reward/tool",
                    "rollout/tool_calls", "judge/latency_s", "judge/failures", "timing/rollout_s",
                    "timing/update_s", "timing/step_s", "perf/tokens_per_s"]
 SERVICE_METRICS = ["ray_rollout_num_turns_count", "ray_timing_episode_s_count", "ray_judge_cache_hit_rate",
-                   "ray_rollout_episodes_total"]
+                   "ray_rollout_episodes_total", "ray_rollout_engine_batch_size_count"]
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 
 
@@ -122,6 +122,7 @@ def test_serve_deploy_job_submit_metrics_rescale(tmp_path: Path) -> None:
         # 2 steps x 2 prompts x n=2 episodes, summed over the replicas' series
         assert sum(v for _, v in seen["ray_rollout_num_turns_count"]) >= 8
         assert sum(v for _, v in seen["ray_rollout_episodes_total"]) >= 8
+        assert sum(v for _, v in seen["ray_rollout_engine_batch_size_count"]) >= 1  # one per batched forward
         # deploy/grafana/deepeyes.json selects runs by this label
         assert all('SessionName="' in labels for labels, _ in seen["ray_deepeyes_reward_score"])
 
