@@ -93,3 +93,34 @@ def test_startup_check_fails_fast_naming_the_url(ray_cluster):
         serve.run(JudgeService.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1}).bind(cfg),
                   name="judge-down", route_prefix="/judge-down")
     serve.delete("judge-down")
+
+
+def test_score_route_over_http_with_a_bearer_token(ray_cluster):
+    """`POST /judge/score` for callers outside the cluster; the token is read from the replica's env."""
+    import httpx
+    from ray import serve
+
+    from deepeyes.config import load_config
+    from services.judge.app import JudgeService
+
+    cfg = load_config(overrides=["judge.backend=rule", "serve.auth_token_env=DEEPEYES_TEST_JUDGE_TOKEN"])
+    opts = {"num_cpus": 0.1, "runtime_env": {"env_vars": {"DEEPEYES_TEST_JUDGE_TOKEN": "s3cret"}}}
+    serve.run(JudgeService.options(num_replicas=1, ray_actor_options=opts).bind(cfg),
+              name="judge-auth", route_prefix="/judge-auth")
+    try:
+        url = f"http://127.0.0.1:{ray_cluster['http_port']}/judge-auth/score"
+        body = {"response_text": "<think>zoom</think><answer>(B) blue</answer>",
+                "question": "What colour is the sign? (A) red (B) blue", "ground_truth": "blue",
+                "tool_calls": 1, "crops": 1}
+        assert httpx.post(url, json=body, timeout=30).status_code == 401
+        assert httpx.post(url, json=body, headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
+        r = httpx.post(url, json=body, headers={"Authorization": "Bearer s3cret"}, timeout=30)
+        assert r.status_code == 200
+        # by hand: the rule judge maps "(B) blue" to blue = correct; tags fine; a crop came back
+        # -> 0.8*1 + 0.2*0 + 1.2*1 = 2.0
+        assert (r.json()["acc"], r.json()["format"], r.json()["tool"]) == (1.0, 0.0, 1.0)
+        assert r.json()["score"] == pytest.approx(2.0)
+        bad = httpx.post(url, json={"question": "q"}, headers={"Authorization": "Bearer s3cret"}, timeout=30)
+        assert bad.status_code == 422  # a malformed body is answered, not a crash
+    finally:
+        serve.delete("judge-auth")
