@@ -175,7 +175,7 @@ def main() -> None:
         print(f"{r['image']:>10} {r['frame']:>10} {r['conc']:>4} | {a['per_s']:8.0f} {a['p50_ms']:6.3f} "
               f"{a['p99_ms']:6.3f} | {b['per_s']:8.0f} {b['p50_ms']:6.2f} {b['p99_ms']:6.2f} | "
               f"{h['per_s']:7.1f} {h['p50_ms']:7.1f} {h['p99_ms']:7.1f} | {r['ratio']:.3f}")
-    print(f"first handle call on a fresh ref (fetch + cache), ms: "
+    print("first handle call on a fresh ref (fetch + cache), ms: "
           + ", ".join(f"{k} {v:.1f}" for k, v in cold.items()))
 
     by = {(r["image"], r["conc"]): r for r in rows}
