@@ -70,14 +70,20 @@ class GRPORecipe:
         from deepeyes.data import read_deepeyes
         from trainer.loop import total_steps
 
+        # Read and validate once, here (fail fast on bad data); the workers get the rows through
+        # the object store instead of reading and decoding every image again.
         train = read_deepeyes(self.train_files, cfg.data)
         log.info("training data: %s", train.summary())
         if len(train) == 0:
             raise ConfigError(f"no usable training rows in {self.train_files}: {train.summary()}")
+        val = read_deepeyes(self.val_files, cfg.data) if self.val_files else None
         self.steps = total_steps(cfg, len(train))
         self.timings["data_s"] = time.perf_counter() - t
         t = time.perf_counter()
         self.started_ray = connect_ray(cfg)
+        import ray
+
+        self.data_ref = ray.put({"train": train, "val": val})  # held by the driver for the run
         self.timings["ray_s"] = time.perf_counter() - t
         t = time.perf_counter()
         self.deployed = deploy_services(cfg, self.run_dir, self.policy_dir)
@@ -93,7 +99,7 @@ class GRPORecipe:
         cfg = self.cfg
         loop_config = {
             "config": to_dict(cfg), "run_dir": str(self.run_dir), "policy_dir": str(self.policy_dir),
-            "train_files": self.train_files, "val_files": self.val_files,
+            "data": [self.data_ref],  # in a list: handed over as a reference, fetched by each worker
             "resume_from": str(self.resume_from) if self.resume_from else "",
         }
         trainer = TorchTrainer(

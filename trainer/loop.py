@@ -361,7 +361,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from ray import serve
     from ray.train import Checkpoint
 
-    from deepeyes.data import read_deepeyes
     from services.rollout.weights import get_or_create_weight_store, publish_weights
 
     cfg: Config = config_from_dict(loop_config["config"])
@@ -394,10 +393,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         fully_shard(model)
         sync_grads = lambda m: None  # noqa: E731
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay)
-    train = read_deepeyes(loop_config["train_files"], cfg.data)
-    val = read_deepeyes(loop_config["val_files"], cfg.data) if loop_config["val_files"] else None
-    if len(train) == 0:
-        raise RuntimeError(f"no usable training rows in {loop_config['train_files']}: {train.summary()}")
+
+    data = ray.get(loop_config["data"][0])  # read and validated once by the driver
+    train, val = data["train"], data["val"]
     steps = total_steps(cfg, len(train))
     sampler = PromptSampler(len(train), cfg.trainer.seed, cfg.data.shuffle)
     handle = serve.get_deployment_handle("RolloutWorker", app_name="rollout")
