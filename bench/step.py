@@ -94,7 +94,7 @@ def _batch(policy, n: int, seed: int):
         resp = rng.randint(40, 120) if rng.random() < 0.75 else rng.randint(400, 900)
         ids = prompt + [rng.randrange(100, 1900) for _ in range(resp)]
         mask = [0] * len(prompt) + [1] * resp
-        exs.append(make_example(policy.model, policy.image_pad_id, ids, mask, rng.uniform(-1, 1), pv, grid))
+        exs.append(make_example(policy.model, ids, mask, rng.uniform(-1, 1), pv, grid))
     return exs
 
 

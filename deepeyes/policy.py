@@ -351,17 +351,22 @@ def encode_text_with_images(policy: Policy, text: str, grids: Sequence[Sequence[
     return out
 
 
-def mrope_position_ids(model: Any, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
-                       image_pad_id: int) -> torch.Tensor:
-    """3-D M-RoPE positions (3, L) of ONE unpadded sequence, as the model computes them itself.
+def mrope_positions(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    image_grid_thw: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """3-D M-RoPE position ids (3, B, L) and per-row deltas (B, 1), as the model computes them.
 
-    Text tokens advance by one; an image's tokens take (t, h, w) grid positions and the text after
-    it resumes at the image's largest extent. Teacher-forced passes must use these (or pass
+    Text tokens advance one position on all three axes; an image's pad run takes (t, h, w) grid
+    positions and the text after it resumes at the image's largest extent. Padding (0 in
+    `attention_mask`, left or right) gets position 0; the delta is `max position + 1 - real
+    length`, where decoding continues. Teacher-forced passes must use these (or pass
     `mm_token_type_ids`): 1-D fallback positions change log-probs by ~1e-2.
     """
+    mm_types = (input_ids == int(model.config.image_token_id)).to(torch.int32)
+    return model.model.get_rope_index(input_ids, mm_types, image_grid_thw=image_grid_thw,
+                                      attention_mask=attention_mask)
+
+
+def mrope_position_ids(model: Any, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None) -> torch.Tensor:
+    """`mrope_positions` of ONE unpadded sequence: (3, L)."""
     ids = input_ids.view(1, -1)
-    if image_grid_thw is None or len(image_grid_thw) == 0:
-        return torch.arange(ids.shape[1], device=ids.device).view(1, -1).expand(3, -1)
-    mm_types = (ids == image_pad_id).int()
-    pos, _ = model.model.get_rope_index(ids, mm_token_type_ids=mm_types, image_grid_thw=image_grid_thw)
-    return pos[:, 0, :]
+    return mrope_positions(model, ids, torch.ones_like(ids), image_grid_thw)[0][:, 0, :]

@@ -241,7 +241,7 @@ def build_examples(policy: Policy, trajs: Sequence[Trajectory], advantages: Sequ
         mask = [0] * len(t.prompt_ids) + list(t.loss_mask)
         if mask_over_turn and t.finish_reason == "turn_cap":
             mask = [0] * len(mask)
-        ex = make_example(policy.model, policy.image_pad_id, t.input_ids, mask, a,
+        ex = make_example(policy.model, t.input_ids, mask, a,
                           pv.to(device) if pv is not None else None,
                           grid.to(device) if grid is not None else None)
         ex.input_ids, ex.loss_mask, ex.positions = ex.input_ids.to(device), ex.loss_mask.to(device), ex.positions.to(device)

@@ -36,12 +36,12 @@ class Example:
         return int(self.input_ids.numel())
 
 
-def make_example(model: Any, image_pad_id: int, input_ids: Sequence[int], loss_mask: Sequence[int],
+def make_example(model: Any, input_ids: Sequence[int], loss_mask: Sequence[int],
                  advantage: float, pixel_values: torch.Tensor | None,
                  image_grid_thw: torch.Tensor | None) -> Example:
     ids = torch.tensor(list(input_ids), dtype=torch.long)
     return Example(ids, torch.tensor(list(loss_mask), dtype=torch.float32), float(advantage),
-                   pixel_values, image_grid_thw, mrope_position_ids(model, ids, image_grid_thw, image_pad_id))
+                   pixel_values, image_grid_thw, mrope_position_ids(model, ids, image_grid_thw))
 
 
 def plan_micro_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:

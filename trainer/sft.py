@@ -118,7 +118,7 @@ def train_sft(policy: Policy, rows: Sequence[Any], cfg: Config, steps: int, lr: 
     for row in rows:
         messages, images = tool_conversation(row, cfg)
         ids, mask, pv, grid = conversation_tokens(policy, messages, images, tools)
-        examples.append(make_example(policy.model, policy.image_pad_id, ids, mask, 1.0, pv, grid))
+        examples.append(make_example(policy.model, ids, mask, 1.0, pv, grid))
     model = policy.model
     model.train()
     model.requires_grad_(True)

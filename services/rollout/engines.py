@@ -21,7 +21,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from PIL import Image
 
-from services.rollout.logprobs import mrope_positions
+from deepeyes.policy import mrope_positions
 
 
 @dataclass

@@ -14,19 +14,7 @@ from typing import Any
 
 import torch
 
-
-def mrope_positions(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    image_grid_thw: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """3-D M-RoPE position ids (3, B, L) and per-row deltas (B, 1) for a padded batch.
-
-    Padding (left or right, marked 0 in `attention_mask`) gets position 0 and is skipped when
-    counting; the delta is `max position + 1 - real length`, so the next token of row b sits at
-    `real_len_b + delta_b`, the position decode steps continue from.
-    """
-    image_token_id = int(model.config.image_token_id)
-    mm_types = (input_ids == image_token_id).to(torch.int32)
-    return model.model.get_rope_index(input_ids, mm_types, image_grid_thw=image_grid_thw,
-                                      attention_mask=attention_mask)
+from deepeyes.policy import mrope_positions
 
 
 def sequence_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -44,7 +44,7 @@ def _examples(policy):
         resp = torch.randint(0, 800, (resp_len,), generator=rng).tolist()
         mask = [0] * len(prompt) + [1] * resp_len
         mask[len(prompt) + 2] = 0  # an observation-like hole inside the response
-        exs.append(make_example(policy.model, policy.image_pad_id, prompt + resp, mask,
+        exs.append(make_example(policy.model, prompt + resp, mask,
                                 advantage=[0.9, -1.1, 0.3, -0.4][k], pixel_values=pv, image_grid_thw=grid))
     return exs
 
