@@ -129,25 +129,21 @@ def packed_forward(model: Any, packed: Packed, temperature: float = 1.0,
 
 def padded_forward(model: Any, examples: Sequence[Example], pad_id: int,
                    temperature: float = 1.0) -> list[torch.Tensor]:
-    """Reference path: right-padded batch with an attention mask; per-example (L,) next-token log-probs."""
+    """Reference path: a right-padded batch through the rollout's teacher-forced log-probs.
+
+    Returns per example (L,) next-token log-probs (position t scores token t+1; the last is 0),
+    aligned like `packed_forward`. Positions come from the attention mask, not from the packing.
+    """
+    from services.rollout.logprobs import sequence_logprobs
+
     L = max(len(e) for e in examples)
-    B = len(examples)
-    ids = torch.full((B, L), pad_id, dtype=torch.long)
-    att = torch.zeros((B, L), dtype=torch.long)
-    pos = torch.zeros((3, B, L), dtype=torch.long)
+    ids = torch.full((len(examples), L), pad_id, dtype=torch.long)
+    att = torch.zeros((len(examples), L), dtype=torch.long)
     for b, e in enumerate(examples):
-        n = len(e)
-        ids[b, :n] = e.input_ids
-        att[b, :n] = 1
-        pos[:, b, :n] = e.positions
+        ids[b, :len(e)] = e.input_ids
+        att[b, :len(e)] = 1
     pvs = [e.pixel_values for e in examples if e.pixel_values is not None]
     grids = [e.image_grid_thw for e in examples if e.image_grid_thw is not None]
-    out = model(input_ids=ids, attention_mask=att, position_ids=pos,
-                pixel_values=torch.cat(pvs) if pvs else None,
-                image_grid_thw=torch.cat(grids) if grids else None, use_cache=False)
-    res = []
-    for b, e in enumerate(examples):
-        n = len(e)
-        lp, _ = token_logprobs(out.logits[b, :n], _shift(e.input_ids), temperature)
-        res.append(lp)
-    return res
+    lp = sequence_logprobs(model, ids, att, torch.cat(pvs) if pvs else None,
+                           torch.cat(grids) if grids else None, temperature)
+    return [_shift(lp[b, :len(e)]) for b, e in enumerate(examples)]
