@@ -33,7 +33,7 @@ from services.judge.reward import RewardResult, ScoreRequest
 from services.rollout.trajectory import Trajectory
 from services.rollout.types import EpisodeRequest
 from trainer.grpo import clipped_policy_loss, group_advantages, zero_variance_groups
-from trainer.metrics import MetricsSink, trajectory_metrics
+from trainer.metrics import MetricsSink, episode_summary, trajectory_metrics
 from trainer.packing import Example, make_example, pack, packed_forward, plan_micro_batches
 
 log = logging.getLogger("deepeyes.trainer")
@@ -492,7 +492,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         # METRICS: gather every rank's trajectories' summaries, rank 0 writes
         gathered = all_gather_objects({
-            "trajs": [summarise(t) for t in trajs], "failed": failed, "judge_failures": judge_failures,
+            "trajs": [episode_summary(t) for t in trajs], "failed": failed, "judge_failures": judge_failures,
             "dropped_groups": dropped_groups, "stats": stats.__dict__, "mismatch": mismatch,
             "tokens": sum(len(t.response_ids) for t in trajs)})
         metrics = step_metrics(cfg, gathered, timings, version, optimizer, stats_world(gathered))
@@ -560,30 +560,6 @@ def logprob_mismatch(trajs: Sequence[Trajectory], examples: Sequence[Example]) -
     return worst
 
 
-def summarise(t: Trajectory) -> dict[str, Any]:
-    return {"reward": {k: v for k, v in t.reward.items() if isinstance(v, (int, float, bool))},
-            "num_turns": t.num_turns, "finish_reason": t.finish_reason,
-            "response_tokens": len(t.response_ids),
-            "calls": [(c.executed, c.ok) for c in t.tool_calls], "timings": t.timings}
-
-
-@dataclass
-class _Call:
-    executed: bool
-    ok: bool
-
-
-class _Summary:
-    """Adapter so trajectory_metrics reads gathered summaries like trajectories."""
-
-    def __init__(self, d: dict[str, Any]):
-        self.reward = d["reward"]
-        self.num_turns = d["num_turns"]
-        self.finish_reason = d["finish_reason"]
-        self.response_ids = range(d["response_tokens"])
-        self.tool_calls = [_Call(e, o) for e, o in d["calls"]]
-
-
 def stats_world(gathered: list[dict[str, Any]]) -> UpdateStats:
     total = UpdateStats()
     for g in gathered:
@@ -596,8 +572,8 @@ def stats_world(gathered: list[dict[str, Any]]) -> UpdateStats:
 
 def step_metrics(cfg: Config, gathered: list[dict[str, Any]], timings: dict[str, float], version: int,
                  optimizer: Any, st: UpdateStats) -> dict[str, float]:
-    summaries = [_Summary(d) for g in gathered for d in g["trajs"]]
-    m = trajectory_metrics(summaries, cfg.rollout.max_response_length)
+    episodes = [d for g in gathered for d in g["trajs"]]
+    m = trajectory_metrics(episodes)
     m["judge/failures"] = float(sum(g["judge_failures"] for g in gathered))
     tok = max(st.tokens, 1.0)
     m.update({
@@ -608,7 +584,7 @@ def step_metrics(cfg: Config, gathered: list[dict[str, Any]], timings: dict[str,
         "rollout/failed_episodes": float(sum(g["failed"] for g in gathered)),
         "rollout/dropped_groups": float(sum(g["dropped_groups"] for g in gathered)),
         "rollout/logprob_mismatch": max(g["mismatch"] for g in gathered),
-        "rollout/episodes": float(len(summaries)),
+        "rollout/episodes": float(len(episodes)),
         "perf/tokens_per_s": sum(g["tokens"] for g in gathered) / max(timings["rollout"], 1e-9),
     })
     if cfg.trainer.kl_coef > 0:

@@ -34,23 +34,31 @@ def mean(xs: Iterable[float]) -> float:
     return float(statistics.fmean(xs)) if xs else 0.0
 
 
-def trajectory_metrics(trajs: Sequence[Any], max_response_length: int) -> dict[str, float]:
-    """Reward and rollout metrics of one step's trajectories."""
-    def part(t: Any, key: str) -> float:
-        return float(t.reward.get(key, 0.0))
+def episode_summary(t: Any) -> dict[str, Any]:
+    """What the step metrics need of one trajectory: small, picklable, gathered across workers."""
+    return {"reward": {k: v for k, v in t.reward.items() if isinstance(v, (int, float, bool))},
+            "num_turns": t.num_turns, "finish_reason": t.finish_reason,
+            "response_tokens": len(t.response_ids),
+            "calls": [(c.executed, c.ok) for c in t.tool_calls]}
+
+
+def trajectory_metrics(episodes: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Reward and rollout metrics of one step, from `episode_summary` records."""
+    def part(e: dict[str, Any], key: str) -> float:
+        return float(e["reward"].get(key, 0.0))
 
     return {
-        "reward/score": mean(part(t, "score") for t in trajs),
-        "reward/acc": mean(part(t, "acc") for t in trajs),
-        "reward/format": mean(part(t, "format") for t in trajs),
-        "reward/tool": mean(part(t, "tool") for t in trajs),
-        "rollout/num_turns": mean(t.num_turns for t in trajs),
-        "rollout/tool_calls": mean(sum(1 for c in t.tool_calls if c.executed) for t in trajs),
-        "rollout/tool_errors": mean(sum(1 for c in t.tool_calls if c.executed and not c.ok) for t in trajs),
-        "rollout/response_tokens": mean(len(t.response_ids) for t in trajs),
-        "rollout/clip_ratio": mean(float(t.finish_reason in ("budget", "turn_cap")) for t in trajs),
-        "judge/latency_s": mean(float(t.reward.get("judge_latency_s", 0.0)) for t in trajs),
-        "judge/failures": float(sum(1 for t in trajs if not t.reward.get("judge_ok", True))),
+        "reward/score": mean(part(e, "score") for e in episodes),
+        "reward/acc": mean(part(e, "acc") for e in episodes),
+        "reward/format": mean(part(e, "format") for e in episodes),
+        "reward/tool": mean(part(e, "tool") for e in episodes),
+        "rollout/num_turns": mean(e["num_turns"] for e in episodes),
+        "rollout/tool_calls": mean(sum(1 for ex, _ in e["calls"] if ex) for e in episodes),
+        "rollout/tool_errors": mean(sum(1 for ex, ok in e["calls"] if ex and not ok) for e in episodes),
+        "rollout/response_tokens": mean(e["response_tokens"] for e in episodes),
+        "rollout/clip_ratio": mean(float(e["finish_reason"] in ("budget", "turn_cap")) for e in episodes),
+        "judge/latency_s": mean(part(e, "judge_latency_s") for e in episodes),
+        "judge/failures": float(sum(1 for e in episodes if not e["reward"].get("judge_ok", True))),
     }
 
 
