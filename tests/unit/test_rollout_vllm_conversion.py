@@ -1,4 +1,4 @@
-"""vLLM request/response conversion with plain objects (vllm itself cannot run on this box)."""
+"""vLLM request/response conversion with plain objects (the engine itself: tests/integration/test_vllm_engine.py)."""
 
 from __future__ import annotations
 
@@ -55,24 +55,28 @@ def test_weight_buckets_bound_the_message_size():
     assert [[n for n, _ in b] for b in buckets] == [["a", "b"], ["c"], ["d"]]
 
 
-@pytest.mark.gpu
-def test_vllm_engine_generates_and_loads(tiny_policy_dir):
-    pytest.importorskip("vllm")
-    import asyncio
-
+def test_engine_kwargs_mean_the_same_on_cpu_and_gpu():
     from deepeyes.config import load_config
-    from deepeyes.policy import load_policy
-    from services.rollout.vllm_engine import VLLMEngine
+    from services.rollout.vllm_engine import engine_kwargs, logprobs_mode_for
 
-    cfg = load_config()
-    engine = VLLMEngine(tiny_policy_dir, cfg.model, cfg.rollout)
-    policy = load_policy(tiny_policy_dir)
+    cfg = load_config(overrides=["rollout.kv_cache_gb=1.5", "rollout.enforce_eager=true"])
+    kw = engine_kwargs("/m", cfg.model, cfg.rollout)
+    assert kw["kv_cache_memory_bytes"] == int(1.5 * 2**30) and kw["enforce_eager"] is True
+    assert kw["max_model_len"] == cfg.rollout.max_prompt_length + cfg.rollout.max_response_length
+    assert kw["limit_mm_per_prompt"] == {"image": cfg.rollout.max_assistant_turns + 1}
+    assert kw["worker_extension_cls"] == "services.rollout.vllm_engine.WeightLoaderExtension"
+    assert "kv_cache_memory_bytes" not in engine_kwargs("/m", cfg.model, load_config().rollout)
+    # raw log-probs are log_softmax(logits) = the trainer's quantity at T=1 and for greedy
+    assert kw["logprobs_mode"] == "raw_logprobs"
+    assert logprobs_mode_for(0.0) == "raw_logprobs" and logprobs_mode_for(0.7) == "processed_logprobs"
 
-    async def main():
-        ids = policy.tokenizer("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
-        r = await engine.generate(ids, [], SamplingParams(8, 1.0, seed=0, stop_token_ids=[policy.eos_id]))
-        assert 0 < len(r.token_ids) == len(r.logprobs) <= 8
-        await engine.load_weights(policy.model.state_dict(), 1)
-        assert engine.version == 1
 
-    asyncio.run(main())
+def test_bucket_bytes_round_trip_exactly():
+    import torch
+    from safetensors.torch import load
+
+    from services.rollout.vllm_engine import pack_bucket
+
+    t = {"a.weight": torch.randn(3, 4), "b.bias": torch.arange(5, dtype=torch.bfloat16)}
+    back = load(pack_bucket(list(t.items())))
+    assert set(back) == set(t) and all(torch.equal(back[k], t[k]) and back[k].dtype == t[k].dtype for k in t)
