@@ -229,6 +229,39 @@ def all_reduce_grads(model: torch.nn.Module) -> None:
         offset += n
 
 
+def use_fsdp2(cfg: Config, world_size: int) -> bool:
+    """trainer.parallel: fsdp2, ddp, or auto (FSDP2 on GPU with more than one worker, else DDP)."""
+    parallel = cfg.trainer.parallel
+    if parallel == "auto":
+        return cfg.trainer.use_gpu and world_size > 1
+    if parallel == "fsdp2" and not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("trainer.parallel=fsdp2 needs a torch.distributed process group (the Ray Train "
+                           "workers set one up); outside Ray Train call dist.init_process_group first, "
+                           "or set trainer.parallel=ddp")
+    return parallel == "fsdp2"
+
+
+def shard_fsdp2(model: Any) -> None:
+    """FSDP2 (gloo on CPU, NCCL on GPU): one unit per decoder layer; the root unit holds the rest.
+
+    The vision tower stays in the root unit: a unit of its own would all-gather only on ranks
+    whose micro-batch has images, and the ranks' collectives would no longer pair up. Gradients
+    are summed, not averaged, over ranks (the loss is already divided by the global token count,
+    like `all_reduce_grads`), and parameters unused on a rank (no image) reduce as zeros.
+    Every rank must run the same number of forward/backward passes (micro-batches).
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    for layer in model.model.language_model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM/AVG)
+    model.set_reduce_scatter_unused_params(True)
+
+
 # ---------------------------------------------------------------------------------------------
 # the update
 
@@ -249,11 +282,29 @@ def build_examples(policy: Policy, trajs: Sequence[Trajectory], advantages: Sequ
     return exs
 
 
+def lockstep_micro_batches(model: Any, examples: Sequence[Example], budget: int) -> list[list[Example]]:
+    """The packed micro-batches of `examples`; under FSDP2 padded to the most any rank has.
+
+    FSDP2 all-gathers in every forward and reduce-scatters in every backward, so all ranks must
+    run as many passes; a rank with fewer (shorter or fewer episodes) adds one-token examples
+    with an empty loss mask, which add exactly zero loss, gradient and token count.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    bins = [[examples[i] for i in mb] for mb in plan_micro_batches([len(e) for e in examples], budget)]
+    if not isinstance(model, FSDPModule):
+        return bins
+    device = next(model.parameters()).device
+    idle = [Example(torch.zeros(1, dtype=torch.long, device=device), torch.zeros(1, device=device), 0.0, None, None,
+                    torch.zeros(3, 1, dtype=torch.long, device=device), old_logp=torch.zeros(1, device=device))
+            for _ in range(int(all_max(len(bins), device)) - len(bins))]
+    return bins + [[e] for e in idle]
+
+
 @torch.no_grad()
 def behaviour_logprobs(model: Any, examples: Sequence[Example], budget: int, temperature: float) -> None:
     """Old log-probs (per token of each example) from a teacher-forced pass, before the update."""
-    for mb in plan_micro_batches([len(e) for e in examples], budget):
-        batch = [examples[i] for i in mb]
+    for batch in lockstep_micro_batches(model, examples, budget):
         lp, _ = packed_forward(model, pack(batch), temperature)
         offset = 0
         for e in batch:
@@ -280,8 +331,8 @@ def update(model: Any, optimizer: Any, examples: Sequence[Example], cfg: Config,
     t = cfg.trainer
     st = UpdateStats()
     optimizer.zero_grad(set_to_none=True)
-    for mb in plan_micro_batches([len(e) for e in examples], t.micro_batch_tokens):
-        pk = pack([examples[i] for i in mb])
+    for batch in lockstep_micro_batches(model, examples, t.micro_batch_tokens):
+        pk = pack(batch)
         logp, ent = packed_forward(model, pk, temperature, with_entropy=True)
         parts = clipped_policy_loss(logp, pk.old_logp, pk.advantages, pk.target_mask, t.clip_eps,
                                     t.clip_eps_high, pk.ref_logp)
@@ -324,7 +375,8 @@ def save_checkpoint(folder: Path, policy: Policy, model_state: dict[str, torch.T
 
 
 def full_optimizer_state(model: Any, optimizer: Any, fsdp: bool) -> dict[str, Any]:
-    """The optimizer state as one full (unsharded, CPU) dict; a collective under FSDP2."""
+    """The optimizer state as one full (unsharded, CPU) dict; under FSDP2 a collective whose result
+    only rank 0 holds (other ranks get an empty dict)."""
     if not fsdp:
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -333,6 +385,7 @@ def full_optimizer_state(model: Any, optimizer: Any, fsdp: bool) -> dict[str, An
 
 
 def load_optimizer_state(model: Any, optimizer: Any, state: dict[str, Any], fsdp: bool) -> None:
+    """Load a `full_optimizer_state` dict; under FSDP2 every rank passes the full dict (a collective)."""
     if not fsdp:
         optimizer.load_state_dict(state)
         return
@@ -384,13 +437,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if cfg.trainer.kl_coef > 0:  # the reference policy is the run's starting point, not the checkpoint
         ref_model = load_policy(loop_config["policy_dir"], device=device, dtype=cfg.model.dtype).model
     sync_grads = all_reduce_grads
-    fsdp = cfg.trainer.use_gpu and world_size > 1
-    if fsdp:  # FSDP2: shard each decoder layer, then the root; it reduce-scatters in backward
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in model.model.language_model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+    fsdp = use_fsdp2(cfg, world_size)
+    if fsdp:  # FSDP2 reduce-scatters the gradients in backward itself
+        shard_fsdp2(model)
         sync_grads = lambda m: None  # noqa: E731
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay)
 
@@ -536,7 +585,7 @@ def store_version(store: Any) -> int:
 
 
 def cpu_state_dict(model: Any) -> dict[str, torch.Tensor]:
-    """Full CPU state dict (gathered from shards under FSDP2)."""
+    """Full CPU state dict; under FSDP2 gathered from the shards onto rank 0 only (others get {})."""
     try:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
