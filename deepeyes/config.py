@@ -356,6 +356,22 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_scenario(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A scenario file's tree; `extends: other.yaml` (same folder) starts from that file's tree."""
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'extends' loops back to itself")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    base_path = path.parent / str(base)
+    if not base_path.exists():
+        raise ConfigError(f"{path}: extends {base!r}, but {base_path} does not exist")
+    return _merge(read_scenario(base_path, (*seen, path.resolve())), raw)
+
+
 def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Config:
     """Read a scenario YAML (default: tiny-cpu) and apply `key=value` overrides; validate all."""
     path = Path(path) if path else DEFAULT_SCENARIO
@@ -366,10 +382,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     if not path.exists():
         known = ", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
         raise ConfigError(f"config file {path} does not exist (scenarios in {CONFIG_DIR}: {known})")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections")
-    tree = _merge(raw, parse_overrides(overrides or []))
+    tree = _merge(read_scenario(path), parse_overrides(overrides or []))
     try:
         cfg = _build(Config, tree)
     except ConfigError as e:

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                                         "are the built-in ones, which a scenario YAML may change):\n" + help_text())
     ap.add_argument("--config", help="scenario YAML (default: deploy/configs/tiny-cpu.yaml)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.steps=2")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # --config may come after overrides
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
