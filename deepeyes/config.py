@@ -99,6 +99,9 @@ class JudgeConfig:
                                          "built tiny model")
     temperature: float = _f(0.1, "judge sampling temperature")
     max_tokens: int = _f(8, "judge reply token cap (one word is expected)")
+    constrain: Literal["off", "choice", "regex"] = _f(
+        "off", "openai backend: have the server decode only CORRECT or INCORRECT: choice (vLLM's "
+               "structured_outputs), regex (sglang's regex), off (free text, parsed)")
     timeout_s: float = _f(30.0, "per-request timeout to the judge")
     max_retries: int = _f(3, "retries on connection errors, timeouts and 5xx (exponential backoff)")
     backoff_s: float = _f(0.5, "first retry delay; doubles each retry")

@@ -237,6 +237,23 @@ def api_key(cfg: JudgeConfig) -> str:
     return os.environ.get(cfg.api_key_env) or "EMPTY"
 
 
+VERDICT_WORDS = ("CORRECT", "INCORRECT")
+
+
+def verdict_constraint(mode: str) -> dict[str, Any] | None:
+    """Request fields that make the server decode only a verdict word (judge.constrain).
+
+    A weak or busy judge that rambles costs a retry and, at worst, a counted failure; with the
+    constraint every reply parses. The field names differ by server: vLLM >= 0.12 takes
+    `structured_outputs.choice`, sglang a `regex`.
+    """
+    if mode == "choice":
+        return {"structured_outputs": {"choice": list(VERDICT_WORDS)}}
+    if mode == "regex":
+        return {"regex": "(" + "|".join(VERDICT_WORDS) + ")"}
+    return None
+
+
 class OpenAIJudge(ChatJudge):
     """The `openai` backend (also `serve-llm`): AsyncOpenAI against `cfg.base_url`."""
 
@@ -266,7 +283,7 @@ class OpenAIJudge(ChatJudge):
         model = await self._model_name()
         resp = await self._client.chat.completions.create(
             model=model, messages=messages, temperature=self.cfg.temperature,
-            max_tokens=self.cfg.max_tokens)
+            max_tokens=self.cfg.max_tokens, extra_body=verdict_constraint(self.cfg.constrain))
         return resp.choices[0].message.content or ""
 
     async def complete(self, messages: list[dict[str, str]]) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 from deepeyes.config import JudgeConfig
 from services.judge.backends import ChatJudge
 
-TINY_TEXT_VERSION = "tiny-text-judge-v1"
+TINY_TEXT_VERSION = "tiny-text-judge-v2"  # v2: head size 32 (vLLM CPU attention needs >= 32)
 
 
 def build_tiny_text_model(folder: str | os.PathLike[str], seed: int = 0) -> Path:
@@ -31,8 +31,8 @@ def build_tiny_text_model(folder: str | os.PathLike[str], seed: int = 0) -> Path
     tokenizer = build_tiny_tokenizer(seed)
     eos, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
     config = Qwen2Config(vocab_size=((len(tokenizer) + 63) // 64) * 64, hidden_size=64,
-                         intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=4096,
+                         intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=4096,
                          bos_token_id=pad, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=True)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).eval()

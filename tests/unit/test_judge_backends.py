@@ -367,3 +367,14 @@ def test_hf_judge_batches_and_counts(tiny_text_dir):
     # A random-init model rarely says CORRECT/INCORRECT: either way the counters must agree.
     assert st["calls"] == (1 if v.ok else 2) and st["unparseable"] == (0 if v.ok else 2)
     assert v.ok or "unparseable" in v.error
+
+
+def test_verdict_constraint_per_server():
+    from services.judge.backends import verdict_constraint
+
+    assert verdict_constraint("off") is None
+    assert verdict_constraint("choice") == {"structured_outputs": {"choice": ["CORRECT", "INCORRECT"]}}
+    import re
+
+    rx = re.compile(verdict_constraint("regex")["regex"])
+    assert rx.fullmatch("CORRECT") and rx.fullmatch("INCORRECT") and not rx.fullmatch("MAYBE")
