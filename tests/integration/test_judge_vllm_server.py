@@ -11,24 +11,16 @@ import asyncio
 import math
 
 import pytest
-import torch
 
 from deepeyes.config import JudgeConfig
-from services.judge.backends import (VERDICT_WORDS, JudgeUnavailable, OpenAIJudge, check_reachable,
-                                     judge_messages)
+from services.judge.backends import VERDICT_WORDS, JudgeUnavailable, OpenAIJudge, check_reachable, judge_messages
 from services.judge.local_server import LocalOpenAIServer
 from services.judge.reward import ScoreRequest
 from services.judge.scoring import VerdictCache, score
+from judge_reference import CASES, hf_constrained_verdict
 from raycli import free_port
 
 pytestmark = pytest.mark.integration
-
-CASES = [("What colour is the car? (A) red (B) blue", "A", "red"),
-         ("How many dogs are there?", "3", "There are three dogs."),
-         ("What is written on the sign?", "STOP", "It says GO."),
-         ("Is the cup left of the plate?", "yes", "no"),
-         ("Which animal is on the sofa?", "cat", "a small grey cat")]
-
 
 @pytest.fixture(scope="module")
 def judge_dir(tmp_path_factory):
@@ -52,25 +44,6 @@ def cfg_for(server, **kw) -> JudgeConfig:
     base = dict(backend="openai", base_url=server.base_url, model="judge", temperature=0.0,
                 constrain="choice", max_retries=1, backoff_s=0.05, timeout_s=60.0)
     return JudgeConfig(**{**base, **kw})
-
-
-def hf_constrained_verdict(judge_dir, messages) -> bool:
-    """Greedy decoding restricted to prefixes of the verdict words, in transformers."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(judge_dir)
-    model = AutoModelForCausalLM.from_pretrained(judge_dir, dtype=torch.float32).eval()
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-    ids, text = list(ids), ""
-    vocab = {i: tok.decode([i]) for i in range(len(tok))}
-    while text not in VERDICT_WORDS:
-        allowed = [i for i, s in vocab.items() if s and any(w.startswith(text + s) for w in VERDICT_WORDS)]
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
-        best = max(allowed, key=lambda i: float(logits[i]))
-        ids.append(best)
-        text += vocab[best]
-    return text == "CORRECT"
 
 
 def test_startup_probe_finds_the_server_and_names_a_wrong_model(server):

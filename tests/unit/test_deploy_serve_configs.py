@@ -99,3 +99,28 @@ def test_relative_scenario_path_resolves_against_the_repository(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     cfg = load_config("deploy/configs/deepeyes-7b.yaml")
     assert cfg.trainer.batch_size == 128  # the 7B scenario's value, not the tiny default (4)
+
+
+def test_cpu_llm_yaml_wires_the_judge_to_the_in_cluster_llm() -> None:
+    """deploy/serve-cpu-llm.yaml: our three apps plus judge-llm (ray.serve.llm on CPU); the judge
+    app's base_url is this file's HTTP port + the judge-llm route, and the LLMConfig validates."""
+    from ray.serve.llm import LLMConfig
+
+    from services.judge.backends import serve_llm_config
+
+    cfg = serve_config("serve-cpu-llm.yaml")
+    assert cfg.http_options.host == "127.0.0.1"
+    apps = {a.name: a for a in cfg.applications}
+    assert sorted(apps) == sorted([*APP_NAMES.values(), "judge-llm"])
+    llm, judge = apps["judge-llm"], config_from_args(apps["judge"].args)
+    assert llm.import_path == "services.judge.llm_app:build_app"
+    assert judge.judge.backend == "serve-llm"
+    assert judge.judge.base_url == f"http://127.0.0.1:{cfg.http_options.port}{llm.route_prefix}/v1"
+    assert config_from_args(apps["rollout"].args).rollout.engine == "vllm"
+    jc = config_from_args(llm.args).judge
+    llm_cfg = LLMConfig(**serve_llm_config(jc, model_source="/models/tiny"))
+    assert llm_cfg.accelerator_config.kind == "cpu"
+    assert llm_cfg.engine_kwargs["enforce_eager"] and llm_cfg.engine_kwargs["tensor_parallel_size"] == 1
+    gpu = LLMConfig(**serve_llm_config(config_from_args({"config": "deploy/configs/deepeyes-7b.yaml"}).judge,
+                                       accelerator_type="H100"))
+    assert gpu.engine_kwargs["tensor_parallel_size"] == 8 and gpu.accelerator_config.kind == "gpu"

@@ -315,13 +315,6 @@ def test_serve_llm_config_builds_a_valid_llm_config():
     assert isinstance(judge, OpenAIJudge) and judge._model == "judge"
 
 
-@pytest.mark.gpu
-def test_serve_llm_app_builds_with_vllm():
-    from services.judge.backends import serve_llm_app
-
-    assert serve_llm_app(JudgeConfig(backend="serve-llm"), accelerator_type="H100") is not None
-
-
 # --- hf backend on the tiny text model ---------------------------------------------------------
 
 @pytest.fixture(scope="module")
