@@ -1,13 +1,16 @@
 """Judge service throughput and verdict-cache savings.
 
-1. judgments/s through the Serve app's `score` handle at 1, 16 and 64 concurrent requests, `hf`
-   backend on the tiny text model (every request a distinct answer: no cache hits). A random-init
-   model rarely says CORRECT/INCORRECT, so most judgments take two generations (the unparseable
-   retry); the table shows generations per judgment so the figure can be read either way.
+1. judgments/s through the Serve app's `score` handle at 1, 16 and 64 concurrent requests, side by
+   side on the same tiny text judge: the `hf` backend (transformers in the replica) and the
+   `openai` backend against a real server (vLLM's OpenAI server, the CPU twin of the reference
+   sglang command), free-form and with the verdict constrained (judge.constrain=choice). Every
+   request is a distinct answer (no cache hits). A random-init model rarely says CORRECT/INCORRECT
+   unconstrained, so most free-form judgments take two generations (the unparseable retry) and
+   then count as failures; the table shows generations per judgment and failures.
 2. the cache hit rate and judge calls saved on a GRPO-shaped batch (n=8 samples per prompt) of
    synthetic answers: a policy's 8 samples of one prompt repeat answers, often up to case/spaces.
 
-Usage: python bench/judge.py [--prompts 32] [--requests 128]
+Usage: python bench/judge.py [--prompts 32] [--requests 128] [--backends hf,openai,openai-choice]
 """
 
 from __future__ import annotations
@@ -68,62 +71,92 @@ async def drive(handle, requests, concurrency: int) -> float:
     return time.perf_counter() - start
 
 
+def measure(handle, requests_per_level: int, tag: str) -> list[dict]:
+    from services.judge.reward import ScoreRequest
+
+    handle.score.remote(ScoreRequest("<answer>warm</answer>", "warm-up?", "x")).result()
+    rows = []
+    for c in (1, 16, 64):
+        reqs = [ScoreRequest(f"<think>t</think><answer>answer {tag} {c}-{i}</answer>", f"Q{c}-{i}?", "blue")
+                for i in range(requests_per_level)]
+        before = handle.stats.remote().result()
+        secs = asyncio.run(drive(handle, reqs, c))
+        after = handle.stats.remote().result()
+        gens = after["calls"] - before["calls"]
+        rows.append({"concurrency": c, "judgments": len(reqs), "seconds": secs,
+                     "judgments_per_s": len(reqs) / secs, "generations_per_judgment": gens / len(reqs),
+                     "failed": after["failed_results"] - before["failed_results"]})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=128, help="judgments per concurrency level")
     ap.add_argument("--prompts", type=int, default=32, help="prompts of the GRPO batch (x8 samples)")
+    ap.add_argument("--backends", default="hf,openai,openai-choice",
+                    help="hf, openai (vLLM server, free-form), openai-choice (vLLM server, constrained)")
     args = ap.parse_args()
+    backends = [b for b in args.backends.split(",") if b]
 
     import ray
     from ray import serve
 
     from services.judge.app import build_app
-    from services.judge.reward import ScoreRequest
+    from services.judge.hf import tiny_text_model_path
+    from services.judge.local_server import LocalOpenAIServer
 
+    cache = os.environ.get("DEEPEYES_TEST_CACHE") or tempfile.mkdtemp(prefix="judge-bench-")
+    server = None
+    if any(b.startswith("openai") for b in backends):
+        server = LocalOpenAIServer(tiny_text_model_path(cache), free_port(), os.path.join(cache, "judge-server.log"))
+        server.start()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-    cache = os.environ.get("DEEPEYES_TEST_CACHE") or tempfile.mkdtemp(prefix="judge-bench-")
-    handle = serve.run(build_app({"overrides": ["judge.backend=hf", f"model.cache_dir={cache}",
-                                                "serve.judge.num_cpus=1"]}),
-                       name="judge", route_prefix="/judge")
-    handle.score.remote(ScoreRequest("<answer>warm</answer>", "warm-up?", "x")).result()
-
-    rows = []
-    for c in (1, 16, 64):
-        reqs = [ScoreRequest(f"<think>t</think><answer>answer {c}-{i}</answer>", f"Q{c}-{i}?", "blue")
-                for i in range(args.requests)]
+    common = [f"model.cache_dir={cache}", "serve.judge.num_cpus=1", "judge.cache_size=0"]
+    per_backend: dict[str, list[dict]] = {}
+    handle = None
+    try:
+        for b in backends:
+            extra = {"hf": ["judge.backend=hf"],
+                     "openai": ["judge.backend=openai", f"judge.base_url={server.base_url if server else ''}"],
+                     "openai-choice": ["judge.backend=openai", f"judge.base_url={server.base_url if server else ''}",
+                                       "judge.constrain=choice"]}[b]
+            handle = serve.run(build_app({"overrides": common + extra}), name="judge", route_prefix="/judge")
+            per_backend[b] = measure(handle, args.requests, b)
+        # the GRPO-shaped batch with the cache on, on the last backend
+        handle = serve.run(build_app({"overrides": [*common[:-1], *extra]}), name="judge", route_prefix="/judge")
+        batch = grpo_batch(args.prompts, 8)
         before = handle.stats.remote().result()
-        secs = asyncio.run(drive(handle, reqs, c))
+        secs = asyncio.run(drive(handle, batch, 64))
         after = handle.stats.remote().result()
-        gens = after["calls"] - before["calls"]
-        batches = after["generate_calls"] - before["generate_calls"]
-        rows.append({"concurrency": c, "judgments": len(reqs), "seconds": secs,
-                     "judgments_per_s": len(reqs) / secs, "generations_per_judgment": gens / len(reqs),
-                     "requests_per_generate_batch": gens / max(1, batches),
-                     "failed": after["failed_results"] - before["failed_results"]})
-
-    batch = grpo_batch(args.prompts, 8)
-    before = handle.stats.remote().result()
-    secs = asyncio.run(drive(handle, batch, 64))
-    after = handle.stats.remote().result()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        if server is not None:
+            server.stop()
     hits = after["cache_hits"] - before["cache_hits"]
     misses = after["cache_misses"] - before["cache_misses"]
     shared = after["cache_shared_inflight"] - before["cache_shared_inflight"]
-    serve.shutdown()
-    ray.shutdown()
 
-    base = rows[0]["judgments_per_s"]
-    print(f"\njudge service, hf backend on the tiny text model ({args.requests} distinct judgments per level)")
-    print(f"{'concurrency':>11} {'judgments/s':>12} {'x vs c=1':>9} {'gens/judgment':>14} {'reqs/batch':>11} {'failed':>7}")
-    for r in rows:
-        print(f"{r['concurrency']:>11} {r['judgments_per_s']:>12.1f} {r['judgments_per_s'] / base:>9.2f} "
-              f"{r['generations_per_judgment']:>14.2f} {r['requests_per_generate_batch']:>11.1f} {r['failed']:>7}")
+    print(f"\njudge service on the tiny text judge ({args.requests} distinct judgments per level); "
+          f"openai = vLLM's OpenAI server (started in {server.start_s:.1f} s)" if server else "")
+    print(f"{'backend':>14} {'concurrency':>11} {'judgments/s':>12} {'x vs c=1':>9} {'gens/judgment':>14} {'failed':>7}")
+    headline: dict = {}
+    for b, rows in per_backend.items():
+        base = rows[0]["judgments_per_s"]
+        for r in rows:
+            print(f"{b:>14} {r['concurrency']:>11} {r['judgments_per_s']:>12.1f} {r['judgments_per_s'] / base:>9.2f} "
+                  f"{r['generations_per_judgment']:>14.2f} {r['failed']:>7}")
+        headline[b] = {f"judgments_per_s_c{r['concurrency']}": round(r["judgments_per_s"], 2) for r in rows}
+        headline[b]["failed_share"] = round(sum(r["failed"] for r in rows) / sum(r["judgments"] for r in rows), 3)
     total = len(batch)
-    print(f"\nGRPO-shaped batch: {args.prompts} prompts x 8 samples = {total} requests at concurrency 64, {secs:.2f} s")
+    print(f"\nGRPO-shaped batch ({backends[-1]}): {args.prompts} prompts x 8 samples = {total} requests at "
+          f"concurrency 64, {secs:.2f} s")
     print(f"  judge calls: {misses}  cache hits: {hits} (of which shared in-flight: {shared})  "
           f"hit rate: {hits / total:.3f}  calls saved: {1 - misses / total:.1%}")
-    headline = {f"judgments_per_s_c{r['concurrency']}": round(r["judgments_per_s"], 2) for r in rows}
+    if server:
+        headline["server_start_s"] = round(server.start_s, 1)
     headline.update(grpo_cache_hit_rate=round(hits / total, 3), grpo_calls_saved=round(1 - misses / total, 3))
     print(json.dumps(headline))
 

@@ -268,6 +268,9 @@ class OpenAIJudge(ChatJudge):
         self._client = AsyncOpenAI(base_url=self.base_url, api_key=api_key(cfg), max_retries=0,
                                    timeout=cfg.timeout_s)
         self._model = model or cfg.model or None
+        # Constrained, the grammar ends the reply at the verdict word, so the cap only needs to
+        # admit it: a tokenizer that spells INCORRECT in 9 tokens must not be cut at 8.
+        self.max_tokens = cfg.max_tokens if cfg.constrain == "off" else max(cfg.max_tokens, 32)
         self._semaphore = asyncio.Semaphore(max(1, cfg.concurrency))
 
     async def _model_name(self) -> str:
@@ -283,7 +286,7 @@ class OpenAIJudge(ChatJudge):
         model = await self._model_name()
         resp = await self._client.chat.completions.create(
             model=model, messages=messages, temperature=self.cfg.temperature,
-            max_tokens=self.cfg.max_tokens, extra_body=verdict_constraint(self.cfg.constrain))
+            max_tokens=self.max_tokens, extra_body=verdict_constraint(self.cfg.constrain))
         return resp.choices[0].message.content or ""
 
     async def complete(self, messages: list[dict[str, str]]) -> str:
