@@ -1,13 +1,16 @@
-"""Rollout throughput (HF engine, dynamic batching) and weight publish+load cost.
+"""Rollout throughput of both engines side by side (hf, vllm) and weight publish+load cost.
 
-    python bench/rollout.py [--episodes 32] [--max-new 32] [--skip-weights]
+    python bench/rollout.py [--episodes 32] [--max-new 32] [--engines hf,vllm] [--skip-weights]
 
-Part 1: the same 32 seeded episodes (so the same tokens: each sequence samples with its own
-generator, whatever it is batched with) run on one engine at 1, 8 and 32 concurrent episodes:
-episodes/s, generated tokens/s, mean batch size; ratio to concurrency 1.
+Part 1: the same 32 seeded episodes (each sequence samples with its own seed, whatever it is
+batched with) through the real agent loop on each engine, same model, prompts and sampling, at 1,
+8 and 32 concurrent episodes: episodes/s, generated tokens/s; ratio to concurrency 1 and vLLM/HF.
+Engine start time (vLLM: AsyncLLM up; HF: the policy loaded).
 Part 2: publish_weights (ray.put + WeightStore) then a Ray actor fetching the latest version and
 loading it into its model, for the tiny model and a random-init Qwen2.5-VL of about 100M
 parameters, against an in-memory copy of the same bytes (ratio).
+Part 3: vLLM's weight reload (VLLMEngine.load_weights: safetensors buckets over collective_rpc,
+in-place reload, cache resets) for the same two models, against the same copy.
 Ends with one JSON line of headline figures.
 """
 
@@ -46,9 +49,7 @@ def requests(n: int) -> list[EpisodeRequest]:
         images=[Image.new("RGB", (224 + 8 * (i % 4), 168), (40 * (i % 6), 90, 160))]) for i in range(n)]
 
 
-async def run_at(policy, concurrency: int, reqs: list[EpisodeRequest], cfg: RolloutConfig) -> dict:
-    engine = HFEngine(policy, max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms)
-    io = PolicyIO.from_policy(policy)
+async def run_at(engine, io: PolicyIO, concurrency: int, reqs: list[EpisodeRequest], cfg: RolloutConfig) -> dict:
     sem = asyncio.Semaphore(concurrency)
 
     async def one(r):
@@ -60,11 +61,57 @@ async def run_at(policy, concurrency: int, reqs: list[EpisodeRequest], cfg: Roll
     trajs = await asyncio.gather(*(one(r) for r in reqs))
     wall = time.perf_counter() - t0
     tokens = sum(sum(t.loss_mask) for t in trajs)
-    batches = sum(engine.batch_sizes.values())
-    mean_bs = sum(k * v for k, v in engine.batch_sizes.items()) / max(batches, 1)
     return {"concurrency": concurrency, "episodes": len(trajs), "wall_s": wall,
             "episodes_per_s": len(trajs) / wall, "tokens_per_s": tokens / wall, "tokens": tokens,
-            "mean_batch": mean_bs, "ids": [t.response_ids for t in trajs]}
+            "ids": [t.response_ids for t in trajs]}
+
+
+async def bench_engine(name: str, folder: Path, full, cfg: RolloutConfig, reqs, repeats: int) -> tuple[dict, float, object]:
+    """Best-of-`repeats` results per concurrency level for one engine, its start time, the engine."""
+    t0 = time.perf_counter()
+    if name == "vllm":
+        from services.rollout.vllm_engine import VLLMEngine
+
+        engine = VLLMEngine(folder, full.model, cfg)
+        io = PolicyIO.from_folder(folder, full.model.min_pixels, full.model.max_pixels)
+    else:
+        policy = load_policy(folder)
+        engine = HFEngine(policy, max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms)
+        io = PolicyIO.from_policy(policy)
+    start_s = time.perf_counter() - t0
+    await run_at(engine, io, 4, reqs[:4], cfg)  # warm-up
+    best: dict[int, dict] = {}
+    # The box is shared with other jobs: interleave the levels and keep each level's best.
+    for _ in range(repeats):
+        for c in (1, 8, 32):
+            r = await run_at(engine, io, c, reqs, cfg)
+            if c not in best or r["wall_s"] < best[c]["wall_s"]:
+                best[c] = r
+    return best, start_s, engine
+
+
+async def vllm_reload(engine, state: dict[str, torch.Tensor], repeats: int = 3) -> dict:
+    nbytes = sum(v.numel() * v.element_size() for v in state.values())
+    copy_s = min(_timed(lambda: {k: v.clone() for k, v in state.items()}) for _ in range(3))
+    best = None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        await engine.load_weights(state, engine.version + 1)
+        total = time.perf_counter() - t0
+        if best is None or total < best[0]:
+            best = (total, dict(engine.last_load_split))
+    return {"mb": nbytes / 2**20, "total_s": best[0], "copy_s": copy_s, "ratio": best[0] / copy_s,
+            "split": best[1]}
+
+
+def folder_100m(tiny_folder: Path, out: Path, tokenizer) -> Path:
+    """The 100M model as a from_pretrained folder (tokenizer/processor files of the tiny one)."""
+    import shutil
+
+    if not (out / "model.safetensors").exists():
+        shutil.copytree(tiny_folder, out, dirs_exist_ok=True)
+        model_100m(tokenizer).save_pretrained(out)
+    return out
 
 
 def model_100m(tokenizer):
@@ -145,38 +192,67 @@ def _timed(fn) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--episodes", type=int, default=32)
     ap.add_argument("--max-new", type=int, default=32, help="tokens per turn")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3, help="runs per level (best kept)")
+    ap.add_argument("--engines", default="hf,vllm", help="comma-separated: hf, vllm")
     ap.add_argument("--skip-weights", action="store_true")
+    ap.add_argument("--work-dir", default="/tmp/deepeyes-bench", help="where the 100M model folder is written")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    engines = [e for e in args.engines.split(",") if e]
 
-    full = load_config()
-    policy = load_policy(resolve_policy_path(full.model))
+    full = load_config(overrides=["rollout.enforce_eager=true", "rollout.kv_cache_gb=0.5"])
+    folder = resolve_policy_path(full.model)
+    policy = load_policy(folder)
     cfg = RolloutConfig(max_new_tokens_per_turn=args.max_new, max_response_length=args.max_new,
-                        max_batch_size=32, batch_wait_ms=5.0, temperature=1.0)
+                        max_batch_size=32, batch_wait_ms=5.0, temperature=1.0, enforce_eager=True,
+                        kv_cache_gb=0.5)
     reqs = requests(args.episodes)
-    asyncio.run(run_at(policy, 4, reqs[:4], cfg))  # warm-up
-    # The box is shared with other jobs: interleave the levels and keep each level's best of 3.
-    best: dict[int, dict] = {}
-    for _ in range(args.repeats):
-        for c in (1, 8, 32):
-            r = asyncio.run(run_at(policy, c, reqs, cfg))
-            if c not in best or r["wall_s"] < best[c]["wall_s"]:
-                best[c] = r
-    results = [best[c] for c in (1, 8, 32)]
-    same = all(r["ids"] == results[0]["ids"] for r in results)
-    base = results[0]
-    print(f"\nRollout throughput: tiny Qwen2.5-VL, HF engine, {args.episodes} seeded episodes, "
-          f"<= {args.max_new} new tokens, torch threads {args.threads}, best of {args.repeats}; "
-          f"identical tokens at every level: {same}")
-    print(f"{'concurrency':>11} {'episodes/s':>11} {'tokens/s':>9} {'mean batch':>10} {'x vs 1':>7}")
-    for r in results:
-        print(f"{r['concurrency']:>11} {r['episodes_per_s']:>11.2f} {r['tokens_per_s']:>9.1f} "
-              f"{r['mean_batch']:>10.1f} {r['tokens_per_s'] / base['tokens_per_s']:>7.2f}")
+
+    async def engines_part():
+        out, reload_rows = {}, []
+        for name in engines:
+            best, start_s, engine = await bench_engine(name, folder, full, cfg, reqs, args.repeats)
+            out[name] = (best, start_s)
+            if name == "vllm" and not args.skip_weights:
+                reload_rows.append({"model": "tiny", **await vllm_reload(engine, policy.model.state_dict())})
+                engine.shutdown()
+                big = folder_100m(folder, Path(args.work_dir) / "qwen2.5-vl-100m", policy.tokenizer)
+                from services.rollout.vllm_engine import VLLMEngine
+
+                t0 = time.perf_counter()
+                engine = VLLMEngine(big, full.model, cfg)
+                big_start = time.perf_counter() - t0
+                state = load_policy(big).model.state_dict()
+                reload_rows.append({"model": "qwen2.5-vl-100m", "start_s": big_start,
+                                    **await vllm_reload(engine, state)})
+            if hasattr(engine, "shutdown"):
+                engine.shutdown()
+        return out, reload_rows
+
+    per_engine, reload_rows = asyncio.run(engines_part())
+    print(f"\nRollout throughput: tiny Qwen2.5-VL, {args.episodes} seeded episodes through the agent loop, "
+          f"<= {args.max_new} new tokens, T=1.0, torch threads {args.threads}, best of {args.repeats}")
+    print(f"{'engine':>6} {'start s':>8} {'concurrency':>11} {'episodes/s':>11} {'tokens/s':>9} {'x vs 1':>7} "
+          f"{'same tokens':>11}")
+    headline: dict = {"episodes_per_s": {}, "tokens_per_s": {}, "start_s": {}, "same_tokens": {}}
+    for name, (best, start_s) in per_engine.items():
+        results = [best[c] for c in (1, 8, 32)]
+        same = all(r["ids"] == results[0]["ids"] for r in results)
+        for r in results:
+            print(f"{name:>6} {start_s:>8.1f} {r['concurrency']:>11} {r['episodes_per_s']:>11.2f} "
+                  f"{r['tokens_per_s']:>9.1f} {r['tokens_per_s'] / results[0]['tokens_per_s']:>7.2f} {str(same):>11}")
+        headline["episodes_per_s"][name] = {r["concurrency"]: round(r["episodes_per_s"], 2) for r in results}
+        headline["tokens_per_s"][name] = {r["concurrency"]: round(r["tokens_per_s"], 1) for r in results}
+        headline["start_s"][name] = round(start_s, 1)
+        headline["same_tokens"][name] = same
+    if {"hf", "vllm"} <= set(per_engine):
+        ratio = {c: per_engine["vllm"][0][c]["tokens_per_s"] / per_engine["hf"][0][c]["tokens_per_s"] for c in (1, 8, 32)}
+        print("vLLM / HF tokens/s: " + ", ".join(f"{c}: {v:.2f}x" for c, v in ratio.items()))
+        headline["vllm_over_hf"] = {c: round(v, 2) for c, v in ratio.items()}
 
     sync_rows = []
     if not args.skip_weights:
@@ -185,19 +261,26 @@ def main() -> None:
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         sync_rows = weight_sync({"tiny": policy.model, "qwen2.5-vl-100m": model_100m(policy.tokenizer)})
         ray.shutdown()
-        print("\nWeight publish + pull + load (best of 3) vs an in-memory copy of the same bytes")
+        print("\nWeight publish + pull + load into an HF replica (best of 3) vs an in-memory copy of the same bytes")
         print(f"{'model':>16} {'params M':>8} {'MiB':>7} {'publish s':>9} {'fetch s':>8} {'load s':>7} "
               f"{'total s':>8} {'copy s':>7} {'ratio':>6}")
         for r in sync_rows:
             print(f"{r['model']:>16} {r['params_m']:>8.1f} {r['mb']:>7.1f} {r['publish_s']:>9.3f} {r['fetch_s']:>8.3f} "
                   f"{r['load_s']:>7.3f} {r['total_s']:>8.3f} {r['copy_s']:>7.3f} {r['ratio']:>6.1f}")
-
-    headline = {"episodes_per_s": {r["concurrency"]: round(r["episodes_per_s"], 2) for r in results},
-                "tokens_per_s": {r["concurrency"]: round(r["tokens_per_s"], 1) for r in results},
-                "speedup_32_vs_1": round(results[-1]["tokens_per_s"] / base["tokens_per_s"], 2),
-                "same_tokens": same,
-                "sync_total_s": {r["model"]: round(r["total_s"], 3) for r in sync_rows},
-                "sync_vs_copy": {r["model"]: round(r["ratio"], 1) for r in sync_rows}}
+    if reload_rows:
+        print("\nvLLM weight reload (load_weights: buckets -> shm files -> collective_rpc stage -> in-place reload -> cache resets), "
+              "best of 3, vs an in-memory copy")
+        print(f"{'model':>16} {'MiB':>7} {'total s':>8} {'write s':>7} {'stage s':>7} {'reload s':>9} {'reset s':>8} "
+              f"{'copy s':>7} {'ratio':>6}")
+        for r in reload_rows:
+            sp = r["split"]
+            print(f"{r['model']:>16} {r['mb']:>7.1f} {r['total_s']:>8.3f} {sp['pack_s']:>7.3f} {sp['stage_s']:>7.3f} "
+                  f"{sp['reload_s']:>9.3f} {sp['reset_s']:>8.3f} {r['copy_s']:>7.3f} {r['ratio']:>6.1f}")
+        headline["vllm_reload_s"] = {r["model"]: round(r["total_s"], 3) for r in reload_rows}
+        headline["vllm_reload_vs_copy"] = {r["model"]: round(r["ratio"], 1) for r in reload_rows}
+        headline["vllm_start_s_100m"] = round(reload_rows[-1].get("start_s", float("nan")), 1)
+    headline["sync_total_s"] = {r["model"]: round(r["total_s"], 3) for r in sync_rows}
+    headline["sync_vs_copy"] = {r["model"]: round(r["ratio"], 1) for r in sync_rows}
     print(json.dumps(headline))
 
 

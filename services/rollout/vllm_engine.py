@@ -20,8 +20,11 @@ Conversions, and why:
 - Banned ids (vision placeholders) become `logit_bias` -100: practically never sampled.
 - Stop: `stop_token_ids=[<|im_end|>]`; vLLM keeps the stop id as the last output token, which is
   what the agent loop expects.
-- Weights. `collective_rpc` msgpack-encodes its arguments, and a tensor inside a list arrives as
-  a plain list: each bucket therefore travels as `safetensors` bytes. Workers stage the buckets,
+- Weights. `collective_rpc` msgpack-encodes its arguments (a tensor inside a list arrives as a
+  plain list) and copies them through two processes (about 200 MB/s here). So each bucket is
+  written as a `safetensors` file in shared memory (/dev/shm; the engine's workers run on the
+  replica's node) and only its path, which this engine made, crosses the RPC; workers load it
+  (a memory map) and stage the tensors,
   then one `reload_weights(weights_iterator, is_checkpoint_format=True)` (vLLM's in-place
   layerwise reload: it maps HF names and re-runs each layer's post-load processing; a plain
   `model.load_weights` leaves repacked CPU linear layers empty). Then the encoder cache (vision
@@ -118,11 +121,23 @@ def weight_buckets(state_dict: dict[str, Any], bucket_bytes: int = WEIGHT_BUCKET
         yield bucket
 
 
-def pack_bucket(bucket: list[tuple[str, Any]]) -> bytes:
-    """One bucket as safetensors bytes (what crosses collective_rpc intact)."""
-    from safetensors.torch import save
+def write_bucket(bucket: list[tuple[str, Any]], folder: str) -> str:
+    """One bucket as a safetensors file in `folder` (shared memory); returns its path."""
+    import tempfile
 
-    return save({name: t.detach().to("cpu").contiguous() for name, t in bucket})
+    from safetensors.torch import save_file
+
+    fd, path = tempfile.mkstemp(prefix="deepeyes-weights-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    save_file({name: t.detach().to("cpu").contiguous() for name, t in bucket}, path)
+    return path
+
+
+def shared_memory_dir() -> str:
+    """/dev/shm where it exists (RAM-backed), else the temp dir."""
+    import tempfile
+
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
 
 
 def logprobs_mode_for(temperature: float) -> str:
@@ -155,13 +170,13 @@ def engine_kwargs(folder: Any, model_cfg: Any, rollout_cfg: Any) -> dict[str, An
 class WeightLoaderExtension:
     """vLLM worker extension: stage safetensors buckets, then reload them all in place at once."""
 
-    def stage_weights(self, blob: bytes) -> int:
-        from safetensors.torch import load
+    def stage_weights(self, path: str) -> int:
+        from safetensors.torch import load_file
 
         staged = getattr(self, "_deepeyes_staged", None)
         if staged is None:
             staged = self._deepeyes_staged = []
-        tensors = load(blob)
+        tensors = load_file(path)
         staged.extend(tensors.items())
         return len(tensors)
 
@@ -209,6 +224,7 @@ class VLLMEngine:
         self.busy_s = 0.0  # wall time with at least one request in flight
         self._busy_since = 0.0
         self.last_load_s = 0.0
+        self.last_load_split: dict[str, float] = {}  # write / stage (rpc + load) / reload / reset seconds
 
     async def generate(self, prompt_ids: list[int], images: list[Image.Image],
                        sampling: SamplingParams) -> GenerateResult:
@@ -239,18 +255,34 @@ class VLLMEngine:
         try:
             await self._idle.wait()
             t0 = time.perf_counter()
+            split = {"pack_s": 0.0, "stage_s": 0.0}
             await self.engine.pause_generation(mode="wait", clear_cache=True)
             try:
-                for bucket in weight_buckets(state_dict):
-                    await self.engine.collective_rpc("stage_weights", args=(pack_bucket(bucket),))
-                await self.engine.collective_rpc("reload_staged_weights")
+                paths: list[str] = []
+                try:
+                    for bucket in weight_buckets(state_dict):
+                        t = time.perf_counter()
+                        paths.append(await asyncio.to_thread(write_bucket, bucket, shared_memory_dir()))
+                        split["pack_s"] += time.perf_counter() - t
+                        t = time.perf_counter()
+                        await self.engine.collective_rpc("stage_weights", args=(paths[-1],))
+                        split["stage_s"] += time.perf_counter() - t
+                    t = time.perf_counter()
+                    await self.engine.collective_rpc("reload_staged_weights")
+                    split["reload_s"] = time.perf_counter() - t
+                finally:
+                    for path in paths:
+                        os.unlink(path)
                 # Vision features computed by the old weights must go before any prefix reuse.
+                t = time.perf_counter()
                 await self.engine.reset_encoder_cache()
                 await self.engine.reset_prefix_cache()
+                split["reset_s"] = time.perf_counter() - t
             finally:
                 await self.engine.resume_generation()
             self.version = version
             self.last_load_s = time.perf_counter() - t0
+            self.last_load_split = split
         finally:
             self._open.set()
 

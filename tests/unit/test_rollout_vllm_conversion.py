@@ -71,12 +71,13 @@ def test_engine_kwargs_mean_the_same_on_cpu_and_gpu():
     assert logprobs_mode_for(0.0) == "raw_logprobs" and logprobs_mode_for(0.7) == "processed_logprobs"
 
 
-def test_bucket_bytes_round_trip_exactly():
+def test_bucket_files_round_trip_exactly(tmp_path):
     import torch
-    from safetensors.torch import load
+    from safetensors.torch import load_file
 
-    from services.rollout.vllm_engine import pack_bucket
+    from services.rollout.vllm_engine import shared_memory_dir, write_bucket
 
     t = {"a.weight": torch.randn(3, 4), "b.bias": torch.arange(5, dtype=torch.bfloat16)}
-    back = load(pack_bucket(list(t.items())))
+    back = load_file(write_bucket(list(t.items()), str(tmp_path)))
     assert set(back) == set(t) and all(torch.equal(back[k], t[k]) and back[k].dtype == t[k].dtype for k in t)
+    assert shared_memory_dir() in ("/dev/shm", __import__("tempfile").gettempdir())
