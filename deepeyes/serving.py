@@ -13,8 +13,10 @@ from typing import Any
 
 from deepeyes.config import Config, ConfigError, DeploymentConfig, load_config
 
+# The one home of the Serve names: application, route prefix and deployment class of each service.
 APP_NAMES = {"tools": "tools", "judge": "judge", "rollout": "rollout"}
 ROUTE_PREFIXES = {"tools": "/tools", "judge": "/judge", "rollout": "/rollout"}
+DEPLOYMENT_NAMES = {"tools": "ToolService", "judge": "JudgeService", "rollout": "RolloutWorker"}
 
 
 def config_from_args(args: dict[str, Any] | None) -> Config:
