@@ -21,6 +21,9 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "deploy" / "configs"
 DEFAULT_SCENARIO = CONFIG_DIR / "tiny-cpu.yaml"
+DEFAULT_CACHE_DIR = "~/.cache/deepeyes-ray"  # built artefacts (tiny models, warm start)
+DEFAULT_MIN_PIXELS = 3136  # image processor min_pixels of the recipe (4 * 28 * 28)
+DEFAULT_MAX_PIXELS = 50176  # image processor max_pixels of the recipe (64 * 28 * 28)
 
 
 class ConfigError(ValueError):
@@ -43,11 +46,11 @@ class ModelConfig:
                            "(built offline on first use, cached)")
     warm_start: bool = _f(True, "with path=tiny: use the tiny model after its cached SFT warm start "
                                 "(so the policy calls the tool); false = the raw random init")
-    cache_dir: str = _f("~/.cache/deepeyes-ray", "where built artefacts (tiny model, warm start) are cached")
+    cache_dir: str = _f(DEFAULT_CACHE_DIR, "where built artefacts (tiny model, warm start) are cached")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "parameter dtype of the policy")
     attn_implementation: str = _f("sdpa", "transformers attention backend (sdpa, eager, flash_attention_2)")
-    min_pixels: int = _f(3136, "image processor min_pixels: smallest image area after smart-resize")
-    max_pixels: int = _f(50176, "image processor max_pixels: largest image area after smart-resize "
+    min_pixels: int = _f(DEFAULT_MIN_PIXELS, "image processor min_pixels: smallest image area after smart-resize")
+    max_pixels: int = _f(DEFAULT_MAX_PIXELS, "image processor max_pixels: largest image area after smart-resize "
                                 "(the frame the model sees and the crop tool's coordinates)")
     seed: int = _f(0, "seed of the tiny model's random init")
 

@@ -53,7 +53,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from deepeyes.chat import SYSTEM_PROMPT
-from deepeyes.config import DataConfig
+from deepeyes.config import DEFAULT_MAX_PIXELS, DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +352,6 @@ def read_deepeyes(files: list[str], cfg: DataConfig) -> DataSet:
 # synthetic data
 
 DEFAULT_MIX = {"vstar": 0.75, "thinklite_eureka": 0.15, "chart": 0.10}
-MODEL_MAX_PIXELS = 50176  # the frame the target must vanish in (model.max_pixels of the recipe)
 MAX_TARGET_PX_IN_FRAME = 5.5  # the target box's longest side in that frame, at most
 TARGET_COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 230), "green": (20, 170, 40),
                   "yellow": (240, 220, 20), "orange": (245, 130, 20), "purple": (140, 40, 200)}
@@ -440,7 +439,7 @@ def _scene_size(rng: np.random.Generator, target_side: int) -> tuple[int, int]:
     The model frame scales both sides by about sqrt(max_pixels / (w*h)), so w*h must reach
     max_pixels * (side / MAX_TARGET_PX_IN_FRAME)^2; w and h are drawn so that it does.
     """
-    need = MODEL_MAX_PIXELS * (target_side / MAX_TARGET_PX_IN_FRAME) ** 2
+    need = DEFAULT_MAX_PIXELS * (target_side / MAX_TARGET_PX_IN_FRAME) ** 2  # the model frame
     if need > 2048 * 2048:
         raise ValueError(f"a {target_side}px target cannot vanish in a 2048x2048 scene")
     w = int(rng.integers(max(1024, math.ceil(need / 2048)), 2049))

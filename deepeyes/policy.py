@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from deepeyes.chat import CHAT_TEMPLATE, QWEN_ADDED_TOKENS, SYSTEM_PROMPT
+from deepeyes.config import DEFAULT_CACHE_DIR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
 TINY_VERSION = "tiny-qwen2.5-vl-v3"
 PATCH = 14
@@ -229,7 +230,7 @@ def _image_processor(min_pixels: int, max_pixels: int) -> Any:
 
 
 def build_tiny_policy(folder: str | os.PathLike[str], seed: int = 0,
-                      min_pixels: int = 3136, max_pixels: int = 50176) -> Path:
+                      min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
     """Write the tiny Qwen2.5-VL folder; the same arguments give byte-identical files."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -273,8 +274,8 @@ def build_cached(cache_dir: str | os.PathLike[str], name: str, build: Callable[[
     return final
 
 
-def tiny_policy_path(cache_dir: str = "~/.cache/deepeyes-ray", seed: int = 0,
-                     min_pixels: int = 3136, max_pixels: int = 50176) -> Path:
+def tiny_policy_path(cache_dir: str = DEFAULT_CACHE_DIR, seed: int = 0,
+                     min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
     """The cached tiny folder for these settings, built on first use."""
     key = hashlib.sha1(f"{TINY_VERSION}-{seed}-{min_pixels}-{max_pixels}".encode()).hexdigest()[:10]
     return build_cached(cache_dir, f"tiny-qwen2.5-vl-{key}",
