@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-PHASES = ["rollout", "old_logprob", "update", "publish"]
+from deepeyes.serving import APP_NAMES, DEPLOYMENT_NAMES  # noqa: E402
+from trainer.metrics import STEP_PHASES  # noqa: E402
 
 
 def bench_step(steps: int, quick: bool) -> dict:
@@ -50,7 +51,7 @@ def bench_step(steps: int, quick: bool) -> dict:
     recipe = GRPORecipe(load_config(None, overrides))
     try:
         recipe.setup()
-        handle = serve.get_deployment_handle("RolloutWorker", app_name="rollout")
+        handle = serve.get_deployment_handle(DEPLOYMENT_NAMES["rollout"], app_name=APP_NAMES["rollout"])
         busy0 = handle.stats.remote().result()["engine_busy_s"]
         recipe.train()
         busy1 = handle.stats.remote().result()["engine_busy_s"]
@@ -63,7 +64,7 @@ def bench_step(steps: int, quick: bool) -> dict:
     out = {"steps_measured": len(steady), "step_s": step_s,
            "episodes_per_step": statistics.fmean(r["rollout/episodes"] for r in steady),
            "tokens_per_s": statistics.fmean(r["perf/tokens_per_s"] for r in steady)}
-    for p in PHASES:
+    for p in STEP_PHASES:
         out[f"{p}_s"] = statistics.fmean(r[f"timing/{p}_s"] for r in steady)
         out[f"{p}_share"] = out[f"{p}_s"] / step_s
     rollout_total = sum(r["timing/rollout_s"] for r in rows)
@@ -170,14 +171,14 @@ def main() -> None:
         print(f"\nGRPO step on the tiny policy ({s['episodes_per_step']:.0f} episodes/step, "
               f"mean of {s['steps_measured']} steps after the first)")
         print(f"{'phase':<14}{'seconds':>10}{'share':>9}")
-        for p in PHASES:
+        for p in STEP_PHASES:
             print(f"{p:<14}{s[p + '_s']:>10.2f}{s[p + '_share']:>9.1%}")
         print(f"{'step':<14}{s['step_s']:>10.2f}{1:>9.1%}")
         print(f"engine busy: {s['engine_busy_share_of_rollout']:.1%} of the rollout phase, "
               f"{s['engine_busy_share_of_step']:.1%} of the step; update busy: {s['update_busy_share_of_step']:.1%} "
               f"of the step; generated tokens/s during rollout: {s['tokens_per_s']:.0f}")
         headline.update({"step_s": round(s["step_s"], 3),
-                         **{f"{p}_share": round(s[p + "_share"], 3) for p in PHASES},
+                         **{f"{p}_share": round(s[p + "_share"], 3) for p in STEP_PHASES},
                          "engine_busy_share_of_step": round(s["engine_busy_share_of_step"], 3),
                          "update_busy_share_of_step": round(s["update_busy_share_of_step"], 3)})
     k = bench_packing(args.quick)

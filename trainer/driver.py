@@ -12,7 +12,6 @@ Features and the flag that controls each:
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -25,7 +24,9 @@ from typing import Any
 import yaml
 
 from deepeyes.config import Config, ConfigError, to_dict
-from deepeyes.serving import ROUTE_PREFIXES
+from deepeyes.serving import APP_NAMES, ROUTE_PREFIXES
+from trainer.checkpoint import STATE_FILE
+from trainer.metrics import STEP_PHASES
 
 log = logging.getLogger("deepeyes.driver")
 
@@ -47,13 +48,13 @@ class GRPORecipe:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
-        from trainer.loop import latest_checkpoint
+        from trainer.checkpoint import latest_checkpoint
 
         self.resume_from = None
         if cfg.trainer.resume:
             self.resume_from = latest_checkpoint(self.run_dir) if cfg.trainer.resume == "auto" else Path(cfg.trainer.resume)
-            if cfg.trainer.resume != "auto" and not (self.resume_from / "trainer_state.json").exists():
-                raise ConfigError(f"trainer.resume={cfg.trainer.resume}: no trainer_state.json there")
+            if cfg.trainer.resume != "auto" and not (self.resume_from / STATE_FILE).exists():
+                raise ConfigError(f"trainer.resume={cfg.trainer.resume}: no {STATE_FILE} there")
             if self.resume_from is None:
                 log.warning("trainer.resume=auto: no checkpoint under %s, starting fresh", self.run_dir)
         elif latest_checkpoint(self.run_dir) is not None:
@@ -139,10 +140,9 @@ class GRPORecipe:
             k = min(5, len(rows))  # one step's batch is noisy: compare the first and last k steps
             out[f"first_{k}_steps_mean"] = {m: round(sum(r.get(m, 0.0) for r in rows[:k]) / k, 4) for m in keys}
             out[f"last_{k}_steps_mean"] = {m: round(sum(r.get(m, 0.0) for r in rows[-k:]) / k, 4) for m in keys}
-            phases = ["rollout", "old_logprob", "update", "publish"]
             total = sum(r.get("timing/step_s", 0.0) for r in rows)
             out["phase_split"] = {p: round(sum(r.get(f"timing/{p}_s", 0.0) for r in rows) / max(total, 1e-9), 3)
-                                  for p in phases}
+                                  for p in STEP_PHASES}
         if val:
             out["validation"] = {k: round(v, 4) for k, v in val[-1].items() if k.startswith("val/")}
         if self.cfg.logging.plots and rows:
@@ -233,21 +233,20 @@ def deploy_services(cfg: Config, run_dir: Path, policy_dir: Path) -> list[str]:
     from services.rollout.app import build_app as rollout_app
     from services.tools.app import build_app as tools_app
 
-    if cfg.judge.backend == "openai" and cfg.judge.check_at_startup:
-        from services.judge.backends import check_reachable
-
-        asyncio.run(check_reachable(cfg.judge))
+    # The judge app probes its judge once at start (judge.check_at_startup); an unreachable judge
+    # fails that deploy with a message naming the URL, which wait_for_apps reports.
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     # An app still DEPLOYING (a `serve deploy` just issued) is present too: wait, don't redeploy.
     running = wait_for_apps({name for name, app in serve.status().applications.items()
                              if str(app.status).rsplit(".", 1)[-1] in ("RUNNING", "DEPLOYING")})
     args = {"config": str(run_dir / "config.yaml"), "overrides": [f"model.path={policy_dir}"]}
     deployed = []
-    for name, builder in (("tools", tools_app), ("judge", judge_app), ("rollout", rollout_app)):
+    for key, builder in (("tools", tools_app), ("judge", judge_app), ("rollout", rollout_app)):
+        name = APP_NAMES[key]
         if name in running and cfg.serve.use_running:
             log.info("using the running Serve app %r", name)
             continue
-        serve.run(builder(args), name=name, route_prefix=ROUTE_PREFIXES[name])
+        serve.run(builder(args), name=name, route_prefix=ROUTE_PREFIXES[key])
         deployed.append(name)
     return deployed
 

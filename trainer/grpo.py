@@ -44,7 +44,6 @@ class LossParts:
 
     pg_loss_sum: torch.Tensor      # differentiable
     clipped_sum: float
-    ratio_sum: float
     kl_sum: torch.Tensor | None
 
 
@@ -70,6 +69,5 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
     return LossParts(
         pg_loss_sum=(per_token * mask).sum(),
         clipped_sum=float(((clipped > unclipped).to(logp.dtype) * mask).sum()),
-        ratio_sum=float((ratio.detach() * mask).sum()),
         kl_sum=kl_sum,
     )

@@ -11,6 +11,7 @@ import math
 import os
 import statistics
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 REWARD = ("reward/score", "reward/acc", "reward/format", "reward/tool")
@@ -19,9 +20,17 @@ ROLLOUT = ("rollout/num_turns", "rollout/tool_calls", "rollout/tool_errors", "ro
 JUDGE = ("judge/latency_s", "judge/failures")
 ACTOR = ("actor/entropy", "actor/pg_loss", "actor/clipfrac", "actor/grad_norm", "actor/lr")
 SYNC = ("sync/seconds", "sync/version")
-PHASES = ("rollout", "old_logprob", "update", "publish", "step")
+STEP_PHASES = ("rollout", "old_logprob", "update", "publish")  # the parts of a step, in order
+PHASES = STEP_PHASES + ("step",)
 PERF = ("perf/tokens_per_s",)
 VOCABULARY = REWARD + ROLLOUT + JUDGE + ACTOR + SYNC + tuple(f"timing/{p}_s" for p in PHASES) + PERF
+# Beyond the DESIGN's vocabulary: counters of what a step lost, engine/trainer agreement, KL, and
+# validation. MetricsSink refuses any other name, so a typo fails the run instead of a plot.
+STEP_EXTRAS = ("rollout/failed_episodes", "rollout/dropped_groups", "rollout/logprob_mismatch",
+               "rollout/episodes", "actor/kl")
+VALIDATION = ("val/acc", "val/score", "val/tool_use", "val/grounding_iou", "val/box_holds_target",
+              "val/episodes", "val/failed", "val/judge_failures")
+KNOWN = frozenset(VOCABULARY + STEP_EXTRAS + VALIDATION)
 
 
 def prometheus_name(name: str) -> str:
@@ -36,7 +45,7 @@ def mean(xs: Iterable[float]) -> float:
 
 def episode_summary(t: Any) -> dict[str, Any]:
     """What the step metrics need of one trajectory: small, picklable, gathered across workers."""
-    return {"reward": {k: v for k, v in t.reward.items() if isinstance(v, (int, float, bool))},
+    return {"reward": {k: v for k, v in t.reward.to_dict().items() if isinstance(v, (int, float, bool))},
             "num_turns": t.num_turns, "finish_reason": t.finish_reason,
             "response_tokens": len(t.response_ids),
             "calls": [(c.executed, c.ok) for c in t.tool_calls]}
@@ -58,8 +67,71 @@ def trajectory_metrics(episodes: Sequence[dict[str, Any]]) -> dict[str, float]:
         "rollout/response_tokens": mean(e["response_tokens"] for e in episodes),
         "rollout/clip_ratio": mean(float(e["finish_reason"] in ("budget", "turn_cap")) for e in episodes),
         "judge/latency_s": mean(part(e, "judge_latency_s") for e in episodes),
-        "judge/failures": float(sum(1 for e in episodes if not e["reward"].get("judge_ok", True))),
     }
+
+
+@dataclass
+class UpdateStats:
+    """Sums over the policy tokens of one worker's update (turned into means over the world)."""
+
+    pg_loss: float = 0.0
+    entropy_sum: float = 0.0
+    clipped: float = 0.0
+    tokens: float = 0.0
+    grad_norm: float = 0.0
+    kl_sum: float = 0.0
+    micro_batches: int = 0
+
+
+def stats_world(gathered: list[dict[str, Any]]) -> UpdateStats:
+    total = UpdateStats()
+    for g in gathered:
+        s = g["stats"]
+        for k in ("pg_loss", "entropy_sum", "clipped", "tokens", "kl_sum"):
+            setattr(total, k, getattr(total, k) + s[k])
+        total.grad_norm = s["grad_norm"]  # identical on every rank after the all-reduce
+    return total
+
+
+def step_metrics(gathered: list[dict[str, Any]], timings: dict[str, float], version: int, lr: float,
+                 with_kl: bool) -> dict[str, float]:
+    """One step's metrics from every worker's gathered record (episode summaries, counts, stats)."""
+    episodes = [d for g in gathered for d in g["trajs"]]
+    st = stats_world(gathered)
+    m = trajectory_metrics(episodes)
+    tok = max(st.tokens, 1.0)
+    m.update({
+        # failed judgments of the whole step, the samples the failure policy dropped included
+        "judge/failures": float(sum(g["judge_failures"] for g in gathered)),
+        "actor/pg_loss": st.pg_loss / tok, "actor/entropy": st.entropy_sum / tok,
+        "actor/clipfrac": st.clipped / tok, "actor/grad_norm": st.grad_norm, "actor/lr": lr,
+        "sync/seconds": timings["publish"], "sync/version": float(version),
+        "rollout/failed_episodes": float(sum(g["failed"] for g in gathered)),
+        "rollout/dropped_groups": float(sum(g["dropped_groups"] for g in gathered)),
+        "rollout/logprob_mismatch": max(g["mismatch"] for g in gathered),
+        "rollout/episodes": float(len(episodes)),
+        "perf/tokens_per_s": sum(g["tokens"] for g in gathered) / max(timings["rollout"], 1e-9),
+    })
+    if with_kl:
+        m["actor/kl"] = st.kl_sum / tok
+    for phase, seconds in timings.items():
+        m[f"timing/{phase}_s"] = seconds
+    return m
+
+
+def write_trajectories(path: Path, trajs: Sequence[Any]) -> None:
+    """Sampled trajectories of a step as JSONL (text, reward parts, tool calls): for people to read."""
+    if not trajs:
+        return
+    with path.open("w") as f:
+        for t in trajs:
+            f.write(json.dumps({
+                "uid": t.uid, "version": t.policy_version, "question": t.question, "ground_truth": t.ground_truth,
+                "response": t.response_text,
+                "reward": {k: v for k, v in t.reward.to_dict().items() if isinstance(v, (int, float, bool, str))},
+                "num_turns": t.num_turns, "finish_reason": t.finish_reason,
+                "tool_calls": [{"name": c.name, "arguments": c.arguments, "ok": c.ok, "text": c.text} for c in t.tool_calls],
+            }, default=str) + "\n")
 
 
 class MetricsSink:
@@ -85,6 +157,9 @@ class MetricsSink:
         return self.gauges[name]
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
+        unknown = sorted(set(metrics) - KNOWN)
+        if unknown:
+            raise ValueError(f"metric names outside the vocabulary (trainer/metrics.py): {unknown}")
         record = {"step": step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")

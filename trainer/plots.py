@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from trainer.metrics import read_metrics
+from trainer.metrics import STEP_PHASES, read_metrics
 
 PANELS = [
     ("reward", ["reward/score", "reward/acc", "reward/tool", "reward/format"]),
@@ -15,7 +15,6 @@ PANELS = [
     ("response_length", ["rollout/response_tokens"]),
     ("validation", ["val/acc", "val/tool_use", "val/box_holds_target", "val/grounding_iou"]),
 ]
-PHASES = ["rollout", "old_logprob", "update", "publish"]
 
 
 def moving_average(ys: list[float], window: int) -> list[float]:
@@ -65,7 +64,7 @@ def render_plots(run_dir: str | os.PathLike[str]) -> list[Path]:
     steps = [r for r in rows if "timing/step_s" in r]
     fig, ax = plt.subplots(figsize=(8, 4))
     bottom = [0.0] * len(steps)
-    for phase in PHASES:
+    for phase in STEP_PHASES:
         vals = [r.get(f"timing/{phase}_s", 0.0) for r in steps]
         ax.bar([r["step"] for r in steps], vals, bottom=bottom, label=phase)
         bottom = [b + v for b, v in zip(bottom, vals)]

@@ -59,6 +59,7 @@ OVERRIDES = ["trainer.micro_batch_tokens=160", f"trainer.lr={LR}", "trainer.grad
 def _trajectories(policy: Any, rank: int) -> list[Any]:
     from deepeyes.chat import CHAT_TEMPLATE
     from deepeyes.policy import encode_text_with_images, process_images, resize_for_model
+    from services.judge.reward import RewardResult
     from services.rollout.trajectory import Trajectory
 
     rng = torch.Generator().manual_seed(100 + rank)
@@ -77,7 +78,7 @@ def _trajectories(policy: Any, rank: int) -> list[Any]:
                 uid=f"{rank}-{g}-{k}", group_id=f"{rank}-{g}", prompt_ids=prompt,
                 response_ids=torch.randint(0, 800, (n,), generator=rng).tolist(), loss_mask=mask,
                 logprobs=[0.0] * n, images=images, image_grid_thw=grid.tolist() if grid is not None else [],
-                response_text="", reward={"score": REWARDS[k]}))
+                response_text="", reward=RewardResult(REWARDS[k], 0.0, 0.0, 0.0)))
     return trajs
 
 
@@ -124,8 +125,9 @@ def _compare(rank: int, policy_dir: str, out: Path) -> None:
     from deepeyes.config import load_config
     from deepeyes.policy import load_policy
     from trainer.grpo import group_advantages
-    from trainer.loop import (all_reduce_grads, all_sum, behaviour_logprobs, build_examples, cpu_state_dict,
-                              full_optimizer_state, load_optimizer_state, shard_fsdp2, update, use_fsdp2)
+    from trainer.checkpoint import full_optimizer_state, load_optimizer_state
+    from trainer.distributed import all_reduce_grads, all_sum, cpu_state_dict, shard_fsdp2, use_fsdp2
+    from trainer.loop import behaviour_logprobs, build_examples, update
     from trainer.packing import plan_micro_batches
 
     cfg = load_config(None, OVERRIDES)
@@ -142,7 +144,7 @@ def _compare(rank: int, policy_dir: str, out: Path) -> None:
 
     def examples(policy: Any, model: Any) -> list[Any]:
         trajs = _trajectories(policy, rank)
-        adv = group_advantages([x.reward["score"] for x in trajs], [x.group_id for x in trajs])
+        adv = group_advantages([x.reward.score for x in trajs], [x.group_id for x in trajs])
         exs = build_examples(policy, trajs, adv, t.mask_over_turn, cpu)
         model.eval()
         behaviour_logprobs(model, exs, t.micro_batch_tokens, temp)

@@ -6,12 +6,15 @@ import pytest
 
 from deepeyes.config import load_config
 from services.rollout.trajectory import ToolCallRecord, Trajectory
-from trainer.loop import PromptSampler, dynamic_sampling, grounding, iou, lr_factor, total_steps
+from services.judge.reward import RewardResult
+from trainer.evaluate import grounding, iou
+from trainer.loop import PromptSampler, lr_factor, total_steps
+from trainer.rollouts import dynamic_sampling
 
 
 def _traj(group: str, score: float) -> Trajectory:
     return Trajectory(uid=f"{group}-{score}", group_id=group, prompt_ids=[1], response_ids=[2], loss_mask=[1],
-                      logprobs=[0.0], images=[], image_grid_thw=[], response_text="", reward={"score": score})
+                      logprobs=[0.0], images=[], image_grid_thw=[], response_text="", reward=RewardResult(score, 0.0, 0.0, 0.0))
 
 
 def test_sampler_is_seeded_epochwise_and_resumable():

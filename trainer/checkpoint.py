@@ -1,0 +1,65 @@
+"""Checkpoints: an HF export (loadable by from_pretrained and vLLM), the full optimizer state, RNG
+and the trainer state (step, policy version, data position); finding the latest one to resume.
+
+Ray Train stores each checkpoint folder under run_dir/train/step_NNNNNN (the driver names them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deepeyes.policy import Policy
+
+STATE_FILE = "trainer_state.json"
+
+
+def save_checkpoint(folder: Path, policy: Policy, model_state: dict[str, torch.Tensor],
+                    optim_state: dict[str, Any], state: dict[str, Any]) -> None:
+    """Model (HF format under hf/, loadable by from_pretrained and vLLM), optimizer, trainer state."""
+    hf = folder / "hf"
+    hf.mkdir(parents=True, exist_ok=True)
+    policy.model.save_pretrained(hf, state_dict=model_state)
+    src = Path(policy.path)
+    for f in src.iterdir():  # tokenizer, processor, template: everything but the weights
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in ("config.json", "generation_config.json"):
+            (hf / f.name).write_bytes(f.read_bytes())
+    torch.save(optim_state, folder / "optimizer.pt")
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    torch.save(rng, folder / "rng.pt")
+    (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def full_optimizer_state(model: Any, optimizer: Any, fsdp: bool) -> dict[str, Any]:
+    """The optimizer state as one full (unsharded, CPU) dict; under FSDP2 a collective whose result
+    only rank 0 holds (other ranks get an empty dict)."""
+    if not fsdp:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model: Any, optimizer: Any, state: dict[str, Any], fsdp: bool) -> None:
+    """Load a `full_optimizer_state` dict; under FSDP2 every rank passes the full dict (a collective)."""
+    if not fsdp:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+
+
+def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
+    """The checkpoint folder with the highest step under run_dir/train (Ray Train's storage)."""
+    found = []
+    for p in Path(run_dir, "train").glob("step_*"):
+        if (p / STATE_FILE).exists():
+            found.append((json.loads((p / STATE_FILE).read_text())["step"], p))
+    return max(found)[1] if found else None

@@ -1,0 +1,152 @@
+"""What the trainer asks of the rollout app: episode requests for a prompt batch, running them
+with one retry, the judge's verdict on what to keep, and DAPO's refill of flat groups.
+
+Rewards come back inside each trajectory as the judge service's typed `RewardResult`, with the
+judge's failure policy already applied (`drop` marks a sample the policy removes). Episodes the
+rollout did not score (rollout.reward=never, or no judge app when it ran) are scored here through
+the judge app's handle: the driver scores.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from deepeyes.config import Config
+from deepeyes.policy import resize_for_model
+from services.judge.reward import ScoreRequest
+from services.rollout.trajectory import Trajectory
+from services.rollout.types import EpisodeRequest
+from trainer.grpo import zero_variance_groups
+
+log = logging.getLogger("deepeyes.trainer")
+
+EPISODE_TIMEOUT_S = 1800.0  # one episode (all its turns, tools and judging) through the handle
+JUDGE_TIMEOUT_S = 600.0     # the driver scoring one unscored episode (the judge retries inside)
+
+
+def episode_requests(cfg: Config, rows: Sequence[Any], row_ids: Sequence[int], step: int, version: int,
+                     n: int, greedy: bool = False, temperature: float | None = None,
+                     tag: str = "s") -> list[EpisodeRequest]:
+    """n requests per prompt.
+
+    Images go out already in the model frame: the rollout would bring them there itself (its
+    resize is the identity on such images), but a DeepEyes original is several megapixels and
+    each of the n requests carries its own copy, so the trainer sends the smaller frame.
+    """
+    reqs = []
+    for rid in row_ids:
+        row = rows[rid]
+        frames = [resize_for_model(im, cfg.model.min_pixels, cfg.model.max_pixels) for im in row.images]
+        # target_bbox is in the stored image's pixels (before any upscale of tiny images)
+        extra = dict(row.extra, orig_size=list(row.image_sizes[0]) if row.image_sizes else None)
+        for k in range(n):
+            reqs.append(EpisodeRequest(
+                uid=f"{tag}{step}-{row.index}-{k}", group_id=f"{tag}{step}-{row.index}",
+                messages=row.messages, images=frames, ground_truth=row.ground_truth,
+                question=row.question, data_source=row.data_source, extra=extra,
+                min_version=version, greedy=greedy, temperature=temperature,
+                seed=(cfg.rollout.seed * 1_000_003 + step * 10_007 + rid * 101 + k) % (2**31)))
+    return reqs
+
+
+def run_episodes(handle: Any, reqs: Sequence[EpisodeRequest],
+                 timeout_s: float = EPISODE_TIMEOUT_S) -> tuple[list[Trajectory], int]:
+    """All requests in flight at once; one retry per failed episode; returns (trajectories, failed)."""
+    pending = [(r, handle.run_episode.remote(r)) for r in reqs]
+    out: list[Trajectory] = []
+    failed = 0
+    retry = []
+    for req, resp in pending:
+        try:
+            out.append(resp.result(timeout_s=timeout_s))
+        except Exception as e:  # a replica died or the episode raised: retry once, then count it
+            log.warning("episode %s failed (%s: %s); retrying once", req.uid, type(e).__name__, e)
+            retry.append((req, handle.run_episode.remote(req)))
+    for req, resp in retry:
+        try:
+            out.append(resp.result(timeout_s=timeout_s))
+        except Exception as e:
+            log.error("episode %s failed twice (%s: %s); dropped", req.uid, type(e).__name__, e)
+            failed += 1
+    return out, failed
+
+
+def score_request(t: Trajectory) -> ScoreRequest:
+    return ScoreRequest(response_text=t.response_text, question=t.question, ground_truth=t.ground_truth,
+                        data_source=t.data_source, tool_calls=sum(1 for c in t.tool_calls if c.executed),
+                        crops=t.crops_returned)
+
+
+def score_unscored(judge_handle: Any, trajs: Sequence[Trajectory], timeout_s: float = JUDGE_TIMEOUT_S) -> None:
+    """Rewards for episodes the rollout did not score, from the judge app (failure policy applied there)."""
+    todo = [t for t in trajs if t.reward is None]
+    if not todo:
+        return
+    if judge_handle is None:
+        raise RuntimeError(f"{len(todo)} episodes came back unscored and no judge app is running: deploy the "
+                           f"'judge' app or set rollout.reward=auto")
+    pending = [(t, judge_handle.score.remote(score_request(t))) for t in todo]
+    for t, resp in pending:
+        t.reward = resp.result(timeout_s=timeout_s)
+
+
+def keep_judged(trajs: list[Trajectory]) -> tuple[list[Trajectory], int]:
+    """(the trajectories the judge's failure policy keeps, how many judgments failed)."""
+    failures = sum(1 for t in trajs if not t.reward.judge_ok)
+    return [t for t in trajs if not t.reward.drop], failures
+
+
+@dataclass
+class Rollouts:
+    """One step's rollouts on this worker: runs episodes and keeps the failure counts.
+
+    Invariant: `failed` and `judge_failures` count every episode this step asked for, refills
+    included, so the step metrics see every loss.
+    """
+
+    cfg: Config
+    handle: Any
+    judge_handle: Any
+    rows: Sequence[Any]
+    step: int
+    version: int
+    failed: int = 0
+    judge_failures: int = 0
+    take_rows: Callable[[int], list[int]] = field(default=lambda k: [])
+
+    def run(self, row_ids: Sequence[int], tag: str = "s") -> list[Trajectory]:
+        reqs = episode_requests(self.cfg, self.rows, row_ids, self.step, self.version, self.cfg.rollout.n, tag=tag)
+        trajs, failed = run_episodes(self.handle, reqs)
+        score_unscored(self.judge_handle, trajs)
+        kept, judge_failures = keep_judged(trajs)
+        self.failed += failed
+        self.judge_failures += judge_failures
+        return kept
+
+    def refill(self, take: int, groups_needed: int, round_: int) -> list[Trajectory]:
+        """DAPO refill: take `take` rows of the shared data order, roll out `groups_needed` of them."""
+        return self.run(self.take_rows(take)[:groups_needed], tag=f"r{round_}s")
+
+
+def dynamic_sampling(trajs: list[Trajectory], groups_wanted: int, max_rounds: int,
+                     more_episodes: Any, global_max: Any = float) -> tuple[list[Trajectory], int]:
+    """DAPO: drop groups whose rewards are all equal (no gradient) and refill with new prompts.
+
+    `more_episodes(rows_to_take, groups_needed, round)` takes `rows_to_take` prompts from the
+    shared data order and rolls out `groups_needed` of them. Every worker runs the same rounds
+    and takes the same number of rows (`global_max` = an all-reduce MAX), so the data order stays
+    identical on all workers. Returns the kept trajectories and how many groups were dropped.
+    """
+    dropped = 0
+    for round_ in range(max_rounds + 1):
+        flat = zero_variance_groups([t.reward.score for t in trajs], [t.group_id for t in trajs])
+        dropped += len(flat)
+        trajs = [t for t in trajs if t.group_id not in flat]
+        missing = max(0, groups_wanted - len({t.group_id for t in trajs}))
+        most = int(global_max(missing))
+        if most == 0 or round_ == max_rounds:
+            break
+        trajs = trajs + more_episodes(most, missing, round_)
+    return trajs, dropped
