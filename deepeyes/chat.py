@@ -14,6 +14,9 @@ Layout (what the reference Qwen2.5-VL template produces):
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 SYSTEM_PROMPT = (
     "You are a careful visual assistant. Look at the image, think inside <think></think>, and "
     "when a detail is too small to read, zoom in with image_zoom_in_tool by giving the bounding "
@@ -23,9 +26,51 @@ SYSTEM_PROMPT = (
 
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
+# The system turn's "# Tools" block (Hermes/Qwen2.5 wording, word for word): the tool schemas
+# stand between the two parts, one JSON line each. The template below embeds both parts; the tiny
+# tokenizer's corpus (deepeyes.policy) reads them too.
+TOOLS_HEAD = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+              "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
+TOOLS_TAIL = ("\n</tools>\n\nFor each function call, return a json object with function name and "
+              "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+              '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+
+# The schema of `image_zoom_in_tool` (DESIGN section 3), the tool SYSTEM_PROMPT tells the model to
+# use. It lives here, not in services/tools/zoom.py, because deepeyes is the base every package
+# imports and imports none of them: the tiny tokenizer (deepeyes.policy) is trained on this text,
+# and the tool (services.tools.zoom) registers it.
+ZOOM_IN_SCHEMA: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "image_zoom_in_tool",
+        "description": ("Zoom in on a specific region of an image by cropping it based on a bounding "
+                        "box (bbox) and an optional object label."),
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "bbox_2d": {
+                    "type": "array",
+                    "items": {"type": "number"},
+                    "minItems": 4,
+                    "maxItems": 4,
+                    "description": ("The bounding box of the region to zoom in, as [x1, y1, x2, y2], "
+                                    "where (x1, y1) is the top-left corner and (x2, y2) is the "
+                                    "bottom-right corner."),
+                },
+                "label": {
+                    "type": "string",
+                    "description": "The name or label of the object in the specified bounding box (optional).",
+                },
+            },
+            "required": ["bbox_2d"],
+        },
+    },
+}
+
 # Jinja template (transformers' apply_chat_template). Content may be a string or a list of
-# {"type": "image"} / {"type": "text", "text": ...} parts.
-CHAT_TEMPLATE = r"""{%- macro render(content) -%}
+# {"type": "image"} / {"type": "text", "text": ...} parts. TOOLS_HEAD / TOOLS_TAIL are filled in
+# below as Jinja string literals (a JSON string is one).
+_TEMPLATE = r"""{%- macro render(content) -%}
 {%- if content is string -%}{{- content -}}
 {%- else -%}{%- for part in content -%}
 {%- if part.type == 'image' or 'image' in part -%}<|vision_start|><|image_pad|><|vision_end|>
@@ -35,9 +80,9 @@ CHAT_TEMPLATE = r"""{%- macro render(content) -%}
 {%- if tools %}
 {{- '<|im_start|>system\n' }}
 {%- if messages[0].role == 'system' %}{{- render(messages[0].content) }}{%- else %}{{- 'You are a helpful assistant.' }}{%- endif %}
-{{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+{{- TOOLS_HEAD }}
 {%- for tool in tools %}{{- "\n" }}{{- tool | tojson }}{%- endfor %}
-{{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{{- TOOLS_TAIL }}
 {%- elif messages[0].role != 'system' %}
 {{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}
 {%- endif %}
@@ -63,6 +108,8 @@ CHAT_TEMPLATE = r"""{%- macro render(content) -%}
 {%- endfor %}
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}
 """
+CHAT_TEMPLATE = (_TEMPLATE.replace("TOOLS_HEAD", json.dumps("\n\n" + TOOLS_HEAD))
+                 .replace("TOOLS_TAIL", json.dumps(TOOLS_TAIL + "<|im_end|>\n")))
 
 # The Qwen2.5 added tokens, in their real order (ids follow the base vocabulary contiguously).
 # `<tool_call>` and `</tool_call>` are added but not "special" in Qwen2.5: they survive decoding.

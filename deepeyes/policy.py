@@ -22,7 +22,8 @@ from typing import Any, Callable, Sequence
 import torch
 from PIL import Image
 
-from deepeyes.chat import CHAT_TEMPLATE, QWEN_ADDED_TOKENS, SYSTEM_PROMPT
+from deepeyes.chat import (CHAT_TEMPLATE, QWEN_ADDED_TOKENS, SYSTEM_PROMPT, TOOLS_HEAD, TOOLS_TAIL,
+                          ZOOM_IN_SCHEMA)
 from deepeyes.config import DEFAULT_CACHE_DIR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
 TINY_VERSION = "tiny-qwen2.5-vl-v3"
@@ -100,21 +101,7 @@ def _corpus(seed: int) -> list[str]:
              "math solve compute result boxed final sum product equals").split()
     # The fixed texts every prompt carries (system prompt, the template's tools block, schema-style
     # JSON) are repeated so that BPE gives their words single tokens: shorter sequences, less CPU.
-    schema_words = ('{"type": "function", "function": {"name": "image_zoom_in_tool", "description": '
-                    '"Zoom in on a specific region of an image by cropping it based on a bounding box '
-                    '(bbox) and an optional object label.", "parameters": {"type": "object", '
-                    '"properties": {"bbox_2d": {"type": "array", "items": {"type": "number"}, '
-                    '"minItems": 4, "maxItems": 4, "description": "The bounding box of the region to '
-                    'zoom in, as [x1, y1, x2, y2], where (x1, y1) is the top-left corner and (x2, y2) '
-                    'is the bottom-right corner."}, "label": {"type": "string", "description": "The '
-                    'name or label of the object in the specified bounding box (optional)."}}, '
-                    '"required": ["bbox_2d"]}}}')
-    tools_block = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-                   "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
-                   "</tools>\n\nFor each function call, return a json object with function name and "
-                   "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
-                   '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
-    lines = [SYSTEM_PROMPT, tools_block, schema_words] * 40
+    lines = [SYSTEM_PROMPT, TOOLS_HEAD + TOOLS_TAIL, json.dumps(ZOOM_IN_SCHEMA)] * 40
     lines += [" ".join(str(n) for n in range(k, 1000, 7)) for k in range(7)] * 6  # every number < 1000
     for _ in range(3000):
         kind = rng.random()

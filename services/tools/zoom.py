@@ -32,40 +32,13 @@ from typing import Any
 
 from PIL import Image
 
+from deepeyes.chat import ZOOM_IN_SCHEMA  # the schema's one home (the tiny tokenizer reads it too)
 from services.tools.registry import Tool, ToolResult, register
 
 MIN_SIDE = 28            # the Qwen2.5-VL patch grid (14 px patches, 2x2 merge)
 MAX_ASPECT = 100         # rule 2; the image processor itself rejects aspect ratios >= 200
 REJECT30_MIN_SIDE = 30   # reject30: sides <= 30 px are rejected
 POLICIES = ("expand", "reject30")
-
-ZOOM_IN_SCHEMA: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "image_zoom_in_tool",
-        "description": ("Zoom in on a specific region of an image by cropping it based on a bounding "
-                        "box (bbox) and an optional object label."),
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "bbox_2d": {
-                    "type": "array",
-                    "items": {"type": "number"},
-                    "minItems": 4,
-                    "maxItems": 4,
-                    "description": ("The bounding box of the region to zoom in, as [x1, y1, x2, y2], "
-                                    "where (x1, y1) is the top-left corner and (x2, y2) is the "
-                                    "bottom-right corner."),
-                },
-                "label": {
-                    "type": "string",
-                    "description": "The name or label of the object in the specified bounding box (optional).",
-                },
-            },
-            "required": ["bbox_2d"],
-        },
-    },
-}
 
 # The texts the model reads. The first two and the success texts are the verl port's, word for word.
 MALFORMED_TEXT = "Error: bbox_2d parameter is missing or not a list of 4 numbers."
