@@ -27,9 +27,11 @@ from ray import serve
 
 from deepeyes.config import Config
 from deepeyes.serving import authorized, bearer_token, config_from_args, deployment_options
-from services.judge.backends import check_reachable, make_judge
+from services.judge.backends import check_reachable
+from services.judge.factory import make_judge
 from services.judge.reward import RewardResult, ScoreRequest
-from services.judge.scoring import VerdictCache, score as score_episode, stats as judge_stats
+from services.judge.scoring import (JudgeFailure, VerdictCache, apply_failure_policy, score as score_episode,
+                                    stats as judge_stats)
 
 __all__ = ["JudgeService", "build_app", "check_reachable"]
 
@@ -87,8 +89,9 @@ class JudgeService:
     """Scores finished episodes with the configured judge backend and the DeepEyes reward.
 
     Invariant: a score is either a verdict-backed reward or an explicit failure (judge_ok=False,
-    the cause named, counted in judge/failures), never a silent zero; identical concurrent
-    requests in one replica share one judgment (verdict cache + in-flight dedupe).
+    the cause named, counted in judge/failures) handled here by judge.failure_policy (raise,
+    drop=True, or rule-scored), never a silent zero; identical concurrent requests in one replica
+    share one judgment (verdict cache + in-flight dedupe).
     """
 
     async def __init__(self, cfg: Config) -> None:
@@ -108,13 +111,17 @@ class JudgeService:
     # -- in-cluster API ---------------------------------------------------------------------
 
     async def score(self, request: ScoreRequest) -> RewardResult:
-        """The reward of one finished episode (apply cfg.judge.failure_policy to failures)."""
+        """The reward of one finished episode, judge.failure_policy applied to a failed judgment.
+
+        Raises:
+            JudgeFailure: the judgment failed and judge.failure_policy=fail.
+        """
         result = await score_episode(request, self.judge, self.cfg.judge, self.cache)
         self.results += 1
         self.failed_results += not result.judge_ok
         if self._metrics is not None:
             self._metrics.record(result, self.cache)
-        return result
+        return apply_failure_policy(result, request, self.cfg.judge)
 
     async def stats(self) -> dict[str, Any]:
         """Counters: calls, retries, unparseable, failures, cache hits/misses/hit rate, results."""
@@ -144,7 +151,10 @@ class JudgeService:
     @api.post("/score")
     async def score_http(self, body: ScoreBody, authorization: str | None = Header(default=None)) -> dict[str, Any]:
         self._auth(authorization)
-        return (await self.score(ScoreRequest(**body.model_dump()))).to_dict()
+        try:
+            return (await self.score(ScoreRequest(**body.model_dump()))).to_dict()
+        except JudgeFailure as e:
+            raise HTTPException(503, str(e)) from None
 
     def _generator(self) -> Any:
         generator = getattr(self.judge, "generator", None)

@@ -13,6 +13,8 @@ One interface, `Judge.judge(question, reference, answer) -> Verdict`, four backe
   through the openai backend against that app's route (`judge.base_url`).
 - `hf`: a local transformers causal LM (`services/judge/hf.py`), for tests and small setups.
 
+`services/judge/factory.py`'s `make_judge(cfg)` picks one.
+
 LLM verdicts are parsed by word (INCORRECT never reads as CORRECT); anything else is an
 unparseable verdict: counted, asked once more, then a failed Verdict (ok=False), never "wrong".
 """
@@ -379,21 +381,3 @@ def serve_llm_config(cfg: JudgeConfig, accelerator_type: str | None = None,
     if accelerator_type:
         out["accelerator_type"] = accelerator_type
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def make_judge(cfg: JudgeConfig, cache_dir: str = "~/.cache/deepeyes-ray") -> Judge:
-    """The judge named by cfg.backend. cache_dir: where the hf backend's tiny model is cached."""
-    if cfg.backend == "rule":
-        return RuleJudge()
-    if cfg.backend == "openai":
-        return OpenAIJudge(cfg)
-    if cfg.backend == "serve-llm":
-        return OpenAIJudge(cfg, model=cfg.model or SERVE_LLM_MODEL_ID)
-    if cfg.backend == "hf":
-        from services.judge.hf import HFJudge
-
-        return HFJudge(cfg, cache_dir)
-    raise ValueError(f"unknown judge.backend {cfg.backend!r}")

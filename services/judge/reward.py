@@ -49,9 +49,13 @@ class ScoreRequest:
 
 @dataclass
 class RewardResult:
-    """The reward and its parts. judge_ok=False: no verdict could be had (see `failure`);
-    score/acc/tool are then NaN so that a caller that forgets the failure policy fails loudly
-    instead of training on a silent zero."""
+    """The reward and its parts, as the judge service returns it and the Trajectory carries it.
+
+    judge_ok=False: no verdict could be had (see `failure`); it stays False after the failure
+    policy so the failure is counted in judge/failures. drop=True: judge.failure_policy=drop
+    applied, leave the episode out of the update; score/acc/tool are then NaN so that a caller
+    that ignores `drop` fails loudly instead of training on a silent zero.
+    """
 
     score: float
     acc: float
@@ -62,6 +66,7 @@ class RewardResult:
     answer: str | None = None
     cached: bool = False
     judge_latency_s: float = 0.0
+    drop: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,14 +1,16 @@
 """Scoring one episode: extract, check format and length, math check, judge (cached), combine.
 
-`score(request, judge, cfg, cache)` is the pure core the judge service wraps. No silent zeros: a
-judge that cannot be reached or keeps failing gives RewardResult(judge_ok=False, failure=cause)
-with NaN score; the caller then applies `apply_failure_policy` (cfg.failure_policy: fail | drop |
-rule) and counts the failure in `judge/failures`.
+`score(request, judge, cfg, cache)` and `apply_failure_policy(result, request, cfg)` are the pure
+core the judge service wraps (it counts the failure in `judge/failures` between the two). No
+silent zeros: a judge that cannot be reached or keeps failing gives RewardResult(judge_ok=False,
+failure=cause) with NaN score, and the failure policy (cfg.failure_policy) decides what it becomes:
+`fail` raises JudgeFailure, `drop` flags it (drop=True), `rule` rescores it with the rule judge.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
 from collections import OrderedDict
@@ -127,17 +129,18 @@ async def score(request: ScoreRequest, judge: Judge, cfg: JudgeConfig,
                    cached=cached, judge_latency_s=latency)
 
 
-def apply_failure_policy(result: RewardResult, request: ScoreRequest, cfg: JudgeConfig) -> RewardResult | None:
-    """What the trainer does with a failed judgment: `fail` raises JudgeFailure, `drop` returns
-    None (leave the sample out of the update), `rule` rescores with the rule judge (judge_ok stays
-    False so the failure is still counted). Successful results pass through unchanged."""
+def apply_failure_policy(result: RewardResult, request: ScoreRequest, cfg: JudgeConfig) -> RewardResult:
+    """cfg.failure_policy on a failed judgment: `fail` raises JudgeFailure, `drop` returns it with
+    drop=True (the trainer leaves the episode out of the update), `rule` rescores it with the rule
+    judge. judge_ok stays False in both, so the failure is still counted. Successful results pass
+    through unchanged."""
     if result.judge_ok:
         return result
     if cfg.failure_policy == "fail":
         raise JudgeFailure(f"judge failed on a sample: {result.failure}. Fix the judge (see "
                            f"judge.base_url / judge.backend) or set judge.failure_policy=drop or rule")
     if cfg.failure_policy == "drop":
-        return None
+        return dataclasses.replace(result, drop=True)
     acc = 1.0 if rule_match(request.question, request.ground_truth, result.answer or "") else 0.0
     return combine(acc, result.format == -1.0, tool_used(request, cfg), cfg, judge_ok=False,
                    failure=f"{result.failure} (scored by the rule judge)", answer=result.answer,

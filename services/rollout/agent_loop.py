@@ -39,6 +39,7 @@ from PIL import Image
 
 from deepeyes.chat import CHAT_TEMPLATE
 from deepeyes.policy import encode_text_with_images, merged_patches
+from services.judge.reward import RewardResult, ScoreRequest
 from services.rollout.engines import GenerateResult, SamplingParams
 from services.rollout.trajectory import ToolCallRecord, Trajectory
 from services.rollout.types import EpisodeRequest, PolicyIO
@@ -54,7 +55,7 @@ class ToolOutcome(Protocol):
 
 GenerateFn = Callable[[list[int], list[Image.Image], SamplingParams], Awaitable[GenerateResult]]
 ToolFn = Callable[[str, Image.Image | None, dict[str, Any]], Awaitable[ToolOutcome]]
-ScoreFn = Callable[[Any], Awaitable[Any]]  # ScoreRequest -> RewardResult (has .to_dict())
+ScoreFn = Callable[[ScoreRequest], Awaitable[RewardResult]]
 
 TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 
@@ -144,7 +145,8 @@ async def run_episode(request: EpisodeRequest, *, policy_io: PolicyIO, generate:
         policy_io: tokenizer, image processor and ids of the policy the engine serves.
         generate: engine call (prompt ids, images in the model frame, SamplingParams).
         call_tool: async (name, image in the model frame, arguments) -> ToolResult-like.
-        score: async ScoreRequest -> RewardResult, or None for no reward.
+        score: async ScoreRequest -> RewardResult (failure policy applied), or None for no reward
+            (the trajectory's reward stays None).
         cfg: RolloutConfig (turn cap, parallel calls, budgets, sampling defaults).
         tools_cfg: ToolsConfig (enabled tools, per-call timeout).
         tool_schemas: the tools block; None = services.tools.registry.tool_schemas(tools_cfg.enabled).
@@ -272,15 +274,12 @@ async def run_episode(request: EpisodeRequest, *, policy_io: PolicyIO, generate:
 
     # REWARD
     if score is not None:
-        from services.judge.reward import ScoreRequest
-
         t0 = time.perf_counter()
-        result = await score(ScoreRequest(
+        traj.reward = await score(ScoreRequest(
             response_text=traj.response_text, question=request.question,
             ground_truth=request.ground_truth, data_source=request.data_source,
             tool_calls=sum(1 for r in records if r.executed), crops=crops))
         timings["judge_s"] = time.perf_counter() - t0
-        traj.reward = result.to_dict()
     timings["total_s"] = time.perf_counter() - t_start
     traj.timings = timings
     return traj

@@ -54,7 +54,7 @@ class EpisodeSummary(BaseModel):
     num_turns: int
     tool_calls: list[dict[str, Any]]
     finish_reason: str
-    reward: dict[str, Any]
+    reward: dict[str, Any] | None  # RewardResult.to_dict(); None = not scored
     policy_version: int
     prompt_tokens: int
     response_tokens: int
@@ -89,7 +89,8 @@ def summarize(t: Trajectory) -> EpisodeSummary:
         uid=t.uid, response_text=t.response_text, num_turns=t.num_turns,
         tool_calls=[{"turn": c.turn, "name": c.name, "arguments": c.arguments, "ok": c.ok,
                      "text": c.text, "executed": c.executed, "appended": c.appended} for c in t.tool_calls],
-        finish_reason=t.finish_reason, reward=t.reward, policy_version=t.policy_version,
+        finish_reason=t.finish_reason, reward=t.reward.to_dict() if t.reward is not None else None,
+        policy_version=t.policy_version,
         prompt_tokens=len(t.prompt_ids), response_tokens=sum(t.loss_mask), timings=t.timings)
 
 

@@ -2,6 +2,10 @@
 
 This is the contract between the rollout service and the GRPO driver (DESIGN section 2, step 3).
 Token lists are the exact ids the engine consumed and produced: never re-rendered from text.
+`image_grid_thw` is the engine's own grid of each image, so the trainer checks the pad invariant
+(DESIGN section 3) against it. `reward` is the judge service's RewardResult with
+judge.failure_policy already applied; None when the rollout did not score (rollout.reward=never,
+or no judge app under auto).
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
+
+from services.judge.reward import RewardResult
 
 
 @dataclass
@@ -36,13 +42,13 @@ class Trajectory:
     loss_mask: list[int]           # 1 = sampled by the policy, 0 = observation; len == response_ids
     logprobs: list[float]          # sampling log-prob per response token (0.0 where loss_mask == 0)
     images: list[Image.Image]      # in order of their pad runs: the original, then each crop
-    image_grid_thw: list[list[int]]
+    image_grid_thw: list[list[int]]  # (t, h, w) of each image as the engine saw it: what the pad count must match
     response_text: str             # decoded response (for logging and the judge)
     tool_calls: list[ToolCallRecord] = field(default_factory=list)
     num_turns: int = 0             # 1 (prompt) + assistant turns + observation turns: 2 x calls + 2 (DESIGN 8)
     policy_version: int = 0
     finish_reason: str = ""        # answer | turn_cap | budget | length | error
-    reward: dict[str, Any] = field(default_factory=dict)  # score, acc, format, tool, judge_ok, ...
+    reward: RewardResult | None = None  # failure policy applied (drop=True: leave out); None = not scored
     timings: dict[str, float] = field(default_factory=dict)  # generate_s, tool_s, judge_s, total_s
     data_source: str = ""
     ground_truth: str = ""

@@ -42,7 +42,7 @@ def test_chat_route_answers_the_official_openai_client(judge_app):
 
 def test_openai_backend_against_the_service_route(judge_app):
     from deepeyes.config import JudgeConfig
-    from services.judge.backends import make_judge
+    from services.judge.factory import make_judge
 
     judge = make_judge(JudgeConfig(backend="openai", base_url=judge_app["base_url"], timeout_s=60,
                                    max_retries=0))

@@ -64,8 +64,8 @@ def test_rollout_app_versions_and_scale_out(ray_cluster, tiny_policy_dir):
     assert all(t.policy_version == 0 and 0 < len(t.response_ids) <= 32 for t in trajs)
     # scored through the judge app: the DeepEyes reward takes one of its six values (a random
     # policy almost never writes <answer> tags: mostly format errors, -0.2)
-    assert all(min(abs(t.reward["score"] - v) for v in (-0.2, 0, 0.6, 0.8, 1.8, 2.0)) < 1e-9 for t in trajs)
-    assert sum(t.reward["format"] == -1 for t in trajs) >= 16
+    assert all(min(abs(t.reward.score - v) for v in (-0.2, 0, 0.6, 0.8, 1.8, 2.0)) < 1e-9 for t in trajs)
+    assert sum(t.reward.format == -1 for t in trajs) >= 16
     assert {t.uid for t in trajs} == {f"e{i}" for i in range(32)}
     stats = replica_stats(handle, 2)
     assert len(stats) == 2 and sum(s["episodes"] for s in stats.values()) == 32

@@ -15,8 +15,9 @@ import pytest
 
 from deepeyes.config import JudgeConfig
 from services.judge.backends import (JudgeUnavailable, OpenAIJudge, RuleJudge, check_reachable,
-                                     judge_messages, make_judge, parse_options, parse_verdict,
-                                     rule_match, serve_llm_config)
+                                     judge_messages, parse_options, parse_verdict, rule_match,
+                                     serve_llm_config)
+from services.judge.factory import make_judge
 from services.judge.reward import ScoreRequest
 from services.judge.scoring import score
 

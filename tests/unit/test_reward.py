@@ -87,7 +87,7 @@ def test_reward_parts_are_separate():
     assert (r.acc, r.format, r.tool) == (1.0, -1.0, 1.0)
     assert r.answer == "Bakery"
     d = r.to_dict()
-    assert set(d) == {"score", "acc", "format", "tool", "judge_ok", "failure", "answer", "cached", "judge_latency_s"}
+    assert set(d) == {"score", "acc", "format", "tool", "judge_ok", "failure", "answer", "cached", "judge_latency_s", "drop"}
 
 
 def test_tool_definitions_call_vs_crop():
@@ -222,9 +222,10 @@ def test_failure_policies():
     request = req(TOOL_RIGHT, 1, 1)
     with pytest.raises(JudgeFailure, match="timed out"):
         apply_failure_policy(bad, request, JudgeConfig(failure_policy="fail"))
-    assert apply_failure_policy(bad, request, JudgeConfig(failure_policy="drop")) is None
+    dropped = apply_failure_policy(bad, request, JudgeConfig(failure_policy="drop"))
+    assert dropped.drop and not dropped.judge_ok and dropped.failure == "timed out" and math.isnan(dropped.score)
     ruled = apply_failure_policy(bad, request, JudgeConfig(failure_policy="rule"))
-    assert ruled.score == pytest.approx(2.0) and not ruled.judge_ok and "rule" in ruled.failure
+    assert ruled.score == pytest.approx(2.0) and not ruled.judge_ok and not ruled.drop and "rule" in ruled.failure
     good = RewardResult(score=0.8, acc=1.0, format=0.0, tool=0.0)
     assert apply_failure_policy(good, request, JudgeConfig(failure_policy="fail")) is good
 

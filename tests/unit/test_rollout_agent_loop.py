@@ -200,23 +200,20 @@ def test_parse_tool_calls_shapes():
 
 
 def test_score_request_carries_calls_and_crops(io):
-    from services.judge.reward import ScoreRequest
+    from services.judge.reward import RewardResult, ScoreRequest
 
     seen = []
+    result = RewardResult(score=1.8, acc=1.0, format=-1.0, tool=1.0)
 
-    async def score(req: ScoreRequest):
+    async def score(req: ScoreRequest) -> RewardResult:
         seen.append(req)
-
-        class R:  # fake RewardResult: only its to_dict() matters here
-            def to_dict(self):
-                return {"score": 1.8}
-        return R()
+        return result
 
     traj, _, _ = run(io, [CALL, ANSWER], score=score)
     (req,) = seen
     assert req.tool_calls == 1 and req.crops == 1 and req.ground_truth == "red" and req.data_source == "vstar"
     assert "<answer>red</answer>" in req.response_text
-    assert traj.reward == {"score": 1.8}
+    assert traj.reward is result  # the judge's typed result, carried as is
 
 
 def test_with_the_real_zoom_tool_and_registry_schemas(io):
