@@ -273,6 +273,23 @@ def tiny_policy_path(cache_dir: str = DEFAULT_CACHE_DIR, seed: int = 0,
 # the one loader
 
 
+def load_image_processor(path: str | os.PathLike[str], min_pixels: int | None = None,
+                         max_pixels: int | None = None) -> Any:
+    """The folder's PIL image processor; min/max_pixels, when given, override its frame.
+
+    The config owns the visual frame: every loader (this module's `load_policy`, the rollout
+    service's tokenizer-only `PolicyIO.from_folder`) passes model.min/max_pixels here.
+    """
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(path))
+    if min_pixels is not None:
+        image_processor.size["shortest_edge"] = min_pixels
+    if max_pixels is not None:
+        image_processor.size["longest_edge"] = max_pixels
+    return image_processor
+
+
 def load_policy(path: str | os.PathLike[str], *, device: str | torch.device = "cpu",
                 dtype: str | torch.dtype = "float32", min_pixels: int | None = None,
                 max_pixels: int | None = None, attn_implementation: str = "sdpa",
@@ -282,7 +299,6 @@ def load_policy(path: str | os.PathLike[str], *, device: str | torch.device = "c
     min/max_pixels override the folder's processor settings (the config owns the visual frame).
     """
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     path = str(path)
     if not Path(path, "config.json").exists():
@@ -292,11 +308,7 @@ def load_policy(path: str | os.PathLike[str], *, device: str | torch.device = "c
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
-    if min_pixels is not None:
-        image_processor.size["shortest_edge"] = min_pixels
-    if max_pixels is not None:
-        image_processor.size["longest_edge"] = max_pixels
+    image_processor = load_image_processor(path, min_pixels, max_pixels)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         path, dtype=dtype, attn_implementation=attn_implementation).to(device)
     model.train(trainable)

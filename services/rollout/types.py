@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from PIL import Image
 
-from deepeyes.policy import resize_for_model
+from deepeyes.policy import load_image_processor, resize_for_model
 
 
 @dataclass
@@ -64,14 +64,9 @@ class PolicyIO:
         from pathlib import Path
 
         from transformers import AutoTokenizer
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(path))
-        if min_pixels is not None:
-            image_processor.size["shortest_edge"] = min_pixels
-        if max_pixels is not None:
-            image_processor.size["longest_edge"] = max_pixels
+        image_processor = load_image_processor(path, min_pixels, max_pixels)
         config = json.loads(Path(path, "config.json").read_text())
         return cls(tokenizer=tokenizer, image_processor=image_processor,
                    image_pad_id=int(config["image_token_id"]),
