@@ -54,6 +54,7 @@ from tqdm import tqdm
 
 from deepeyes.chat import SYSTEM_PROMPT
 from deepeyes.config import DEFAULT_MAX_PIXELS, DataConfig
+from deepeyes.images import decode_image
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +112,6 @@ def upscale_to_min_side(image: Image.Image, min_side: int) -> Image.Image:
     return image.resize(size, Image.Resampling.BICUBIC)
 
 
-def decode_image(data: bytes, min_side: int = 28) -> Image.Image:
-    """Decode to RGB and upscale tiny images (callers pass bytes that read_deepeyes validated)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        image = Image.open(io.BytesIO(data))
-        image = image.convert("RGB")
-    return upscale_to_min_side(image, min_side)
-
-
 @dataclass
 class Row:
     """One validated prompt: the chat messages, the image bytes, the reference answer.
@@ -139,11 +131,15 @@ class Row:
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
     ability: str = ""
     env_name: str = ""
-    min_image_side: int = 28
+    min_image_side: int = DataConfig.min_image_side
+    max_image_pixels: int = DataConfig.max_image_pixels
 
     @property
     def images(self) -> list[Image.Image]:
-        return [decode_image(b, self.min_image_side) for b in self.image_bytes]
+        # read_deepeyes checked these bytes already; the one decoder checks the cap again anyway.
+        return [upscale_to_min_side(decode_image(b, max_pixels=self.max_image_pixels,
+                                                 cap_key="data.max_image_pixels"), self.min_image_side)
+                for b in self.image_bytes]
 
 
 @dataclass
@@ -277,7 +273,7 @@ def parse_row(record: dict[str, Any], where: str, cfg: DataConfig) -> Row:
                data_source=source, messages=messages, image_bytes=[bytes(b) for b in blobs],
                ground_truth=str(truth).strip(), question=question, extra=extra, image_sizes=sizes,
                ability=str(record.get("ability") or ""), env_name=str(record.get("env_name") or ""),
-               min_image_side=cfg.min_image_side)
+               min_image_side=cfg.min_image_side, max_image_pixels=cfg.max_image_pixels)
 
 
 def read_deepeyes(files: list[str], cfg: DataConfig) -> DataSet:

@@ -1,0 +1,63 @@
+"""Encoded images in, with the size checked before any decoding (the one decoder of untrusted bytes).
+
+`decode_image` checks the byte size, then the pixel count read from the header, before a single
+pixel is decoded, so a decompression bomb costs a header read. Its callers: the tool service's
+HTTP route and byte arguments (`services.tools.image_io`), and the data rows (`deepeyes.data.Row`).
+Pure Python, PIL only.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, UnidentifiedImageError
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image we accept; the message names the cause and the fix."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """The encoded size or the header's pixel count is over its cap (the tool route answers 413)."""
+
+
+def decode_image(data: bytes, *, max_pixels: int, max_bytes: int | None = None,
+                 cap_key: str = "tools.max_image_pixels") -> Image.Image:
+    """Bytes of an encoded image (PNG, JPEG, WebP, ...) -> an RGB PIL image, first frame.
+
+    Args:
+        data: the encoded image.
+        max_pixels: width*height cap, read from the header before decoding.
+        max_bytes: encoded size cap (None = no cap).
+        cap_key: the config key of `max_pixels`, named in the too-large message.
+
+    Raises:
+        ImageDecodeError: not bytes, too large, not an image, truncated or corrupt.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ImageDecodeError(f"expected encoded image bytes, got {type(data).__name__}")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ImageTooLargeError(f"image is {len(data)} bytes, over the cap of {max_bytes}: "
+                               f"send a smaller or more compressed image")
+    try:
+        with warnings.catch_warnings():
+            # Our own cap below is the bomb check; PIL's warning would only add log noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(bytes(data)))
+            w, h = image.size
+            if w <= 0 or h <= 0:
+                raise ImageDecodeError(f"image header says {w}x{h}: not a usable image")
+            if w * h > max_pixels:
+                raise ImageTooLargeError(f"image is {w}x{h} = {w * h} pixels, over the cap of "
+                                       f"{max_pixels} ({cap_key}): downscale it first")
+            image.load()
+            return image.convert("RGB") if image.mode != "RGB" else image
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageDecodeError("the bytes are not an image PIL can read (send PNG, JPEG or WebP)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"image rejected as a decompression bomb: {e}") from None
+    except Exception as e:  # PIL plugins raise OSError, SyntaxError, struct.error, ... on bad bytes
+        raise ImageDecodeError(f"image is truncated or corrupt ({type(e).__name__}: {e})"[:500]) from None
