@@ -19,16 +19,18 @@ import asyncio
 import concurrent.futures
 import time
 import uuid
-from typing import Any
+from typing import Any, Coroutine, TypeVar
 
 from fastapi import FastAPI, Header, HTTPException
 from pydantic import BaseModel, Field
 from ray import serve
+from ray.util import metrics
 
 from deepeyes.config import Config
 from deepeyes.serving import authorized, bearer_token, config_from_args, deployment_options
 from services.judge.backends import check_reachable
 from services.judge.factory import make_judge
+from services.judge.hf import HFGenerator
 from services.judge.reward import RewardResult, ScoreRequest
 from services.judge.scoring import (JudgeFailure, VerdictCache, apply_failure_policy, score as score_episode,
                                     stats as judge_stats)
@@ -64,8 +66,6 @@ class _Metrics:
     as judge_latency_s, with the DESIGN name in the description."""
 
     def __init__(self) -> None:
-        from ray.util import metrics
-
         self.latency = metrics.Histogram(
             "judge_latency_s", description="judge/latency_s: seconds one judgment took (cache hits included)",
             boundaries=[0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30])
@@ -94,16 +94,14 @@ class JudgeService:
     share one judgment (verdict cache + in-flight dedupe).
     """
 
-    async def __init__(self, cfg: Config) -> None:
-        import torch
+    def __init__(self, cfg: Config) -> None:
+        import torch  # heavy, and only the hf backend computes here
 
         torch.set_num_threads(1)  # Ray gives fractional replicas 1 OMP thread; say so explicitly
         self.cfg = cfg
-        jc = cfg.judge
-        if jc.check_at_startup:
-            await check_reachable(jc)  # raises JudgeUnavailable naming the URL: fail fast
-        self.judge = make_judge(jc, cache_dir=cfg.model.cache_dir)
-        self.cache = VerdictCache(jc.cache_size)
+        # No reachability probe here: build_app probes once per deploy (see there).
+        self.judge = make_judge(cfg.judge, cache_dir=cfg.model.cache_dir)
+        self.cache = VerdictCache(cfg.judge.cache_size)
         self.token = bearer_token(cfg.serve.auth_token_env)
         self.results = self.failed_results = 0
         self._metrics = _Metrics() if cfg.logging.ray_metrics else None
@@ -156,7 +154,7 @@ class JudgeService:
         except JudgeFailure as e:
             raise HTTPException(503, str(e)) from None
 
-    def _generator(self) -> Any:
+    def _generator(self) -> HFGenerator:
         generator = getattr(self.judge, "generator", None)
         if generator is None:
             raise HTTPException(404, f"the chat route fronts the hf judge backend; this service runs "
@@ -193,13 +191,16 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     """Serve application builder: args {"config": scenario YAML, "overrides": [key=value, ...]}."""
     cfg = config_from_args(args)
     if cfg.judge.check_at_startup:
-        # Checked here too (not only in the replica) so that `serve.run` / `serve deploy` report
-        # the unreachable URL itself rather than a generic "failed to update the deployments".
+        # The one start-up probe: once per deploy (not per replica start), and `serve.run` /
+        # `serve deploy` report the unreachable URL itself rather than a failed replica.
         _run_now(check_reachable(cfg.judge))
     return JudgeService.options(**deployment_options(cfg.serve.judge, cfg.serve.access_log)).bind(cfg)
 
 
-def _run_now(coro: Any) -> Any:
+T = TypeVar("T")
+
+
+def _run_now(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine to completion from sync code, also when the caller has a running loop."""
     try:
         asyncio.get_running_loop()

@@ -18,20 +18,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from ray import serve
+
 from deepeyes.serving import config_from_args
 from services.judge.backends import serve_llm_config
+from services.judge.hf import tiny_text_model_path
 
 
 def resolve_source(source: str, cache_dir: str) -> str:
     """'tiny-text' -> the locally built tiny judge folder; anything else as given."""
     if source == "tiny-text":
-        from services.judge.hf import tiny_text_model_path
-
         return str(tiny_text_model_path(cache_dir))
     return source
 
 
-def build_app(args: dict[str, Any] | None = None) -> Any:
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """The ray.serve.llm OpenAI app for `judge.*` of the scenario ({"config": path, "overrides": [...]})."""
     try:
         from ray.serve.llm import LLMConfig, build_openai_app

@@ -38,11 +38,13 @@ from typing import Any, Awaitable, Callable, Protocol
 from PIL import Image
 
 from deepeyes.chat import CHAT_TEMPLATE
+from deepeyes.config import RolloutConfig, ToolsConfig
 from deepeyes.policy import encode_text_with_images, merged_patches
 from services.judge.reward import RewardResult, ScoreRequest
 from services.rollout.engines import GenerateResult, SamplingParams
 from services.rollout.trajectory import ToolCallRecord, Trajectory
 from services.rollout.types import EpisodeRequest, PolicyIO
+from services.tools.registry import tool_schemas as registry_schemas
 
 
 class ToolOutcome(Protocol):
@@ -135,7 +137,7 @@ def check_image_tokens(ids: list[int], grids: list[list[int]], pad_id: int) -> N
 
 
 async def run_episode(request: EpisodeRequest, *, policy_io: PolicyIO, generate: GenerateFn,
-                      call_tool: ToolFn, score: ScoreFn | None, cfg: Any, tools_cfg: Any,
+                      call_tool: ToolFn, score: ScoreFn | None, cfg: RolloutConfig, tools_cfg: ToolsConfig,
                       tool_schemas: list[dict[str, Any]] | None = None,
                       policy_version: int = 0) -> Trajectory:
     """Run one episode to its end and return its Trajectory (see the module docstring).
@@ -159,8 +161,6 @@ async def run_episode(request: EpisodeRequest, *, policy_io: PolicyIO, generate:
     t_start = time.perf_counter()
     timings = {"generate_s": 0.0, "tool_s": 0.0, "judge_s": 0.0}
     if tool_schemas is None:
-        from services.tools.registry import tool_schemas as registry_schemas
-
         tool_schemas = registry_schemas(list(tools_cfg.enabled))
 
     # PROMPT: render once, images in the model frame, pads expanded per image.
@@ -286,8 +286,12 @@ async def run_episode(request: EpisodeRequest, *, policy_io: PolicyIO, generate:
 
 
 async def _call_one(call_tool: ToolFn, name: str, image: Image.Image | None, args: dict[str, Any] | None,
-                    error: str | None, tools_cfg: Any) -> tuple[bool, str, Image.Image | None]:
-    """One tool call -> (ok, observation text, crop); parse errors and timeouts become error texts."""
+                    error: str | None, tools_cfg: ToolsConfig) -> tuple[bool, str, Image.Image | None]:
+    """One tool call -> (ok, observation text, crop); parse errors and timeouts become error texts.
+
+    The one timeout of a tool call (tools.timeout_s): it bounds the whole exchange, queueing in
+    the tool service included, whatever `call_tool` is (a Serve handle, a local function).
+    """
     if error is not None:
         return False, error, None
     try:

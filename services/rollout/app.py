@@ -15,17 +15,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
+import torch
 from fastapi import FastAPI, Header, HTTPException
+from PIL import Image
 from pydantic import BaseModel, Field
 from ray import serve
+from ray.serve.handle import DeploymentHandle
+from ray.util import metrics
 
 from deepeyes.config import Config
-from deepeyes.serving import authorized, bearer_token, config_from_args, deployment_options
+from deepeyes.policy import resolve_policy_path
+from deepeyes.serving import APP_NAMES, DEPLOYMENT_NAMES, authorized, bearer_token, config_from_args, deployment_options
+from services.judge.reward import RewardResult, ScoreRequest
+from services.rollout.agent_loop import ScoreFn, ToolFn, ToolOutcome, run_episode
+from services.rollout.engines import Engine, load_hf_engine
 from services.rollout.trajectory import Trajectory
-from services.rollout.types import EpisodeRequest
+from services.rollout.types import EpisodeRequest, PolicyIO
+from services.rollout.weights import get_weight_store
+from services.tools.app import image_arg
 
-TOOL_APP, TOOL_DEPLOYMENT = "tools", "ToolService"
-JUDGE_APP, JUDGE_DEPLOYMENT = "judge", "JudgeService"
 WEIGHT_FETCH_TIMEOUT_S = 300.0   # fetching a published state dict from the object store
 JUDGE_PROBE_EVERY_S = 10.0       # how often a replica looks again for a judge app that is absent
 
@@ -63,23 +72,17 @@ class EpisodeSummary(BaseModel):
 
 def policy_folder(cfg: Config) -> Path:
     """The one place that decides which folder the rollout policy loads from."""
-    from deepeyes.policy import resolve_policy_path
-
     return resolve_policy_path(cfg.model)
 
 
-def build_engine(cfg: Config, device: str) -> tuple[Any, Any]:
+def build_engine(cfg: Config, device: str) -> tuple[Engine, PolicyIO]:
     """(engine, PolicyIO) for cfg.rollout.engine on the policy folder."""
-    from services.rollout.types import PolicyIO
-
     folder = policy_folder(cfg)
     if cfg.rollout.engine == "vllm":
-        from services.rollout.vllm_engine import VLLMEngine
+        from services.rollout.vllm_engine import VLLMEngine  # vLLM is heavy: only where it runs
 
         return (VLLMEngine(folder, cfg.model, cfg.rollout),
                 PolicyIO.from_folder(folder, cfg.model.min_pixels, cfg.model.max_pixels))
-    from services.rollout.engines import load_hf_engine
-
     engine = load_hf_engine(folder, cfg.model, cfg.rollout, device=device)
     return engine, PolicyIO.from_policy(engine.policy)
 
@@ -94,24 +97,21 @@ def summarize(t: Trajectory) -> EpisodeSummary:
         prompt_tokens=len(t.prompt_ids), response_tokens=sum(t.loss_mask), timings=t.timings)
 
 
-def serve_tool_fn(tools_handle: Any, timeout_s: float):
+def serve_tool_fn(tools_handle: DeploymentHandle) -> ToolFn:
     """Per-episode tool callable over the ToolService handle.
 
     The model-frame image goes into the object store ONCE per episode (the loop passes the same
     image object to every call) and travels as `image_arg(ref)`, which the handle passes through
-    unresolved (services/tools/app.py); `timeout_s` bounds each call.
+    unresolved (services/tools/app.py). No timeout here: the agent loop bounds each call with
+    tools.timeout_s (services/rollout/agent_loop.py `_call_one`), the one layer that does.
     """
-    import ray
+    cache: dict[int, ray.ObjectRef] = {}
 
-    from services.tools.app import image_arg
-
-    cache: dict[int, Any] = {}
-
-    async def call_tool(name: str, image: Any, arguments: dict[str, Any]) -> Any:
+    async def call_tool(name: str, image: Image.Image | None, arguments: dict[str, Any]) -> ToolOutcome:
         if image is not None and id(image) not in cache:
             cache[id(image)] = ray.put(image)
         ref = image_arg(cache[id(image)]) if image is not None else None
-        return await asyncio.wait_for(tools_handle.call.remote(name, ref, arguments), timeout_s)
+        return await tools_handle.call.remote(name, ref, arguments)
 
     return call_tool
 
@@ -120,8 +120,6 @@ class _Metrics:
     """Ray metrics of the replica (names of DESIGN section 8 with '/' -> '_' for Prometheus)."""
 
     def __init__(self, replica: str) -> None:
-        from ray.util import metrics
-
         self.tags = {"app": "rollout", "replica": replica}
         keys = ("app", "replica")
         self.hist = {name: metrics.Histogram(name.replace("/", "_"), description=name, tag_keys=keys,
@@ -189,18 +187,14 @@ class RolloutWorker:
     """
 
     def __init__(self, cfg: Config) -> None:
-        import torch
-
-        from services.rollout.weights import get_weight_store
-
         torch.set_num_threads(cfg.rollout.torch_threads)
         self.cfg = cfg
         device = "cuda" if cfg.serve.rollout.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.engine, self.policy_io = build_engine(cfg, device)
         self._load_lock = asyncio.Lock()
         self._token = bearer_token(cfg.serve.auth_token_env)
-        self._tools = serve.get_deployment_handle(TOOL_DEPLOYMENT, app_name=TOOL_APP)
-        self._judge: Any = None
+        self._tools = serve.get_deployment_handle(DEPLOYMENT_NAMES["tools"], app_name=APP_NAMES["tools"])
+        self._judge: DeploymentHandle | None = None
         self._judge_probe_t = 0.0
         self.episodes = 0
         self.loads: list[int] = []
@@ -209,8 +203,6 @@ class RolloutWorker:
         self._start_version = 0
         store = get_weight_store()
         if store is not None:
-            import ray
-
             version, refs = ray.get(store.latest.remote(), timeout=WEIGHT_FETCH_TIMEOUT_S)
             self._start_version = version
             if version > self.engine.version and refs and hasattr(self.engine, "load_state_sync"):
@@ -224,8 +216,6 @@ class RolloutWorker:
 
     async def run_episode(self, request: EpisodeRequest) -> Trajectory:
         """Run one episode on a policy of version >= request.min_version."""
-        from services.rollout.agent_loop import run_episode
-
         await self._ensure_version(max(request.min_version, self._start_version))
         traj = await run_episode(request, policy_io=self.policy_io, generate=self.engine.generate,
                                  call_tool=self._tool_fn(), score=await self._score_fn(),
@@ -243,8 +233,11 @@ class RolloutWorker:
                 "engine_busy_s": getattr(self.engine, "busy_s", 0.0), "replica": _replica_tag()}
 
     async def check_health(self) -> None:
-        if self.engine is None:
-            raise RuntimeError("rollout engine not loaded")
+        """Raises (Serve then restarts the replica) once the engine can no longer generate."""
+        if self.cfg.rollout.engine == "vllm":
+            await self.engine.engine.check_health()  # vLLM's AsyncLLM: EngineDeadError once its core died
+        else:
+            self.engine.check_health()  # HFEngine: its batch worker died with an exception
 
     # -- HTTP (debug) -------------------------------------------------------------------------
 
@@ -252,8 +245,6 @@ class RolloutWorker:
     async def http_episode(self, body: EpisodeBody, authorization: str | None = Header(None)) -> EpisodeSummary:
         if not authorized(authorization, self._token):
             raise HTTPException(401, "missing or wrong bearer token (see serve.auth_token_env)")
-        from PIL import Image
-
         try:
             images = [Image.open(io.BytesIO(base64.b64decode(b))) for b in body.images_b64]
             for im in images:
@@ -278,8 +269,6 @@ class RolloutWorker:
         async with self._load_lock:  # one load per version: latecomers find it done
             if self.engine.version >= min_version:
                 return
-            from services.rollout.weights import get_weight_store
-
             store = get_weight_store()
             if store is None:
                 raise RuntimeError(f"episode needs policy version {min_version} but no weights were "
@@ -294,24 +283,24 @@ class RolloutWorker:
             self.loads.append(version)
             self._metrics.sync(version, time.perf_counter() - t0)
 
-    def _tool_fn(self):
-        return serve_tool_fn(self._tools, self.cfg.tools.timeout_s)
+    def _tool_fn(self) -> ToolFn:
+        return serve_tool_fn(self._tools)
 
-    async def _score_fn(self):
+    async def _score_fn(self) -> ScoreFn | None:
         mode = self.cfg.rollout.reward
         if mode == "never":
             return None
         if self._judge is None and (mode == "always" or time.monotonic() - self._judge_probe_t > JUDGE_PROBE_EVERY_S):
             self._judge_probe_t = time.monotonic()
-            if mode == "always" or JUDGE_APP in serve.status().applications:
-                self._judge = serve.get_deployment_handle(JUDGE_DEPLOYMENT, app_name=JUDGE_APP)
+            if mode == "always" or APP_NAMES["judge"] in serve.status().applications:
+                self._judge = serve.get_deployment_handle(DEPLOYMENT_NAMES["judge"], app_name=APP_NAMES["judge"])
         if self._judge is None:
             return None
         judge = self._judge
         # The judge retries internally; this bounds the whole exchange.
         timeout = self.cfg.judge.timeout_s * (self.cfg.judge.max_retries + 1) + 5.0
 
-        async def score(request: Any) -> Any:
+        async def score(request: ScoreRequest) -> RewardResult:
             return await asyncio.wait_for(judge.score.remote(request), timeout)
 
         return score

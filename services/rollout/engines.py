@@ -21,7 +21,8 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 from PIL import Image
 
-from deepeyes.policy import mrope_positions
+from deepeyes.config import ModelConfig, RolloutConfig
+from deepeyes.policy import Policy, load_policy, mrope_positions
 
 
 @dataclass
@@ -120,7 +121,7 @@ class HFEngine:
     and each sequence samples with its own torch.Generator (seeded from its request's seed).
     """
 
-    def __init__(self, policy: Any, *, max_batch_size: int = 32, batch_wait_ms: float = 5.0,
+    def __init__(self, policy: Policy, *, max_batch_size: int = 32, batch_wait_ms: float = 5.0,
                  version: int = 0) -> None:
         self.policy = policy
         self.model = policy.model
@@ -158,6 +159,13 @@ class HFEngine:
         """load_weights for callers without an event loop (a replica's constructor); no batch runs yet."""
         self._load_sync(state_dict)
         self.version = version
+
+    def check_health(self) -> None:
+        """Raises when the batch worker died with an exception (requests would wait for nothing
+        until the next generate restarts it); the replica's check_health calls this."""
+        w = self._worker
+        if w is not None and w.done() and not w.cancelled() and w.exception() is not None:
+            raise RuntimeError(f"hf engine batch worker died: {w.exception()!r}")
 
     def generate_batch_sync(self, requests: Sequence[tuple[list[int], list[Image.Image], SamplingParams]]
                             ) -> list[GenerateResult]:
@@ -272,11 +280,9 @@ class HFEngine:
         return [GenerateResult(toks[b], lps[b], reasons[b]) for b in range(B)]
 
 
-def load_hf_engine(folder: str | os.PathLike[str], model_cfg: Any, rollout_cfg: Any,
+def load_hf_engine(folder: str | os.PathLike[str], model_cfg: ModelConfig, rollout_cfg: RolloutConfig,
                    device: str = "cpu") -> HFEngine:
     """An HFEngine on the policy folder, with the config's pixel frame and batching settings."""
-    from deepeyes.policy import load_policy
-
     policy = load_policy(folder, device=device, dtype=model_cfg.dtype,
                          min_pixels=model_cfg.min_pixels, max_pixels=model_cfg.max_pixels,
                          attn_implementation=model_cfg.attn_implementation)

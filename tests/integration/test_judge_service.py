@@ -1,9 +1,10 @@
 """The judge Serve app: the official openai client against its chat route, `score` via a handle,
-and the start-up check failing fast on an unreachable judge."""
+the start-up check failing fast on an unreachable judge, and the failure policy in the service."""
 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import socket
 
@@ -86,13 +87,27 @@ def test_startup_check_fails_fast_naming_the_url(ray_cluster):
     url = f"http://127.0.0.1:{port}/v1"  # nothing listens there
     with pytest.raises(JudgeUnavailable, match=f"judge not reachable at {url}/models"):
         build_app({"overrides": ["judge.backend=openai", f"judge.base_url={url}", "judge.timeout_s=2"]})
-    # The same check runs in the replica constructor (bound directly here, past the builder):
-    # the deploy fails instead of serving a judge that cannot answer.
-    cfg = load_config(overrides=["judge.backend=openai", f"judge.base_url={url}", "judge.timeout_s=2"])
-    with pytest.raises(RuntimeError, match="Deploying application judge-down failed"):
-        serve.run(JudgeService.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1}).bind(cfg),
-                  name="judge-down", route_prefix="/judge-down")
-    serve.delete("judge-down")
+    # The builder is the one probe: a replica bound directly (past it) starts, and each failed
+    # judgment goes through judge.failure_policy in the service: counted, then dropped or raised.
+    from services.judge.reward import ScoreRequest
+    from services.judge.scoring import JudgeFailure
+
+    request = ScoreRequest("<think>t</think><answer>blue</answer>", "What colour?", "blue")
+    for policy in ("drop", "fail"):
+        cfg = load_config(overrides=["judge.backend=openai", f"judge.base_url={url}", "judge.timeout_s=2",
+                                     "judge.max_retries=0", f"judge.failure_policy={policy}"])
+        handle = serve.run(JudgeService.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1}).bind(cfg),
+                           name="judge-down", route_prefix="/judge-down")
+        try:
+            if policy == "drop":
+                r = handle.score.remote(request).result(timeout_s=60)
+                assert r.drop and not r.judge_ok and url in r.failure and math.isnan(r.score)
+            else:
+                with pytest.raises(JudgeFailure, match=url.replace(".", r"\.")):
+                    handle.score.remote(request).result(timeout_s=60)
+            assert handle.stats.remote().result()["failed_results"] == 1
+        finally:
+            serve.delete("judge-down")
 
 
 def test_score_route_over_http_with_a_bearer_token(ray_cluster):

@@ -130,7 +130,7 @@ def test_scripted_episode_through_the_tool_service(ray_cluster, tiny_policy_dir)
     async def main():
         handle = serve.get_deployment_handle("ToolService", app_name="tools")
         return await run_episode(episode(0), policy_io=io_, generate=scripted,
-                                 call_tool=serve_tool_fn(handle, 30.0), score=None,
+                                 call_tool=serve_tool_fn(handle), score=None,
                                  cfg=RolloutConfig(max_response_length=2048), tools_cfg=ToolsConfig())
 
     traj = asyncio.run(main())

@@ -129,3 +129,25 @@ def test_episode_logprobs_match_teacher_forcing_batched(policy):
     gap = max(abs(naive[0, i - 1].item() - lp[0, i].item())
               for i in range(len(t.prompt_ids), len(t.input_ids)) if t.loss_mask[i - len(t.prompt_ids)])
     assert gap > 1e-3, gap
+
+
+def test_check_health_reports_a_dead_batch_worker(policy):
+    """The replica's health check has something that can fail: the batch worker dying."""
+    eng = HFEngine(policy, batch_wait_ms=0.0)
+    ids, imgs = prompt(policy, 3, "red", (56, 56))
+
+    def boom(n: int) -> None:  # an observer that raises outside the per-batch error handling
+        raise ValueError("observer broke")
+
+    async def main():
+        await eng.generate(ids, imgs, SamplingParams(2, 0.0))
+        eng.check_health()  # a live worker: healthy
+        eng.on_batch = boom
+        waiter = asyncio.ensure_future(eng.generate(ids, imgs, SamplingParams(2, 0.0)))
+        while not eng._worker.done():
+            await asyncio.sleep(0.01)
+        with pytest.raises(RuntimeError, match="batch worker died: ValueError\\('observer broke'\\)"):
+            eng.check_health()
+        waiter.cancel()
+
+    asyncio.run(main())
