@@ -13,7 +13,7 @@ encoded image bytes (the size of the parquet, not of the decoded pixels) and dec
 The system turn is replaced by `deepeyes.chat.SYSTEM_PROMPT`; the user turn becomes a content list
 (`{"type": "image"}` parts where the markers were, `{"type": "text"}` parts for the text between).
 
-Synthetic data (`write_synthetic`, `write_synthetic_suite`, `synthetic_split`) writes the same
+Synthetic data (`write_synthetic`, `write_synthetic_suite`) writes the same
 schema, deterministically (same seed, same bytes):
 - `vstar`: a 1024-2048 px cluttered scene with ONE small target (a coloured shape, a word on a
   coloured sign, or a striped square in a coloured frame) whose asked attribute (shape / word /
@@ -118,7 +118,8 @@ class Row:
 
     `images` decodes on each access (RGB, tiny ones upscaled, not yet smart-resized): hold the
     result rather than reading the property in a loop. `image_sizes` are the stored (w, h) before
-    any upscale; `extra["target_bbox"]`, when present, is in those original pixels.
+    any upscale; `extra["target_bbox"]`, when present, is in those original pixels. `ability` and
+    `env_name` are the DeepEyes columns as stored (`inspect` counts them: env_name marks tool rows).
     """
 
     index: str
@@ -616,12 +617,6 @@ def write_synthetic_suite(out_dir: str, rows: int, seed: int, split: str = "trai
             for n, k in enumerate(("vstar", "thinklite_eureka", "chart"))]
 
 
-def synthetic_split(out_dir: str, train_rows: int, val_rows: int, seed: int) -> tuple[list[str], list[str]]:
-    """Disjoint train and validation suites under `out_dir/train` and `out_dir/val`."""
-    return (write_synthetic_suite(os.path.join(out_dir, "train"), train_rows, seed, "train"),
-            write_synthetic_suite(os.path.join(out_dir, "val"), val_rows, seed, "val"))
-
-
 # ---------------------------------------------------------------------------------------------
 # CLI
 
@@ -631,6 +626,9 @@ def _inspect(files: list[str], cfg: DataConfig) -> str:
     lines = [f"files: {len(files)}", f"rows kept: {len(ds)}"]
     for source, n in sorted(collections.Counter(r.data_source for r in ds).items()):
         lines.append(f"  {source}: {n}")
+    for column in ("ability", "env_name"):  # env_name visual_toolbox_v2 marks the tool rows
+        counts = collections.Counter(getattr(r, column) or "(empty)" for r in ds)
+        lines.append(f"{column}: " + ", ".join(f"{k} {n}" for k, n in sorted(counts.items())))
     lines.append(f"rows skipped: {sum(ds.skipped.values())}")
     for reason, n in sorted(ds.skipped.items()):
         lines.append(f"  {reason}: {n}  ({SKIP_REASONS[reason]})")

@@ -116,7 +116,8 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
 def test_train_and_val_are_disjoint(tmp_path):
     # 6 rows -> 4.5 / 0.9 / 0.6: floors 4/0/0, the two left over by remainder: thinklite (0.9),
     # chart (0.6) -> 4/1/1. 4 rows -> 3 / 0.6 / 0.4 -> 3/1/0.
-    train, val = data.synthetic_split(str(tmp_path), train_rows=6, val_rows=4, seed=1)
+    train = data.write_synthetic_suite(str(tmp_path / "train"), 6, seed=1, split="train")
+    val = data.write_synthetic_suite(str(tmp_path / "val"), 4, seed=1, split="val")
     cfg = DataConfig(include_chart=True)
     tr, va = data.read_deepeyes(train, cfg), data.read_deepeyes(val, cfg)
     assert collections.Counter(r.data_source for r in tr) == {"vstar": 4, "thinklite_eureka": 1, "chart": 1}
@@ -373,6 +374,7 @@ def test_cli_synth_and_inspect(tmp_path, capsys):
     # 8 rows at 75/15/10: 6 / 1.2 / 0.8 -> floors 6/1/0, one left over to chart (remainder 0.8).
     assert "rows kept: 7" in out and "chart_excluded: 1" in out and "vstar: 6" in out
     assert "short side < 28 (upscaled on decode): 1" in out
+    assert "ability: math 1, visual_search 6" in out and "env_name: (empty) 1, visual_toolbox_v2 6" in out
     with pytest.raises(SystemExit):
         data.main(["--help"])
     assert "synth" in capsys.readouterr().out
