@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from deepeyes.config import JudgeConfig
+from deepeyes.config import DEFAULT_CACHE_DIR, JudgeConfig
 from services.judge.backends import ChatJudge
 
 TINY_TEXT_VERSION = "tiny-text-judge-v2"  # v2: head size 32 (vLLM CPU attention needs >= 32)
@@ -43,7 +43,7 @@ def build_tiny_text_model(folder: str | os.PathLike[str], seed: int = 0) -> Path
     return folder
 
 
-def tiny_text_model_path(cache_dir: str = "~/.cache/deepeyes-ray", seed: int = 0) -> Path:
+def tiny_text_model_path(cache_dir: str = DEFAULT_CACHE_DIR, seed: int = 0) -> Path:
     """The cached tiny text model folder, built on first use."""
     from deepeyes.policy import build_cached
 
@@ -138,7 +138,7 @@ class HFJudge(ChatJudge):
 
     name = "hf"
 
-    def __init__(self, cfg: JudgeConfig, cache_dir: str = "~/.cache/deepeyes-ray") -> None:
+    def __init__(self, cfg: JudgeConfig, cache_dir: str = DEFAULT_CACHE_DIR) -> None:
         super().__init__(cfg)
         self.generator = HFGenerator(resolve_hf_path(cfg, cache_dir), max_batch=max(1, cfg.concurrency))
 

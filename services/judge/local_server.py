@@ -23,6 +23,8 @@ import urllib.request
 from pathlib import Path
 from typing import IO
 
+from deepeyes.config import DEFAULT_CACHE_DIR
+
 
 def server_command(model: str | os.PathLike[str], port: int, *, host: str = "127.0.0.1",
                    served_name: str = "judge", kv_cache_gb: float = 0.25, max_model_len: int = 4096,
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                                                          "built tiny judge (default)")
     ap.add_argument("--port", type=int, default=18901, help="port (the reference judge uses 18901)")
     ap.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless you mean it)")
-    ap.add_argument("--cache-dir", default="~/.cache/deepeyes-ray", help="where 'tiny-text' is built")
+    ap.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where 'tiny-text' is built")
     ap.add_argument("--kv-cache-gb", type=float, default=0.25, help="KV cache size in GiB")
     args = ap.parse_args(argv)
     model = args.model

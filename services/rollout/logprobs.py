@@ -1,7 +1,9 @@
 """Teacher-forced log-probs of token sequences under a Qwen2.5-VL policy, and the M-RoPE positions.
 
 The rollout engine and the trainer must see the same positions, or the sampling log-probs and the
-trainer's log-probs disagree by ~1e-2 (MACHINE-NOTES). Qwen2.5-VL uses 3-D M-RoPE: text tokens
+trainer's disagree: on the tiny policy, tests/unit/test_rollout_hf_engine.py measures a gap below
+1e-4 with the explicit positions computed here on both sides and above 1e-3 when the forward derives 1-D
+positions from the padded batch itself. Qwen2.5-VL uses 3-D M-RoPE: text tokens
 advance one position on all three axes, an image's pad run takes (t, h, w) grid positions and
 advances the text position by max(h, w)/merge. Both sides therefore compute positions explicitly
 with the model's own `get_rope_index` (image tokens typed by `<|image_pad|>`), ignoring padding
