@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 from deepeyes.config import Config
 from deepeyes.policy import resize_for_model
 from services.judge.reward import ScoreRequest
+from services.judge.scoring import JudgeFailure
 from services.rollout.trajectory import Trajectory
 from services.rollout.types import EpisodeRequest
 from trainer.grpo import zero_variance_groups
@@ -61,12 +62,16 @@ def run_episodes(handle: Any, reqs: Sequence[EpisodeRequest],
     for req, resp in pending:
         try:
             out.append(resp.result(timeout_s=timeout_s))
+        except JudgeFailure:  # judge.failure_policy=fail: the step fails, naming the judge's cause
+            raise
         except Exception as e:  # a replica died or the episode raised: retry once, then count it
             log.warning("episode %s failed (%s: %s); retrying once", req.uid, type(e).__name__, e)
             retry.append((req, handle.run_episode.remote(req)))
     for req, resp in retry:
         try:
             out.append(resp.result(timeout_s=timeout_s))
+        except JudgeFailure:
+            raise
         except Exception as e:
             log.error("episode %s failed twice (%s: %s); dropped", req.uid, type(e).__name__, e)
             failed += 1

@@ -234,10 +234,7 @@ class RolloutWorker:
 
     async def check_health(self) -> None:
         """Raises (Serve then restarts the replica) once the engine can no longer generate."""
-        if self.cfg.rollout.engine == "vllm":
-            await self.engine.engine.check_health()  # vLLM's AsyncLLM: EngineDeadError once its core died
-        else:
-            self.engine.check_health()  # HFEngine: its batch worker died with an exception
+        await self.engine.check_health()
 
     # -- HTTP (debug) -------------------------------------------------------------------------
 

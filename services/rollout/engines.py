@@ -61,6 +61,8 @@ class Engine(Protocol):
 
     async def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None: ...
 
+    async def check_health(self) -> None: ...  # raises when the engine can no longer generate
+
 
 # ---------------------------------------------------------------------------------------------
 # sampling of one row
@@ -160,7 +162,7 @@ class HFEngine:
         self._load_sync(state_dict)
         self.version = version
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
         """Raises when the batch worker died with an exception (requests would wait for nothing
         until the next generate restarts it); the replica's check_health calls this."""
         w = self._worker

@@ -286,6 +286,10 @@ class VLLMEngine:
         finally:
             self._open.set()
 
+    async def check_health(self) -> None:
+        """Raises EngineDeadError once the engine core died (the replica is then restarted)."""
+        await self.engine.check_health()
+
     async def weight_checksum(self, name_prefix: str = "") -> float:
         return float((await self.engine.collective_rpc("weight_checksum", args=(name_prefix,)))[0])
 

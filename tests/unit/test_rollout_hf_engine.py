@@ -141,13 +141,13 @@ def test_check_health_reports_a_dead_batch_worker(policy):
 
     async def main():
         await eng.generate(ids, imgs, SamplingParams(2, 0.0))
-        eng.check_health()  # a live worker: healthy
+        await eng.check_health()  # a live worker: healthy
         eng.on_batch = boom
         waiter = asyncio.ensure_future(eng.generate(ids, imgs, SamplingParams(2, 0.0)))
         while not eng._worker.done():
             await asyncio.sleep(0.01)
         with pytest.raises(RuntimeError, match="batch worker died: ValueError\\('observer broke'\\)"):
-            eng.check_health()
+            await eng.check_health()
         waiter.cancel()
 
     asyncio.run(main())
