@@ -123,7 +123,7 @@ class ToolService:
     """Stateless image tools behind a handle and HTTP.
 
     Invariant: every request is answered and none can take the replica down: bad arguments,
-    unknown tool names, undecodable or oversized images and timeouts all come back as
+    unknown tool names, undecodable or oversized images (and, on HTTP, timeouts) all come back as
     `ToolResult(ok=False, text=...)` (HTTP: the same shape with a 4xx/5xx code), and image pixels
     are decoded only after the encoded size and the header's pixel count pass their caps. The
     only state is a cache of immutable images keyed by object ref.
@@ -153,12 +153,10 @@ class ToolService:
             ToolResult with the PIL image at native size, or ok=False and the error text.
         """
         self.calls += 1
+        # No timeout here: the caller's is the one per call (the agent loop bounds the whole
+        # exchange, queueing included, by tools.timeout_s and cancels this request when it fires).
         try:
-            result = await asyncio.wait_for(self._run(name, image, arguments), self.cfg.timeout_s)
-        except asyncio.TimeoutError:
-            self.timeouts += 1
-            result = ToolResult(False, f"Error: the tool call timed out after {self.cfg.timeout_s:g} s "
-                                       f"(tools.timeout_s); try a smaller region or image.")
+            result = await self._run(name, image, arguments)
         except Exception as e:  # the invariant: nothing escapes
             result = ToolResult(False, f"Error processing {name}: {type(e).__name__}: {e}"[:1000])
         if not result.ok:

@@ -73,12 +73,12 @@ def request(image=None):
         images=[image], ground_truth="red", question="What color is the sign?", data_source="vstar")
 
 
-def run(io, texts, *, cfg=None, tool=None, end=True, score=None):
+def run(io, texts, *, cfg=None, tool=None, end=True, score=None, tools_cfg=None):
     cfg = cfg or RolloutConfig(max_response_length=4096, max_new_tokens_per_turn=512, max_prompt_length=8192)
     engine = ScriptedEngine(io, texts, end)
     tool = tool or FakeCropTool()
     traj = asyncio.run(run_episode(request(), policy_io=io, generate=engine, call_tool=tool, score=score,
-                                   cfg=cfg, tools_cfg=ToolsConfig(), tool_schemas=SCHEMAS))
+                                   cfg=cfg, tools_cfg=tools_cfg or ToolsConfig(), tool_schemas=SCHEMAS))
     return traj, engine, tool
 
 
@@ -133,6 +133,17 @@ def test_malformed_json_is_an_error_observation(io):
     assert not rec.ok and rec.executed and rec.appended and "not valid JSON" in rec.text
     assert len(traj.images) == 1 and traj.finish_reason == "answer" and traj.num_turns == 4
     assert "not valid JSON" in io.tokenizer.decode(traj.response_ids)
+
+
+def test_a_tool_that_does_not_answer_in_time_is_an_error_observation(io):
+    async def slow(name, image, arguments):  # a tool service that hangs (or a lost replica)
+        await asyncio.sleep(5)
+
+    call = '<tool_call>\n{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [10, 10, 120, 90]}}\n</tool_call>'
+    traj, _, _ = run(io, [call, ANSWER], tool=slow, tools_cfg=ToolsConfig(timeout_s=0.05))
+    (rec,) = traj.tool_calls
+    assert not rec.ok and rec.executed and "did not answer within 0.05 s" in rec.text
+    assert traj.finish_reason == "answer" and len(traj.images) == 1
 
 
 def test_unknown_tool_is_an_error_observation(io):
