@@ -14,11 +14,10 @@ import copy
 
 import pytest
 import torch
-from PIL import Image
+from tiny_prompts import image_prompt
 
-from deepeyes.chat import CHAT_TEMPLATE
 from deepeyes.config import load_config
-from deepeyes.policy import encode_text_with_images, load_policy, process_images, resize_for_model
+from deepeyes.policy import load_policy
 from trainer.loop import update
 from trainer.metrics import UpdateStats
 from trainer.packing import make_example
@@ -34,13 +33,7 @@ def setup(tiny_policy_dir):
     g = torch.Generator().manual_seed(1)
     seqs = []
     for i, (size, n_resp, adv) in enumerate([((120, 90), 9, 1.5), (None, 12, -0.7), ((60, 200), 7, 0.4)]):
-        images = [resize_for_model(Image.new("RGB", size, (30 * i, 200, 90)), 3136, 50176)] if size else []
-        content = [{"type": "image"}] * len(images) + [{"type": "text", "text": f"what is shown {i}?"}]
-        text = policy.tokenizer.apply_chat_template([{"role": "user", "content": content}],
-                                                    chat_template=CHAT_TEMPLATE, tokenize=False,
-                                                    add_generation_prompt=True)
-        pv, grid = process_images(policy, images)
-        prompt = encode_text_with_images(policy, text, grid.tolist() if grid is not None else [])
+        prompt, _, pv, grid = image_prompt(policy, [size] if size else [], f"what is shown {i}?", i)
         response = torch.randint(10, 900, (n_resp,), generator=g).tolist()
         mask = [0] * len(prompt) + [1] * n_resp
         mask[len(prompt) + 2] = 0  # an observation token inside the response
