@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from deepeyes.config import load_config
-from services.rollout.trajectory import ToolCallRecord, Trajectory
 from services.judge.reward import RewardResult
+from services.rollout.trajectory import ToolCallRecord, Trajectory
 from trainer.evaluate import grounding, iou
 from trainer.loop import PromptSampler, lr_factor, total_steps
 from trainer.rollouts import dynamic_sampling
@@ -72,3 +72,43 @@ def test_iou_and_grounding():
     t.tool_calls = [ToolCallRecord(0, "image_zoom_in_tool", {"bbox_2d": [0, 0, 70, 35]}, True, "ok")]
     # box 70x35 = 2450, target 50..100 x 25..50 (1250) -> overlap 20x10 = 200; union 3500
     assert grounding(t) == pytest.approx((200 / 3500, 0.0))  # centre (75, 37.5) lies outside
+
+
+class _Resp:
+    def __init__(self, value):
+        self.value = value
+
+    def result(self, timeout_s=None):
+        return self.value
+
+
+class _FakeJudgeHandle:
+    """Stands in for the judge app's handle: scores by the rule judge's reward formula."""
+
+    def __init__(self):
+        self.seen = []
+        self.score = self
+
+    def remote(self, req):
+        self.seen.append(req)
+        return _Resp(RewardResult(0.8 if req.ground_truth in req.response_text else 0.0, 1.0, 0.0, 0.0))
+
+
+def test_unscored_episodes_are_scored_by_the_driver_and_drops_are_kept_out():
+    from trainer.rollouts import keep_judged, score_unscored
+
+    a, b = _traj("g", 0.0), _traj("g", 0.0)
+    a.reward, b.reward = None, None  # rollout.reward=never: the replica did not score
+    a.response_text, a.ground_truth, b.ground_truth = "<answer>red</answer>", "red", "blue"
+    judge = _FakeJudgeHandle()
+    score_unscored(judge, [a, b, _traj("h", 1.8)])
+    assert [r.ground_truth for r in judge.seen] == ["red", "blue"]  # only the unscored ones
+    assert (a.reward.score, b.reward.score) == (0.8, 0.0)
+    with pytest.raises(RuntimeError, match="no judge app is running"):
+        c = _traj("g", 0.0)
+        c.reward = None
+        score_unscored(None, [c])
+    failed = _traj("k", 0.0)
+    failed.reward = RewardResult(float("nan"), float("nan"), 0.0, float("nan"), judge_ok=False, drop=True)
+    kept, failures = keep_judged([a, failed, b])
+    assert kept == [a, b] and failures == 1
