@@ -143,7 +143,9 @@ async def run_episode(request: EpisodeRequest, *, policy_io: PolicyIO, generate:
     """Run one episode to its end and return its Trajectory (see the module docstring).
 
     Args:
-        request: the prompt, images (original resolution), reference answer and sampling overrides.
+        request: the prompt, images (any resolution: brought to the model frame here, a no-op
+            for images already in it, as the trainer sends them), reference answer and sampling
+            overrides.
         policy_io: tokenizer, image processor and ids of the policy the engine serves.
         generate: engine call (prompt ids, images in the model frame, SamplingParams).
         call_tool: async (name, image in the model frame, arguments) -> ToolResult-like.

@@ -21,7 +21,9 @@ class EpisodeRequest:
     """One episode to roll out: the prompt conversation, its images and the reference answer.
 
     `messages` are chat messages whose content is a string or a list of {"type": "image"} /
-    {"type": "text", "text": ...} parts; the i-th image part is `images[i]` (original resolution).
+    {"type": "text", "text": ...} parts; the i-th image part is `images[i]`, at any resolution
+    (the rollout brings it to the model frame; the trainer sends it there already, which keeps
+    the n copies of a prompt small).
     `min_version`: the replica must serve this with policy version >= min_version.
     Sampling: `greedy` wins over `temperature`; `temperature=None` means the config's.
     """
