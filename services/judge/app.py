@@ -119,7 +119,10 @@ class JudgeService:
         self.failed_results += not result.judge_ok
         if self._metrics is not None:
             self._metrics.record(result, self.cache)
-        return apply_failure_policy(result, request, self.cfg.judge)
+        if result.judge_ok:
+            return result
+        # failure_policy=rule matches on the question, which can be long: not on the event loop
+        return await asyncio.to_thread(apply_failure_policy, result, request, self.cfg.judge)
 
     async def stats(self) -> dict[str, Any]:
         """Counters: calls, retries, unparseable, failures, cache hits/misses/hit rate, results."""

@@ -109,16 +109,33 @@ _INLINE_OPTION = re.compile(r"\(([A-Za-z])\)\s*(.+?)(?=\s*\([A-Za-z]\)|\n|$)", r
 _LINE_OPTION = re.compile(r"^\s*([A-Z])[.:)]\s+(.+?)\s*$", re.MULTILINE)
 
 
+def _unbox(s: str) -> str:
+    """`\\boxed{` up to the last `}` -> its content (what `\\boxed\{(.*)\}` replaced), in one pass;
+    the regular expression was quadratic on many unclosed `\\boxed{`."""
+    start, end = s.find("\\boxed{"), s.rfind("}")
+    if start < 0 or end < start + len("\\boxed{"):
+        return s
+    return s[:start] + s[start + len("\\boxed{"):end] + s[end + 1:]
+
+
+def _collapse_space(text: str) -> str:
+    # One whitespace character per run ("\n" if the run holds one): the option patterns then never
+    # rescan a long run from each of its positions (quadratic), and match what they matched.
+    return re.sub(r"\s+", lambda m: "\n" if "\n" in m.group() else " ", text)
+
+
 def normalize_text(text: str) -> str:
     """Lower case, one space, no \\boxed{}, no surrounding punctuation or leading article."""
-    s = re.sub(r"\\boxed\{(.*)\}", r"\1", text.strip(), flags=re.DOTALL)
+    s = _unbox(text.strip())
     s = re.sub(r"\s+", " ", s.lower())
     s = s.strip(" .,;:!?\"'`*")
     return re.sub(r"^(the|a|an) ", "", s)
 
 
 def parse_options(question: str) -> dict[str, str]:
-    """Options listed in a question, `(A) red (B) blue` or one `A. red` per line -> {A: red}."""
+    """Options listed in a question, `(A) red (B) blue` or one `A. red` per line -> {A: red}
+    (whitespace inside an option's text comes back as one space)."""
+    question = _collapse_space(question)
     for pattern in (_INLINE_OPTION, _LINE_OPTION):
         found = {k.upper(): v.strip() for k, v in pattern.findall(question)}
         if len(found) >= 2:
@@ -186,7 +203,9 @@ class RuleJudge:
 
     async def judge(self, question: str, reference: str, answer: str) -> Verdict:
         self.calls += 1
-        return Verdict(correct=rule_match(question, reference, answer), ok=True, raw="rule")
+        # a thread: the question can be long, and the replica's event loop serves other requests
+        correct = await asyncio.to_thread(rule_match, question, reference, answer)
+        return Verdict(correct=correct, ok=True, raw="rule")
 
     def stats(self) -> dict[str, Any]:
         return {"backend": self.name, "calls": self.calls, "retries": 0, "unparseable": 0, "failures": 0}

@@ -100,12 +100,15 @@ class VerdictCache:
                 "cache_entries": len(self._lru), "cache_hit_rate": self.hits / lookups if lookups else 0.0}
 
 
+def _read_response(text: str) -> tuple[str | None, bool]:
+    return extract_answer(text), format_error(text)
+
+
 async def score(request: ScoreRequest, judge: Judge, cfg: JudgeConfig,
                 cache: VerdictCache | None = None) -> RewardResult:
     """The DeepEyes reward of one finished episode (see services/judge/reward.py for the rule)."""
-    text = request.response_text
-    answer = extract_answer(text)
-    fmt_error = format_error(text)
+    # Off the event loop: a response of hundreds of KB must not stall the replica's other requests.
+    answer, fmt_error = await asyncio.to_thread(_read_response, request.response_text)
     used = tool_used(request, cfg)
     if answer is None:
         return combine(0.0, fmt_error, used, cfg)
