@@ -122,6 +122,9 @@ class JudgeConfig:
         "crop", "what counts as tool use: any <tool_call> (verl port) or a crop that came back "
                 "(DeepEyes original)")
     max_answer_chars: int = _f(1000, "answers this long or longer score acc=0 and a format error")
+    stop_failure_share: float = _f(0.5, "stop the run when at least this share of a step's episodes had a "
+                                        "failed judgment ...")
+    stop_after_steps: int = _f(3, "... for this many steps in a row (0 = never stop for judge failures)")
     serve_llm_source: str = _f("Qwen/Qwen2.5-72B-Instruct", "serve-llm backend: model the ray.serve.llm "
                                                             "app loads (HF id, folder, or 'tiny-text')")
     serve_llm_tensor_parallel: int = _f(8, "serve-llm backend: tensor parallel degree (GPUs per judge replica)")
@@ -190,6 +193,10 @@ class TrainerConfig:
     torch_threads: int = _f(1, "torch intra-op threads per Train worker (CPU)")
     seed: int = _f(0, "seed of data order and init")
     save_every: int = _f(8, "checkpoint every N steps (0 = only at the end)")
+    max_failures: int = _f(2, "Ray Train restarts of the worker group after a failure (a worker died); "
+                              "each restart resumes from the latest checkpoint")
+    warn_flat_steps: int = _f(3, "warn when every GRPO group scored the same (no gradient) for this "
+                                 "many steps in a row (0 = never)")
     test_every: int = _f(0, "validate every N steps (0 = only at the end)")
     val_rows: int = _f(16, "validation rows per evaluation (0 = all)")
     resume: str = _f("", "'auto' = continue from the latest checkpoint of run_dir; a path = that one")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 
 from deepeyes.config import ConfigError, help_text, load_config
@@ -43,10 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from trainer.driver import GRPORecipe
+    from trainer.driver import GRPORecipe, RunStopped, exit_on_sigterm
 
-    # SIGTERM (a job stop, a kill) unwinds like Ctrl-C so cleanup stops the cluster we started.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    exit_on_sigterm()
     recipe = GRPORecipe(cfg)
     try:
         recipe.setup()
@@ -55,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        recipe.summary()
+        print(f"run stopped: {e}", file=sys.stderr)
+        return 1
     finally:
         recipe.cleanup()
     print("summary: " + json.dumps(summary, indent=2))

@@ -17,6 +17,7 @@ import torch
 from deepeyes.policy import Policy
 
 STATE_FILE = "trainer_state.json"
+STOPPED_FILE = "stopped.json"  # in the run folder: why the loop stopped early (the driver reports it)
 
 
 def save_checkpoint(folder: Path, policy: Policy, model_state: dict[str, torch.Tensor],

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -25,7 +26,7 @@ import yaml
 
 from deepeyes.config import Config, ConfigError, to_dict
 from deepeyes.serving import APP_NAMES, ROUTE_PREFIXES
-from trainer.checkpoint import STATE_FILE
+from trainer.checkpoint import STATE_FILE, STOPPED_FILE
 from trainer.metrics import STEP_PHASES
 
 log = logging.getLogger("deepeyes.driver")
@@ -92,7 +93,7 @@ class GRPORecipe:
 
     # ------------------------------------------------------------------ train
     def train(self) -> None:
-        from ray.train import RunConfig, ScalingConfig
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
         from trainer.loop import train_loop_per_worker
@@ -107,7 +108,11 @@ class GRPORecipe:
             train_loop_per_worker, train_loop_config=loop_config,
             scaling_config=ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
                                          resources_per_worker={"CPU": cfg.trainer.cpus_per_worker}),
-            run_config=RunConfig(name="train", storage_path=str(self.run_dir)))
+            # a restarted worker group resumes from the latest checkpoint (train_loop_per_worker)
+            run_config=RunConfig(name="train", storage_path=str(self.run_dir),
+                                 failure_config=FailureConfig(max_failures=cfg.trainer.max_failures)))
+        stopped = self.run_dir / STOPPED_FILE
+        stopped.unlink(missing_ok=True)
         t = time.perf_counter()
         error: list[BaseException] = []
 
@@ -124,6 +129,8 @@ class GRPORecipe:
         self.timings["train_s"] = time.perf_counter() - t
         if error:
             raise error[0]
+        if stopped.exists():
+            raise RunStopped(json.loads(stopped.read_text())["reason"])
 
     # ------------------------------------------------------------------ summary
     def summary(self) -> dict[str, Any]:
@@ -205,6 +212,17 @@ def prepare_data(cfg: Config, run_dir: Path) -> tuple[list[str], list[str]]:
     return [str(Path(f).resolve()) for f in train], [str(Path(f).resolve()) for f in val]
 
 
+class RunStopped(RuntimeError):
+    """The loop stopped early for a reason a user must act on (e.g. a judge that keeps failing)."""
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (a job stop, a kill) unwinds like Ctrl-C, so cleanup stops what this run started.
+
+    ray.init installs its own SIGTERM handler (which aborts), so this runs again after it."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def connect_ray(cfg: Config) -> bool:
     """Join the cluster named by ray.address / RAY_ADDRESS, else start a local one. True if started."""
     import ray
@@ -213,6 +231,7 @@ def connect_ray(cfg: Config) -> bool:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
     if address:  # `auto`, an address, or RAY_ADDRESS (set by `ray job submit`)
         ray.init(address=address, log_to_driver=True)
+        exit_on_sigterm()
         return False
     # address="local": a fresh cluster even if `ray start` left one running on this machine.
     kwargs: dict[str, Any] = {"address": "local", "include_dashboard": cfg.ray.include_dashboard,
@@ -222,6 +241,7 @@ def connect_ray(cfg: Config) -> bool:
     if cfg.ray.temp_dir:
         kwargs["_temp_dir"] = cfg.ray.temp_dir
     ray.init(**kwargs)
+    exit_on_sigterm()
     return True
 
 

@@ -30,11 +30,11 @@ from deepeyes.config import Config, config_from_dict
 from deepeyes.policy import Policy, load_policy, process_images
 from deepeyes.serving import APP_NAMES, DEPLOYMENT_NAMES
 from services.rollout.trajectory import Trajectory
-from trainer.checkpoint import STATE_FILE, full_optimizer_state, load_optimizer_state, save_checkpoint
+from trainer.checkpoint import STATE_FILE, STOPPED_FILE, full_optimizer_state, load_optimizer_state, save_checkpoint
 from trainer.distributed import (all_gather_objects, all_max, all_reduce_grads, all_sum, cpu_state_dict,
                                  shard_fsdp2, use_fsdp2, world)
 from trainer.evaluate import validate
-from trainer.grpo import clipped_policy_loss, group_advantages
+from trainer.grpo import clipped_policy_loss, group_advantages, zero_variance_groups
 from trainer.metrics import MetricsSink, UpdateStats, episode_summary, step_metrics, write_trajectories
 from trainer.packing import Example, make_example, pack, packed_forward, plan_micro_batches
 from trainer.rollouts import Rollouts, dynamic_sampling
@@ -196,6 +196,36 @@ def logprob_mismatch(trajs: Sequence[Trajectory], examples: Sequence[Example]) -
     return worst
 
 
+class RunHealth:
+    """Signals a run must not continue silently on: a judge that keeps failing (stop), and steps
+    with no gradient because every group scored the same (warn)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.failing_steps = 0
+        self.flat_steps = 0
+
+    def check(self, step: int, gathered: list[dict[str, Any]]) -> str:
+        """'' to go on, else why the run stops (judge.stop_failure_share / stop_after_steps)."""
+        jc, tc = self.cfg.judge, self.cfg.trainer
+        asked_all = sum(g["asked"] for g in gathered)
+        failures = sum(g["judge_failures"] for g in gathered)
+        failing = asked_all > 0 and failures / asked_all >= jc.stop_failure_share
+        self.failing_steps = self.failing_steps + 1 if failing else 0
+        groups, flat = sum(g["groups"] for g in gathered), sum(g["flat_groups"] for g in gathered)
+        self.flat_steps = self.flat_steps + 1 if groups and flat == groups else 0
+        if tc.warn_flat_steps and self.flat_steps == tc.warn_flat_steps:
+            log.warning("steps %d-%d: every group scored the same for each of its samples, so the update "
+                        "had no gradient signal (random-init policies score -0.2 everywhere: start from the "
+                        "warm start, model.warm_start=true, on both the rollout app and the trainer)",
+                        step - self.flat_steps + 1, step)
+        if jc.stop_after_steps and self.failing_steps >= jc.stop_after_steps:
+            return (f"the judge failed {failures} of {asked_all} judgments at step {step}, and at least "
+                    f"{jc.stop_failure_share:.0%} for {self.failing_steps} steps in a row: check the judge "
+                    f"({jc.backend} at {jc.base_url}); judge.stop_after_steps=0 disables this stop")
+        return ""
+
+
 # ---------------------------------------------------------------------------------------------
 # the loop
 
@@ -219,6 +249,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # SETUP
     torch.manual_seed(cfg.trainer.seed)
     resume_from = Path(loop_config["resume_from"]) if loop_config.get("resume_from") else None
+    restored = ray.train.get_checkpoint()  # set when Ray Train restarted us after a failure
+    if restored is not None:
+        resume_from = Path(restored.path)
+        log.warning("worker group restarted: resuming from %s", resume_from)
     # A resumed run starts from the checkpoint's HF export (loaded before any sharding).
     policy = load_policy(resume_from / "hf" if resume_from else loop_config["policy_dir"], device=device,
                          dtype=cfg.model.dtype, min_pixels=cfg.model.min_pixels,
@@ -265,7 +299,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         publish_weights(state_dict, version)
     version = int(all_max(version, device))
 
-    sink = MetricsSink(run_dir, cfg.logging.tensorboard, cfg.logging.ray_metrics) if rank == 0 else None
+    # a resumed run redoes the steps after its checkpoint: their old metric rows go
+    sink = (MetricsSink(run_dir, cfg.logging.tensorboard, cfg.logging.ray_metrics, start_step=start_step)
+            if rank == 0 else None)
+    health = RunHealth(cfg)
     traj_dir = run_dir / "trajectories"
     traj_dir.mkdir(parents=True, exist_ok=True)
     t_run = time.perf_counter()
@@ -329,7 +366,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         gathered = all_gather_objects({
             "trajs": [episode_summary(t) for t in trajs], "failed": rollouts.failed,
             "judge_failures": rollouts.judge_failures, "dropped_groups": dropped_groups,
-            "stats": stats.__dict__, "mismatch": mismatch, "tokens": sum(len(t.response_ids) for t in trajs)})
+            "stats": stats.__dict__, "mismatch": mismatch, "tokens": sum(len(t.response_ids) for t in trajs),
+            "asked": rollouts.asked, "groups": len({t.group_id for t in trajs}),
+            "flat_groups": len(zero_variance_groups([t.reward.score for t in trajs], [t.group_id for t in trajs]))})
         metrics = step_metrics(gathered, timings, version, optimizer.param_groups[0]["lr"], cfg.trainer.kl_coef > 0)
         if rank == 0:
             sink.write(step, metrics)
@@ -339,6 +378,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             print(f"step {step}/{steps} score={metrics['reward/score']:.3f} acc={metrics['reward/acc']:.2f} "
                   f"tool_calls={metrics['rollout/tool_calls']:.2f} turns={metrics['rollout/num_turns']:.2f} "
                   f"step_s={timings['step']:.1f} eta_s={eta:.0f}", flush=True)
+
+        # HEALTH: every rank reads the same gathered counts, so all stop together
+        stop = health.check(step, gathered)
+        if stop:
+            if rank == 0:
+                (run_dir / STOPPED_FILE).write_text(json.dumps({"step": step, "reason": stop}))
+            log.error("stopping the run at step %d: %s", step, stop)
+            break
 
         # VALIDATE: on the held-out split (rank 0 asks, everyone waits)
         if val is not None and (step == steps or (cfg.trainer.test_every and step % cfg.trainer.test_every == 0)):

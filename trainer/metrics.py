@@ -137,9 +137,14 @@ def write_trajectories(path: Path, trajs: Sequence[Any]) -> None:
 class MetricsSink:
     """Writes one record per step to metrics.jsonl, TensorBoard events and Ray gauges (rank 0 only)."""
 
-    def __init__(self, run_dir: str | os.PathLike[str], tensorboard: bool = True, ray_metrics: bool = True):
+    def __init__(self, run_dir: str | os.PathLike[str], tensorboard: bool = True, ray_metrics: bool = True,
+                 start_step: int = 1):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():  # a resumed run redoes the steps from start_step: drop their old rows
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] < start_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -107,8 +107,8 @@ def keep_judged(trajs: list[Trajectory]) -> tuple[list[Trajectory], int]:
 class Rollouts:
     """One step's rollouts on this worker: runs episodes and keeps the failure counts.
 
-    Invariant: `failed` and `judge_failures` count every episode this step asked for, refills
-    included, so the step metrics see every loss.
+    Invariant: `asked`, `failed` and `judge_failures` count every episode this step asked for,
+    refills included, so the step metrics (and the judge stop) see every loss.
     """
 
     cfg: Config
@@ -117,12 +117,14 @@ class Rollouts:
     rows: Sequence[Any]
     step: int
     version: int
+    asked: int = 0
     failed: int = 0
     judge_failures: int = 0
     take_rows: Callable[[int], list[int]] = field(default=lambda k: [])
 
     def run(self, row_ids: Sequence[int], tag: str = "s") -> list[Trajectory]:
         reqs = episode_requests(self.cfg, self.rows, row_ids, self.step, self.version, self.cfg.rollout.n, tag=tag)
+        self.asked += len(reqs)
         trajs, failed = run_episodes(self.handle, reqs)
         score_unscored(self.judge_handle, trajs)
         kept, judge_failures = keep_judged(trajs)

@@ -112,3 +112,41 @@ def test_unscored_episodes_are_scored_by_the_driver_and_drops_are_kept_out():
     failed.reward = RewardResult(float("nan"), float("nan"), 0.0, float("nan"), judge_ok=False, drop=True)
     kept, failures = keep_judged([a, failed, b])
     assert kept == [a, b] and failures == 1
+
+
+def test_resumed_sink_drops_the_rows_of_redone_steps(tmp_path):
+    import json
+
+    from trainer.metrics import MetricsSink
+
+    sink = MetricsSink(tmp_path, tensorboard=False, ray_metrics=False)
+    for step in (1, 2, 3):  # the run died after writing step 3; its last checkpoint is step 2
+        sink.write(step, {"reward/score": float(step)})
+    sink.close()
+    again = MetricsSink(tmp_path, tensorboard=False, ray_metrics=False, start_step=3)
+    again.write(3, {"reward/score": 30.0})
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["reward/score"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        again.write(4, {"reward/scroe": 1.0})
+
+
+def test_run_health_stops_on_a_failing_judge_and_warns_on_flat_steps(caplog):
+    from trainer.loop import RunHealth
+
+    cfg = load_config(overrides=["judge.stop_failure_share=0.5", "judge.stop_after_steps=2",
+                                 "trainer.warn_flat_steps=2"])
+    health = RunHealth(cfg)
+
+    def step(failures, flat):
+        return [{"asked": 8, "judge_failures": failures, "groups": 2, "flat_groups": flat}] * 2
+
+    assert health.check(1, step(8, 0)) == ""          # one bad step is not yet a pattern
+    assert health.check(2, step(3, 0)) == ""          # 6/16 < 50%: the count starts again
+    assert health.check(3, step(4, 2)) == ""          # 8/16 = 50%: first failing step
+    with caplog.at_level("WARNING", logger="deepeyes.trainer"):
+        reason = health.check(4, step(8, 2))
+    assert "failed 16 of 16 judgments at step 4" in reason and "2 steps in a row" in reason
+    assert "no gradient signal" in caplog.text and "steps 3-4" in caplog.text
+    never = RunHealth(load_config(overrides=["judge.stop_after_steps=0"]))
+    assert all(never.check(s, step(8, 0)) == "" for s in range(10))

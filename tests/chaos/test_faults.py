@@ -1,0 +1,100 @@
+"""Chaos: the main job under faults, run as a user runs it (`python -m trainer`), asserting the
+outcomes issue 12 names: no silent zero, a run that stops on a dead judge, SIGTERM that unwinds
+(exit 143, nothing left running) and a resume that redoes the lost steps exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
+
+TINY = ["rollout.n=2", "trainer.batch_size=2", "trainer.num_workers=2", "trainer.test_every=0",
+        "trainer.val_rows=2", "rollout.max_new_tokens_per_turn=16", "rollout.max_response_length=128",
+        "data.synthetic_train_rows=8", "data.synthetic_val_rows=2", "model.warm_start=false",
+        "logging.progress=false", "trainer.lr=1e-2"]
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def job(run_dir: Path, cache: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "trainer", f"trainer.run_dir={run_dir}", f"model.cache_dir={cache}", *TINY, *extra]
+
+
+def metric_steps(run_dir: Path) -> list[int]:
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    return [r["step"] for r in rows if "reward/score" in r]
+
+
+def leftovers(marker: str) -> list[str]:
+    """Command lines of live processes that mention marker (a run's own Ray temp dir)."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmd:
+            out.append(f"{pid}: {cmd[:160]}")
+    return out
+
+
+def test_a_dead_judge_stops_the_run_with_a_clear_error(tmp_path, tiny_policy_dir):
+    run_dir = tmp_path / "run"
+    url = f"http://127.0.0.1:{closed_port()}/v1"  # nothing listens: every judgment fails
+    proc = subprocess.run(job(run_dir, str(tiny_policy_dir.parent), "trainer.steps=6", "judge.backend=openai",
+                              f"judge.base_url={url}", "judge.check_at_startup=false", "judge.max_retries=0",
+                              "judge.stop_after_steps=2"),
+                          capture_output=True, text=True, timeout=600)
+    (tmp_path / "job.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "run stopped: the judge failed" in proc.stderr and url in proc.stderr
+    assert metric_steps(run_dir) == [1, 2]  # stopped after the second failing step, not at step 6
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["judge/failures"] > 0 for r in rows if "reward/score" in r)
+    assert json.loads((run_dir / "stopped.json").read_text())["step"] == 2
+
+
+def test_sigterm_unwinds_and_resume_redoes_the_lost_steps_once(tmp_path, tiny_policy_dir):
+    run_dir, temp = tmp_path / "run", f"/tmp/ray-chaos-{os.getpid()}"
+    cache = str(tiny_policy_dir.parent)
+    cmd = job(run_dir, cache, "trainer.steps=5", "trainer.save_every=2", f"ray.temp_dir={temp}")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "step 3/5" in line or not line:
+            break
+    assert any("step 3/5" in l for l in lines), "".join(lines)[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=180)
+    (tmp_path / "job-1.log").write_text("".join(lines) + rest)
+    assert proc.returncode == 143, rest[-3000:]
+    time.sleep(2)
+    assert leftovers(temp) == []  # the cluster this run started is gone, agents included
+    done = metric_steps(run_dir)
+    assert done[:3] == [1, 2, 3]
+
+    again = subprocess.run(cmd + ["trainer.resume=auto"], capture_output=True, text=True, timeout=600)
+    (tmp_path / "job-2.log").write_text(again.stdout + again.stderr)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert metric_steps(run_dir) == [1, 2, 3, 4, 5]  # step 3 redone from the step-2 checkpoint, once
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 5
