@@ -70,26 +70,57 @@ class InvariantError(RuntimeError):
 # parsing and rendering
 
 
+MAX_ARGUMENT_DEPTH = 32  # a real call nests 2 levels; ~500 levels already break pickling the trajectory
+CALL_SHAPE = 'Write <tool_call>{"name": "...", "arguments": {...}}</tool_call>.'
+
+
+def _load_call_json(text: str) -> tuple[Any, str | None]:
+    """json.loads that turns every failure into an error text (DESIGN section 3: an error turn).
+
+    Besides JSONDecodeError, json raises ValueError for an integer of more than 4,300 digits and
+    RecursionError for deep nesting; text the model wrote must never fail the episode.
+    """
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as e:
+        return None, f"Error: the tool call is not valid JSON ({e.msg} at char {e.pos}). {CALL_SHAPE}"
+    except RecursionError:
+        return None, f"Error: the tool call JSON nests too deeply. {CALL_SHAPE}"
+    except ValueError:  # int of too many digits (sys.get_int_max_str_digits)
+        return None, f"Error: the tool call JSON holds a number with too many digits. {CALL_SHAPE}"
+
+
+def _nesting_depth(obj: Any) -> int:
+    """Levels of dict/list nesting (iterative: the object may be as deep as json allows)."""
+    depth, stack = 0, [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, (dict, list)):
+            depth = max(depth, d)
+            stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
+    return depth
+
+
 def parse_tool_calls(text: str, enabled: list[str]) -> list[tuple[str, dict[str, Any] | None, str | None]]:
     """Every <tool_call> block as (name, arguments, error); error is None for a well-formed call."""
     calls: list[tuple[str, dict[str, Any] | None, str | None]] = []
     for body in TOOL_CALL_RE.findall(text):
-        try:
-            obj = json.loads(body.strip())
-        except json.JSONDecodeError as e:
-            calls.append(("", None, f"Error: the tool call is not valid JSON ({e.msg} at char {e.pos}). "
-                                    'Write <tool_call>{"name": "...", "arguments": {...}}</tool_call>.'))
+        obj, error = _load_call_json(body.strip())
+        if error is not None:
+            calls.append(("", None, error))
             continue
         name = obj.get("name") if isinstance(obj, dict) else None
         args = obj.get("arguments", {}) if isinstance(obj, dict) else None
         if isinstance(args, str):  # some models emit arguments as a JSON string
-            try:
-                args = json.loads(args)
-            except json.JSONDecodeError:
-                args = None
-        if not isinstance(name, str) or not isinstance(args, dict):
-            calls.append((name if isinstance(name, str) else "", None,
-                          'Error: a tool call needs {"name": <string>, "arguments": <object>}.'))
+            args, error = _load_call_json(args)
+        name = name if isinstance(name, str) else ""
+        if error is not None:
+            calls.append((name, None, error.replace("the tool call", "the tool call's arguments", 1)))
+        elif not name or not isinstance(args, dict):
+            calls.append((name, None, 'Error: a tool call needs {"name": <string>, "arguments": <object>}.'))
+        elif _nesting_depth(args) > MAX_ARGUMENT_DEPTH:
+            calls.append((name, None, f"Error: the tool call's arguments nest more than {MAX_ARGUMENT_DEPTH} "
+                                      f"levels. {CALL_SHAPE}"))
         elif name not in enabled:
             calls.append((name, args, f"Error: unknown tool '{name}'. Available tools: {', '.join(enabled)}."))
         else:

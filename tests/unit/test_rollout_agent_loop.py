@@ -210,6 +210,37 @@ def test_parse_tool_calls_shapes():
     assert parse_tool_calls("<tool_call> unterminated", ["image_zoom_in_tool"]) == []
 
 
+HUGE_INT = "1" * 5000          # > 4,300 digits: int() refuses it (ValueError, not a JSONDecodeError)
+DEEP = "[" * 5000 + "]" * 5000   # nests past the recursion limit (RecursionError)
+HOSTILE_CALLS = {
+    "huge int": '{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [%s, 2, 3, 4]}}' % HUGE_INT,
+    "deep": '{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": %s}}' % DEEP,
+    "huge int in string arguments": '{"name": "image_zoom_in_tool", "arguments": "{\\"bbox_2d\\": [%s, 2, 3, 4]}"}' % HUGE_INT,
+    "deep in string arguments": '{"name": "image_zoom_in_tool", "arguments": "%s"}' % DEEP,
+    # parses, but 600 levels cannot be pickled back through a Serve handle (pickle's own limit)
+    "deep but parseable": '{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": %s}}' % ("[" * 600 + "]" * 600),
+}
+
+
+@pytest.mark.parametrize("kind", list(HOSTILE_CALLS))
+def test_hostile_tool_call_json_is_an_error_call(kind):
+    (call,) = parse_tool_calls(f"<tool_call>{HOSTILE_CALLS[kind]}</tool_call>", ["image_zoom_in_tool"])
+    name, args, error = call
+    assert args is None and error is not None and error.startswith("Error: ") and len(error) < 300
+
+
+def test_hostile_tool_call_json_is_an_error_turn_not_a_crash(io):
+    import pickle
+
+    texts = [f"<tool_call>{HOSTILE_CALLS[k]}</tool_call>" for k in HOSTILE_CALLS] + [ANSWER]
+    cfg = RolloutConfig(max_response_length=60000, max_new_tokens_per_turn=30000, max_prompt_length=8192,
+                        max_assistant_turns=len(texts))
+    traj, _, tool = run(io, texts, cfg=cfg)
+    assert tool.seen == [] and traj.finish_reason == "answer"
+    assert [(r.ok, r.executed, r.appended) for r in traj.tool_calls] == [(False, True, True)] * len(HOSTILE_CALLS)
+    pickle.dumps(traj)  # what a Serve handle does with it
+
+
 def test_score_request_carries_calls_and_crops(io):
     from services.judge.reward import RewardResult, ScoreRequest
 
