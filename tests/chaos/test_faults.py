@@ -98,3 +98,39 @@ def test_sigterm_unwinds_and_resume_redoes_the_lost_steps_once(tmp_path, tiny_po
     assert again.returncode == 0, again.stderr[-3000:]
     assert metric_steps(run_dir) == [1, 2, 3, 4, 5]  # step 3 redone from the step-2 checkpoint, once
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 5
+
+
+def train_workers() -> list[int]:
+    """PIDs of live Ray Train workers (tests run one job at a time, so these are that job's)."""
+    pids = []
+    for pid in os.listdir("/proc"):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") if pid.isdigit() else ""
+        except OSError:
+            continue
+        if cmd.startswith("ray::RayTrainWorker"):
+            pids.append(int(pid))
+    return pids
+
+
+def test_a_killed_train_worker_restarts_from_the_latest_checkpoint(tmp_path, tiny_policy_dir):
+    run_dir = tmp_path / "run"
+    cmd = job(run_dir, str(tiny_policy_dir.parent), "trainer.steps=5", "trainer.save_every=2",
+              "trainer.max_failures=1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "step 3/5" in line or not line:
+            break
+    victims = train_workers()
+    assert victims, "".join(lines)[-3000:]
+    os.kill(victims[-1], signal.SIGKILL)
+    rest, _ = proc.communicate(timeout=600)
+    log = "".join(lines) + rest
+    (tmp_path / "job.log").write_text(log)
+    assert proc.returncode == 0, log[-4000:]
+    assert "worker group restarted: resuming from" in log
+    assert metric_steps(run_dir) == [1, 2, 3, 4, 5]  # the lost steps redone once, nothing doubled
