@@ -21,7 +21,9 @@ import time
 import uuid
 from typing import Any, Coroutine, TypeVar
 
-from fastapi import FastAPI, Header, HTTPException
+from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.util import metrics
@@ -38,27 +40,30 @@ from services.judge.scoring import (JudgeFailure, VerdictCache, apply_failure_po
 __all__ = ["JudgeService", "build_app", "check_reachable"]
 
 MAX_CHAT_TOKENS = 512  # cap of the chat route: the judge replies with a word, not an essay
+# Request caps: far above a real episode (a response of many turns, a long question), far below
+# what would make one request cost seconds of CPU.
+MAX_RESPONSE_CHARS, MAX_TEXT_CHARS, MAX_COUNT = 1_000_000, 100_000, 1_000_000
 
 
 class ChatMessage(BaseModel):
-    role: str
-    content: str
+    role: str = Field(max_length=32)
+    content: str = Field(max_length=2 * MAX_TEXT_CHARS)
 
 
 class ChatCompletionRequest(BaseModel):
-    model: str = ""
-    messages: list[ChatMessage] = Field(min_length=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    model: str = Field(default="", max_length=512)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=64)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_CHAT_TOKENS)
 
 
 class ScoreBody(BaseModel):
-    response_text: str
-    question: str
-    ground_truth: str
-    data_source: str = ""
-    tool_calls: int = Field(default=0, ge=0)
-    crops: int = Field(default=0, ge=0)
+    response_text: str = Field(max_length=MAX_RESPONSE_CHARS)
+    question: str = Field(max_length=MAX_TEXT_CHARS)
+    ground_truth: str = Field(max_length=MAX_TEXT_CHARS)
+    data_source: str = Field(default="", max_length=256)
+    tool_calls: int = Field(default=0, ge=0, le=MAX_COUNT)
+    crops: int = Field(default=0, ge=0, le=MAX_COUNT)
 
 
 class _Metrics:
@@ -81,6 +86,15 @@ class _Metrics:
 
 
 api = FastAPI(title="deepeyes judge")
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming each bad field, without echoing the input: FastAPI's own handler echoed it and
+    failed to encode a NaN (a 500), and a caller's input is not ours to reflect back."""
+    detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+              for e in exc.errors()]
+    return JSONResponse({"detail": detail}, status_code=422)
 
 
 @serve.deployment

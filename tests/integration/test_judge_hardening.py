@@ -1,0 +1,64 @@
+"""The judge's HTTP routes under hostile requests (issue 12): a clean 4xx, never a 500, and no
+echo of the input to a caller without the token."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+TOKEN_ENV = "DEEPEYES_TEST_JUDGE_HARDENING_TOKEN"
+VALID = {"response_text": "<think>t</think><answer>blue</answer>", "question": "What colour?",
+         "ground_truth": "blue"}
+
+
+@pytest.fixture(scope="module")
+def judge_url(ray_cluster):
+    from ray import serve
+
+    from deepeyes.config import load_config
+    from services.judge.app import JudgeService
+
+    cfg = load_config(overrides=["judge.backend=rule", f"serve.auth_token_env={TOKEN_ENV}"])
+    opts = {"num_cpus": 0.1, "runtime_env": {"env_vars": {TOKEN_ENV: "s3cret"}}}
+    serve.run(JudgeService.options(num_replicas=1, ray_actor_options=opts).bind(cfg),
+              name="judge-hardening", route_prefix="/judge-hardening")
+    yield f"http://127.0.0.1:{ray_cluster['http_port']}/judge-hardening"
+    serve.delete("judge-hardening")
+
+
+def _post(url: str, raw: str, token: str | None = "s3cret"):
+    import httpx
+
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return httpx.post(url, content=raw.encode(), headers=headers, timeout=30)
+
+
+@pytest.mark.parametrize("field,value", [("crops", "NaN"), ("tool_calls", "Infinity"), ("crops", "-1"),
+                                         ("tool_calls", "1e300"), ("crops", "2.5")])
+def test_score_route_answers_non_finite_or_negative_counts_with_a_clean_422(judge_url, field, value):
+    # Python's json reads NaN/Infinity; FastAPI's 422 echoed them and then failed to encode (500).
+    body = json.dumps(VALID)[:-1] + f', "{field}": {value}}}'
+    r = _post(f"{judge_url}/score", body)
+    assert r.status_code == 422, r.text
+    errors = r.json()["detail"]
+    assert [e["loc"][-1] for e in errors] == [field]
+
+
+def test_score_route_caps_string_lengths(judge_url):
+    r = _post(f"{judge_url}/score", json.dumps(dict(VALID, ground_truth="x" * 100_001)))
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "ground_truth"
+    ok = _post(f"{judge_url}/score", json.dumps(VALID))
+    assert ok.status_code == 200 and ok.json()["acc"] == 1.0
+
+
+def test_chat_route_answers_a_nan_temperature_with_a_clean_422(judge_url):
+    body = '{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}'
+    r = _post(f"{judge_url}/v1/chat/completions", body)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"][-1] == "temperature"
+
