@@ -17,6 +17,7 @@ route_prefix="/judge")` or `serve deploy deploy/serve.yaml`.
 
 import asyncio
 import concurrent.futures
+import json
 import time
 import uuid
 from typing import Any, Coroutine, TypeVar
@@ -24,7 +25,7 @@ from typing import Any, Coroutine, TypeVar
 from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 from ray.util import metrics
 
@@ -86,6 +87,12 @@ class _Metrics:
 
 
 api = FastAPI(title="deepeyes judge")
+BodyT = TypeVar("BodyT", bound=BaseModel)
+
+
+def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    # the handlers read the raw request (token first), so the schema is stated for the docs
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
 @api.exception_handler(RequestValidationError)
@@ -163,9 +170,20 @@ class JudgeService:
         if not authorized(header, self.token):
             raise HTTPException(401, f"missing or wrong bearer token (set by ${self.cfg.serve.auth_token_env})")
 
-    @api.post("/score")
-    async def score_http(self, body: ScoreBody, authorization: str | None = Header(default=None)) -> dict[str, Any]:
-        self._auth(authorization)
+    async def _authorized_body(self, request: Request, model: type[BodyT]) -> BodyT:
+        """The token first, then the body: a caller without the token gets a 401 before a byte
+        of its body is read (FastAPI parses a typed body parameter before any handler code)."""
+        self._auth(request.headers.get("authorization"))
+        try:
+            return model.model_validate(json.loads(await request.body()))
+        except (ValueError, RecursionError) as e:  # bad JSON, too deep, invalid: a clean 422
+            errors = e.errors() if isinstance(e, ValidationError) else [
+                {"loc": ["body"], "msg": f"invalid JSON: {e}", "type": "json_invalid"}]
+            raise RequestValidationError(errors) from None
+
+    @api.post("/score", openapi_extra=_body_schema(ScoreBody))
+    async def score_http(self, request: Request) -> dict[str, Any]:
+        body = await self._authorized_body(request, ScoreBody)
         try:
             return (await self.score(ScoreRequest(**body.model_dump()))).to_dict()
         except JudgeFailure as e:
@@ -185,10 +203,9 @@ class JudgeService:
         return {"object": "list", "data": [{"id": self.cfg.judge.hf_model_path, "object": "model",
                                             "created": 0, "owned_by": "deepeyes-ray"}]}
 
-    @api.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest,
-                               authorization: str | None = Header(default=None)) -> dict[str, Any]:
-        self._auth(authorization)
+    @api.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
+    async def chat_completions(self, request: Request) -> dict[str, Any]:
+        body = await self._authorized_body(request, ChatCompletionRequest)
         generator = self._generator()
         jc = self.cfg.judge
         text, prompt_tokens, completion_tokens = await generator.generate(

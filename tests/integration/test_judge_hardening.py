@@ -62,3 +62,20 @@ def test_chat_route_answers_a_nan_temperature_with_a_clean_422(judge_url):
     assert r.status_code == 422, r.text
     assert r.json()["detail"][0]["loc"][-1] == "temperature"
 
+
+@pytest.mark.parametrize("route", ["/score", "/v1/chat/completions"])
+@pytest.mark.parametrize("token", [None, "wrong"])
+def test_token_is_checked_before_the_body_is_read(judge_url, route, token):
+    # a caller without the token learns nothing about validation: 401, its input not echoed
+    marker = "ECHO-ME-" + "q" * 20
+    for raw in ('{"crops": NaN, "question": "%s"}' % marker, '{"messages": [], "model": "%s"}' % marker,
+                "not json " + marker, json.dumps(dict(VALID, question=marker))):
+        r = _post(f"{judge_url}{route}", raw, token=token)
+        assert r.status_code == 401, r.text
+        assert marker not in r.text and "bearer token" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("raw", ["not json", "[" * 100_000, '"\\ud800', "[1]"])
+def test_score_route_answers_bodies_that_are_not_an_object_with_a_clean_422(judge_url, raw):
+    r = _post(f"{judge_url}/score", raw)
+    assert r.status_code == 422, r.text
