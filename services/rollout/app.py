@@ -19,7 +19,7 @@ import ray
 import torch
 from fastapi import FastAPI, Header, HTTPException
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.util import metrics
@@ -29,9 +29,9 @@ from deepeyes.policy import resolve_policy_path
 from deepeyes.serving import APP_NAMES, DEPLOYMENT_NAMES, authorized, bearer_token, config_from_args, deployment_options
 from services.judge.reward import RewardResult, ScoreRequest
 from services.rollout.agent_loop import ScoreFn, ToolFn, ToolOutcome, run_episode
-from services.rollout.engines import Engine, load_hf_engine
+from services.rollout.engines import Engine, check_sampling, load_hf_engine
 from services.rollout.trajectory import Trajectory
-from services.rollout.types import EpisodeRequest, PolicyIO
+from services.rollout.types import EPISODE_SEED_LIMIT, EpisodeRequest, PolicyIO
 from services.rollout.weights import get_weight_store
 from services.tools.app import image_arg
 
@@ -50,9 +50,16 @@ class EpisodeBody(BaseModel):
     uid: str = "http"
     group_id: str = "http"
     min_version: int = 0
-    temperature: float | None = None
+    temperature: float | None = Field(None, description="0 (greedy) or in [0.01, 10]; None = the config's")
     greedy: bool = False
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=EPISODE_SEED_LIMIT)
+
+    @field_validator("temperature")
+    @classmethod
+    def _sane_temperature(cls, v: float | None) -> float | None:  # NaN, 1e-320, 1e9 -> 422
+        if v is not None:
+            check_sampling(v, None)
+        return v
 
 
 class EpisodeSummary(BaseModel):

@@ -25,9 +25,25 @@ from deepeyes.config import ModelConfig, RolloutConfig
 from deepeyes.policy import Policy, load_policy, mrope_positions
 
 
+MIN_TEMPERATURE = 1e-2  # below it sampling is argmax in practice (and 1e-320 makes logits / T inf): use 0
+MAX_TEMPERATURE = 10.0  # above it the sample is noise
+SEED_LIMIT = 2**64      # torch.Generator.manual_seed takes seeds in [0, 2**64)
+
+
+def check_sampling(temperature: float, seed: int | None, seed_limit: int = SEED_LIMIT) -> None:
+    """Raises ValueError unless temperature is 0 (greedy) or in [MIN_TEMPERATURE, MAX_TEMPERATURE]
+    and seed is None or in [0, seed_limit): the one rule for every boundary (HTTP body, episode
+    request, engine call), so a bad value is refused there instead of failing a batched decode."""
+    if not (temperature == 0.0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):  # NaN fails both
+        raise ValueError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
+                         f"got {temperature!r}")
+    if seed is not None and not (isinstance(seed, int) and 0 <= seed < seed_limit):
+        raise ValueError(f"seed must be an integer in [0, {seed_limit}), got {seed!r}")
+
+
 @dataclass
 class SamplingParams:
-    """Sampling settings of one generate call. temperature 0 = greedy."""
+    """Sampling settings of one generate call. temperature 0 = greedy (check_sampling on creation)."""
 
     max_new_tokens: int
     temperature: float = 1.0
@@ -36,6 +52,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
     banned_token_ids: list[int] = field(default_factory=list)  # never sampled (e.g. <|image_pad|>)
+
+    def __post_init__(self) -> None:
+        check_sampling(self.temperature, self.seed)
 
     @property
     def greedy(self) -> bool:
@@ -198,22 +217,37 @@ class HFEngine:
             async with self._lock:
                 t0 = time.perf_counter()
                 try:
-                    results = await asyncio.to_thread(
-                        self.generate_batch_sync, [(p.prompt_ids, p.images, p.sampling) for p in batch])
-                except Exception as e:  # hand the failure to every waiter, keep serving
-                    for p in batch:
-                        if not p.future.done():
-                            p.future.set_exception(e)
-                    continue
+                    results = await self._run_isolated(batch)
                 finally:
                     self.busy_s += time.perf_counter() - t0
             self.batch_sizes[len(batch)] += 1
             if self.on_batch is not None:
                 self.on_batch(len(batch))
             for p, r in zip(batch, results):
-                self.tokens_generated += len(r.token_ids)
-                if not p.future.done():
+                if p.future.done():
+                    continue
+                if isinstance(r, BaseException):
+                    p.future.set_exception(r)
+                else:
+                    self.tokens_generated += len(r.token_ids)
                     p.future.set_result(r)
+
+    async def _run_isolated(self, batch: list[_Pending]) -> list[GenerateResult | Exception]:
+        """The batch in one decode; if that raises, each request alone, so that a request that
+        breaks the decode fails by itself and never its batch mates (the good path stays batched)."""
+        try:
+            return await asyncio.to_thread(
+                self.generate_batch_sync, [(p.prompt_ids, p.images, p.sampling) for p in batch])
+        except Exception as e:
+            if len(batch) == 1:
+                return [e]
+        out: list[GenerateResult | Exception] = []
+        for p in batch:
+            try:
+                out += await asyncio.to_thread(self.generate_batch_sync, [(p.prompt_ids, p.images, p.sampling)])
+            except Exception as e:
+                out.append(e)
+        return out
 
     def _load_sync(self, state_dict: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():

@@ -14,6 +14,9 @@ from typing import Any, Sequence
 from PIL import Image
 
 from deepeyes.policy import load_image_processor, resize_for_model
+from services.rollout.engines import check_sampling
+
+EPISODE_SEED_LIMIT = 2**63  # the loop seeds turn t with seed + t: room left below the engine's 2**64
 
 
 @dataclass
@@ -25,7 +28,8 @@ class EpisodeRequest:
     (the rollout brings it to the model frame; the trainer sends it there already, which keeps
     the n copies of a prompt small).
     `min_version`: the replica must serve this with policy version >= min_version.
-    Sampling: `greedy` wins over `temperature`; `temperature=None` means the config's.
+    Sampling: `greedy` wins over `temperature`; `temperature=None` means the config's. Checked on
+    creation (engines.check_sampling; seed in [0, EPISODE_SEED_LIMIT)): ValueError names the field.
     """
 
     uid: str
@@ -40,6 +44,9 @@ class EpisodeRequest:
     temperature: float | None = None
     greedy: bool = False
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        check_sampling(0.0 if self.temperature is None else self.temperature, self.seed, EPISODE_SEED_LIMIT)
 
 
 @dataclass

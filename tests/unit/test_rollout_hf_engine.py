@@ -151,3 +151,23 @@ def test_check_health_reports_a_dead_batch_worker(policy):
         waiter.cancel()
 
     asyncio.run(main())
+
+
+def test_one_bad_request_fails_alone_and_its_batch_mates_succeed(policy):
+    """Issue 12 item 1: a request that breaks the batched decode (here a NaN temperature that got
+    past validation: multinomial raises) fails alone; its 7 batch mates get their own samples."""
+    eng = HFEngine(policy, batch_wait_ms=500.0)
+    reqs = [prompt(policy, 2 + i, "red", (56, 56)) + (SamplingParams(4, 1.0, seed=i),) for i in range(8)]
+    bad = SamplingParams(4, 1.0, seed=99)
+    bad.temperature = float("nan")  # what a batch saw before the boundary validated it
+    reqs[3] = reqs[3][:2] + (bad,)
+
+    async def main():
+        return await asyncio.gather(*(eng.generate(*r) for r in reqs), return_exceptions=True)
+
+    out = asyncio.run(main())
+    assert isinstance(out[3], RuntimeError)
+    for i, r in enumerate(reqs):
+        if i != 3:
+            assert out[i].token_ids == eng.generate_batch_sync([r])[0].token_ids
+    assert eng.batch_sizes[8] == 1  # they did share one batch
