@@ -46,16 +46,58 @@ MAX_CHAT_TOKENS = 512  # cap of the chat route: the judge replies with a word, n
 MAX_RESPONSE_CHARS, MAX_TEXT_CHARS, MAX_COUNT = 1_000_000, 100_000, 1_000_000
 
 
+class OpenAIError(HTTPException):
+    """An error of the OpenAI-compatible routes, in OpenAI's body shape so that the official
+    client's exception carries the message and the parameter at fault."""
+
+    def __init__(self, status_code: int, message: str, param: str | None = None) -> None:
+        super().__init__(status_code, message)
+        self.param = param
+
+
+class ContentPart(BaseModel):
+    type: str = Field(max_length=32)
+    text: str | None = Field(default=None, max_length=2 * MAX_TEXT_CHARS)
+
+
 class ChatMessage(BaseModel):
     role: str = Field(max_length=32)
-    content: str = Field(max_length=2 * MAX_TEXT_CHARS)
+    content: str | list[ContentPart] = Field(max_length=2 * MAX_TEXT_CHARS)
+
+    def text(self) -> str:
+        """The content as one string: text parts joined by newlines (what vLLM does)."""
+        if isinstance(self.content, str):
+            return self.content
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise OpenAIError(400, f"content part of type {part.type!r}: the judge's chat route "
+                                       f"takes text parts only", param="messages")
+        return "\n".join(part.text for part in self.content)
 
 
 class ChatCompletionRequest(BaseModel):
+    """The OpenAI fields the route honours; `stream`, `n` > 1 and `stop` are refused by name
+    (a client would otherwise get a silently different answer)."""
+
     model: str = Field(default="", max_length=512)
     messages: list[ChatMessage] = Field(min_length=1, max_length=64)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_CHAT_TOKENS)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_CHAT_TOKENS)
+    stream: bool = False
+    n: int = Field(default=1, ge=1)
+    stop: str | list[str] | None = None
+
+    def refuse_unsupported(self) -> None:
+        """Raise OpenAIError(400) naming the first parameter this route does not implement."""
+        if self.stream:
+            raise OpenAIError(400, "stream=true is not supported by the judge's chat route "
+                                   "(it answers one JSON body)", param="stream")
+        if self.n > 1:
+            raise OpenAIError(400, f"n={self.n} is not supported by the judge's chat route "
+                                   f"(one choice per request)", param="n")
+        if self.stop:
+            raise OpenAIError(400, "stop is not supported by the judge's chat route", param="stop")
 
 
 class ScoreBody(BaseModel):
@@ -93,6 +135,12 @@ BodyT = TypeVar("BodyT", bound=BaseModel)
 def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
     # the handlers read the raw request (token first), so the schema is stated for the docs
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+@api.exception_handler(OpenAIError)
+async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
+    return JSONResponse({"error": {"message": exc.detail, "type": "invalid_request_error",
+                                   "param": exc.param, "code": None}}, status_code=exc.status_code)
 
 
 @api.exception_handler(RequestValidationError)
@@ -192,8 +240,9 @@ class JudgeService:
     def _generator(self) -> HFGenerator:
         generator = getattr(self.judge, "generator", None)
         if generator is None:
-            raise HTTPException(404, f"the chat route fronts the hf judge backend; this service runs "
-                                     f"judge.backend={self.cfg.judge.backend} (set judge.backend=hf)")
+            raise OpenAIError(404, f"the chat route needs an LLM judge backend and fronts the hf one; "
+                                   f"this service runs judge.backend={self.cfg.judge.backend}, which has "
+                                   f"no model (set judge.backend=hf)")
         return generator
 
     @api.get("/v1/models")
@@ -207,14 +256,16 @@ class JudgeService:
     async def chat_completions(self, request: Request) -> dict[str, Any]:
         body = await self._authorized_body(request, ChatCompletionRequest)
         generator = self._generator()
+        body.refuse_unsupported()
         jc = self.cfg.judge
-        text, prompt_tokens, completion_tokens = await generator.generate(
-            [m.model_dump() for m in body.messages], body.max_tokens or jc.max_tokens,
+        text, prompt_tokens, completion_tokens, finish_reason = await generator.generate(
+            [{"role": m.role, "content": m.text()} for m in body.messages],
+            body.max_completion_tokens or body.max_tokens or jc.max_tokens,
             jc.temperature if body.temperature is None else body.temperature)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:16]}", "object": "chat.completion",
             "created": int(time.time()), "model": body.model or jc.hf_model_path,
-            "choices": [{"index": 0, "finish_reason": "stop",
+            "choices": [{"index": 0, "finish_reason": finish_reason,
                          "message": {"role": "assistant", "content": text}}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},

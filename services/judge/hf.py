@@ -70,7 +70,8 @@ class HFGenerator:
     def render(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def _generate_batch(self, prompts: list[str], max_tokens: int, temperature: float) -> list[tuple[str, int, int]]:
+    def _generate_batch(self, prompts: list[str], max_tokens: int,
+                        temperature: float) -> list[tuple[str, int, int, str]]:
         import torch
 
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -81,17 +82,21 @@ class HFGenerator:
                                       top_k=None, pad_token_id=self.tokenizer.pad_token_id)
         self.generate_calls += 1
         width = enc["input_ids"].shape[1]
+        eos = self.model.generation_config.eos_token_id
+        eos = torch.tensor(eos if isinstance(eos, list) else [eos])
         results = []
         for i in range(len(prompts)):
             new = out[i, width:]
             text = self.tokenizer.decode(new, skip_special_tokens=True)
             prompt_tokens = int(enc["attention_mask"][i].sum())
-            results.append((text, prompt_tokens, int((new != self.tokenizer.pad_token_id).sum())))
+            # OpenAI's finish_reason: "stop" when the model ended it, "length" when max_tokens cut it
+            finish = "stop" if bool(torch.isin(new, eos).any()) else "length"
+            results.append((text, prompt_tokens, int((new != self.tokenizer.pad_token_id).sum()), finish))
         return results
 
     async def generate(self, messages: list[dict[str, str]], max_tokens: int,
-                       temperature: float) -> tuple[str, int, int]:
-        """-> (text, prompt tokens, completion tokens)."""
+                       temperature: float) -> tuple[str, int, int, str]:
+        """-> (text, prompt tokens, completion tokens, finish reason: "stop" or "length")."""
         if self._worker is None or self._worker.done():
             self._queue = asyncio.Queue()
             self._worker = asyncio.get_running_loop().create_task(self._run())
@@ -144,5 +149,5 @@ class HFJudge(ChatJudge):
 
     async def complete(self, messages: list[dict[str, str]]) -> str:
         self.calls += 1
-        text, _, _ = await self.generator.generate(messages, self.cfg.max_tokens, self.cfg.temperature)
+        text, *_ = await self.generator.generate(messages, self.cfg.max_tokens, self.cfg.temperature)
         return text

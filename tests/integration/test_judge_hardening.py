@@ -79,3 +79,12 @@ def test_token_is_checked_before_the_body_is_read(judge_url, route, token):
 def test_score_route_answers_bodies_that_are_not_an_object_with_a_clean_422(judge_url, raw):
     r = _post(f"{judge_url}/score", raw)
     assert r.status_code == 422, r.text
+
+
+def test_chat_route_on_the_rule_backend_says_it_needs_an_llm_backend(judge_url):
+    import openai
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{judge_url}/v1", api_key="s3cret", max_retries=0, timeout=30)
+    with pytest.raises(openai.NotFoundError, match="needs an LLM judge backend.*judge.backend=rule"):
+        client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}])

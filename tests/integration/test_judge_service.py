@@ -139,3 +139,31 @@ def test_score_route_over_http_with_a_bearer_token(ray_cluster):
         assert bad.status_code == 422  # a malformed body is answered, not a crash
     finally:
         serve.delete("judge-auth")
+
+
+def test_chat_route_honours_or_refuses_each_openai_parameter(judge_app):
+    """Each parameter the official client sends is honoured or refused with a 400 naming it."""
+    import openai
+    from openai import OpenAI
+
+    client = OpenAI(base_url=judge_app["base_url"], api_key="unused", max_retries=0, timeout=60)
+    msgs = [{"role": "user", "content": "Is the answer correct?"}]
+    for kwargs, name in [({"stream": True}, "stream"), ({"n": 3}, "n"), ({"stop": ["\n"]}, "stop")]:
+        with pytest.raises(openai.BadRequestError, match=name):
+            out = client.chat.completions.create(model="tiny-text", messages=msgs, max_tokens=2, **kwargs)
+            list(out) if kwargs.get("stream") else None
+    capped = client.chat.completions.create(model="tiny-text", messages=msgs, max_completion_tokens=2)
+    assert 1 <= capped.usage.completion_tokens <= 2
+    # greedy on the random tiny model: its first token is not end-of-text, so one token is a cut
+    cut = client.chat.completions.create(model="tiny-text", messages=msgs, max_tokens=1, temperature=0.0)
+    assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 1
+    parts = [{"type": "text", "text": "Is the answer"}, {"type": "text", "text": "correct?"}]
+    as_parts = client.chat.completions.create(model="tiny-text", max_tokens=3, temperature=0.0,
+                                              messages=[{"role": "user", "content": parts}])
+    as_text = client.chat.completions.create(model="tiny-text", max_tokens=3, temperature=0.0,
+                                             messages=[{"role": "user", "content": "Is the answer\ncorrect?"}])
+    assert as_parts.choices[0].message.content == as_text.choices[0].message.content
+    assert as_parts.usage.prompt_tokens == as_text.usage.prompt_tokens
+    image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
+    with pytest.raises(openai.BadRequestError, match="image_url"):
+        client.chat.completions.create(model="tiny-text", messages=[{"role": "user", "content": image}])
