@@ -13,11 +13,13 @@ import base64
 import io
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import ray
 import torch
-from fastapi import FastAPI, Header, HTTPException
+from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from PIL import Image
 from pydantic import BaseModel, Field, field_validator
 from ray import serve
@@ -39,17 +41,37 @@ WEIGHT_FETCH_TIMEOUT_S = 300.0   # fetching a published state dict from the obje
 JUDGE_PROBE_EVERY_S = 10.0       # how often a replica looks again for a judge app that is absent
 
 
+class VersionNotPublished(RuntimeError):
+    """An episode asked for a policy version newer than the latest published (HTTP answers 409)."""
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(BaseModel):
+    type: Literal["image"]  # the i-th image part is images_b64[i]
+
+
+class ChatMessage(BaseModel):
+    """A chat message the template can render: anything else is a 422, not a 500 inside it."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]]
+
+
 class EpisodeBody(BaseModel):
     """POST /rollout/episode: one episode; images are base64-encoded files (PNG/JPEG)."""
 
-    messages: list[dict[str, Any]]
+    messages: list[ChatMessage]
     images_b64: list[str] = Field(default_factory=list)
     ground_truth: str = ""
     question: str = ""
     data_source: str = ""
     uid: str = "http"
     group_id: str = "http"
-    min_version: int = 0
+    min_version: int = Field(0, ge=0)
     temperature: float | None = Field(None, description="0 (greedy) or in [0.01, 10]; None = the config's")
     greedy: bool = False
     seed: int | None = Field(None, ge=0, lt=EPISODE_SEED_LIMIT)
@@ -182,6 +204,14 @@ def _replica_tag() -> str:
 http = FastAPI(title="deepeyes rollout (debug routes; trusted networks only)")
 
 
+@http.exception_handler(RequestValidationError)
+async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming each bad field, without FastAPI's echo of the input: a NaN there is not JSON
+    (the default handler then fails with a 500) and the echo hands a caller its own body back."""
+    return JSONResponse(status_code=422, content={"detail": [
+        {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]})
+
+
 @serve.deployment
 @serve.ingress(http)
 class RolloutWorker:
@@ -255,9 +285,11 @@ class RolloutWorker:
                 im.load()
         except Exception as e:
             raise HTTPException(400, f"images_b64 must hold base64-encoded image files ({e})") from e
-        req = EpisodeRequest(images=images, **body.model_dump(exclude={"images_b64"}))
         try:
+            req = EpisodeRequest(images=images, **body.model_dump(exclude={"images_b64"}))
             return summarize(await self.run_episode(req))
+        except VersionNotPublished as e:
+            raise HTTPException(409, str(e)) from e
         except ValueError as e:
             raise HTTPException(400, str(e)) from e
 
@@ -275,12 +307,13 @@ class RolloutWorker:
                 return
             store = get_weight_store()
             if store is None:
-                raise RuntimeError(f"episode needs policy version {min_version} but no weights were "
-                                   f"published (publish_weights() creates the WeightStore)")
+                raise VersionNotPublished(
+                    f"episode needs policy version {min_version} but no weights were published (this "
+                    f"replica serves version {self.engine.version}; publish_weights() creates the WeightStore)")
             version, refs = await asyncio.wait_for(store.latest.remote(), WEIGHT_FETCH_TIMEOUT_S)
             if version < min_version:
-                raise RuntimeError(f"episode needs policy version {min_version}; the latest published "
-                                   f"is {version}: publish before requesting it")
+                raise VersionNotPublished(f"episode needs policy version {min_version}; the latest "
+                                          f"published is {version}: publish before requesting it")
             t0 = time.perf_counter()
             state = await asyncio.wait_for(refs[0], WEIGHT_FETCH_TIMEOUT_S)
             await self.engine.load_weights(state, version)

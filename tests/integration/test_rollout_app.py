@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import httpx
 import pytest
@@ -99,6 +100,17 @@ def test_rollout_app_versions_and_scale_out(ray_cluster, tiny_policy_dir):
     assert r.status_code == 200, r.text
     assert r.json()["policy_version"] == 2 and r.json()["num_turns"] >= 2
     assert httpx.get(f"http://127.0.0.1:{ray_cluster['http_port']}/rollout/healthz", timeout=30).json()["ok"]
+
+    # hostile bodies (issue 12 items 1-2): a 4xx that names the cause, never a 500
+    url = f"http://127.0.0.1:{ray_cluster['http_port']}/rollout/episode"
+    bad_content = {**body, "messages": [{"role": "user", "content": 5}]}
+    bad_part = {**body, "messages": [{"role": "user", "content": [{"type": "video"}]}]}
+    for bad in [bad_content, bad_part, {**body, "temperature": float("nan")}, {**body, "seed": 2**70}]:
+        r = httpx.post(url, content=json.dumps(bad), headers={"content-type": "application/json"},
+                       timeout=120)  # json.dumps writes NaN as the attacker's client did
+        assert r.status_code == 422, (bad, r.status_code, r.text)
+    r = httpx.post(url, json={**body, "min_version": 10**9}, timeout=120)
+    assert r.status_code == 409 and "latest published is 2" in r.json()["detail"], r.text
     serve.delete("rollout")
     serve.delete("judge")
 

@@ -34,3 +34,24 @@ def test_sane_sampling_values_pass(good):
     EpisodeRequest(uid="u", group_id="g", messages=MESSAGES, **good)
     SamplingParams(8, **{"temperature": 1.0, **good})
 
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": 5}],                                  # was a 500 TypeError in the template
+    [{"role": "user", "content": [{"type": "video"}]}],
+    [{"role": "user", "content": [{"type": "text"}]}],                 # a text part without text
+    [{"role": "user", "content": [{"type": "text", "text": 5}]}],
+    [{"role": "user", "content": [5]}],
+    [{"role": "wizard", "content": "hi"}],
+    [{"content": "hi"}],
+    ["hi"],
+], ids=str)
+def test_malformed_messages_are_refused_by_the_http_body(messages):
+    """Item 2: message shapes are checked at the boundary (FastAPI answers 422)."""
+    with pytest.raises(pydantic.ValidationError):
+        EpisodeBody(messages=messages)
+
+
+def test_well_formed_messages_reach_the_request_as_plain_dicts():
+    messages = [{"role": "system", "content": "s"},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what?"}]}]
+    assert EpisodeBody(messages=messages).model_dump()["messages"] == messages
