@@ -1,6 +1,8 @@
 """Encoded images in, with the size checked before any decoding (the one decoder of untrusted bytes).
 
-`decode_image` checks the byte size, then the pixel count read from the header, before a single
+`to_rgb` is the project's one conversion to RGB: transparent pixels are composited over white, as
+Qwen's own `qwen_vl_utils.to_rgb` does (a plain `convert("RGB")` drops alpha and shows the stored
+colour, often black). `decode_image` checks the byte size, then the pixel count read from the header, before a single
 pixel is decoded, so a decompression bomb costs a header read. Its callers: the tool service's
 HTTP route and byte arguments (`services.tools.image_io`), and the data rows (`deepeyes.data.Row`).
 Pure Python, PIL only.
@@ -22,9 +24,20 @@ class ImageTooLargeError(ImageDecodeError):
     """The encoded size or the header's pixel count is over its cap (the tool route answers 413)."""
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The image in RGB, pixels with alpha (RGBA, LA, PA, P or RGB with a transparency key)
+    composited over white; an RGB image without transparency comes back as is."""
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image
+    if image.has_transparency_data:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def decode_image(data: bytes, *, max_pixels: int, max_bytes: int | None = None,
                  cap_key: str = "tools.max_image_pixels") -> Image.Image:
-    """Bytes of an encoded image (PNG, JPEG, WebP, ...) -> an RGB PIL image, first frame.
+    """Bytes of an encoded image (PNG, JPEG, WebP, ...) -> an RGB PIL image (`to_rgb`), first frame.
 
     Args:
         data: the encoded image.
@@ -52,7 +65,7 @@ def decode_image(data: bytes, *, max_pixels: int, max_bytes: int | None = None,
                 raise ImageTooLargeError(f"image is {w}x{h} = {w * h} pixels, over the cap of "
                                        f"{max_pixels} ({cap_key}): downscale it first")
             image.load()
-            return image.convert("RGB") if image.mode != "RGB" else image
+            return to_rgb(image)
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:

@@ -27,6 +27,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.util import metrics
 
 from deepeyes.config import Config
+from deepeyes.images import to_rgb
 from deepeyes.policy import resolve_policy_path
 from deepeyes.serving import APP_NAMES, DEPLOYMENT_NAMES, authorized, bearer_token, config_from_args, deployment_options
 from services.judge.reward import RewardResult, ScoreRequest
@@ -283,6 +284,7 @@ class RolloutWorker:
             images = [Image.open(io.BytesIO(base64.b64decode(b))) for b in body.images_b64]
             for im in images:
                 im.load()
+            images = [to_rgb(im) for im in images]  # alpha over white, as Qwen's own conversion
         except Exception as e:
             raise HTTPException(400, f"images_b64 must hold base64-encoded image files ({e})") from e
         try:

@@ -378,3 +378,40 @@ def test_cli_synth_and_inspect(tmp_path, capsys):
     with pytest.raises(SystemExit):
         data.main(["--help"])
     assert "synth" in capsys.readouterr().out
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _transparent_images() -> dict[str, Image.Image]:
+    rgba = Image.new("RGBA", (30, 30), (0, 0, 0, 0))  # transparent, stored black
+    rgba.putpixel((1, 0), (0, 0, 0, 128))             # half transparent black
+    rgba.putpixel((2, 0), (200, 10, 10, 255))         # opaque red
+    la = Image.new("LA", (30, 30), (0, 0))
+    pal = Image.new("P", (30, 30), 0)
+    pal.putpalette([0, 0, 0, 200, 10, 10])
+    pal.info["transparency"] = 0                      # palette entry 0 (black) is transparent
+    return {"RGBA": rgba, "LA": la, "P": pal}
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_decode_white_like_the_qwen_reference(mode):
+    """Issue 12 item 13: a transparent pixel stored black used to decode black; Qwen's own
+    conversion (qwen_vl_utils.to_rgb) composites over white, so the project does too."""
+    from deepeyes.images import decode_image
+
+    image = decode_image(_png_bytes(_transparent_images()[mode]), max_pixels=10_000)
+    assert image.mode == "RGB" and image.getpixel((0, 0)) == (255, 255, 255)
+    if mode == "RGBA":  # 0 * a + 255 * (1 - a) with a = 128/255; opaque pixels keep their colour
+        assert image.getpixel((1, 0)) == (127, 127, 127) and image.getpixel((2, 0)) == (200, 10, 10)
+
+
+def test_to_rgb_keeps_rgb_and_grey_images_as_they_are():
+    from deepeyes.images import to_rgb
+
+    rgb = Image.new("RGB", (4, 4), (1, 2, 3))
+    assert to_rgb(rgb) is rgb
+    assert to_rgb(Image.new("L", (4, 4), 7)).getpixel((0, 0)) == (7, 7, 7)
