@@ -25,6 +25,7 @@ from PIL import Image
 from deepeyes.chat import (CHAT_TEMPLATE, QWEN_ADDED_TOKENS, SYSTEM_PROMPT, TOOLS_HEAD, TOOLS_TAIL,
                           ZOOM_IN_SCHEMA)
 from deepeyes.config import DEFAULT_CACHE_DIR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from deepeyes.images import to_rgb
 
 TINY_VERSION = "tiny-qwen2.5-vl-v3"
 PATCH = 14
@@ -71,7 +72,7 @@ def resize_for_model(image: Image.Image, min_pixels: int, max_pixels: int) -> Im
     The processor would do the same resize itself; doing it once up front gives the crop tool
     and the model one shared pixel frame, and the processor's own resize is then the identity.
     """
-    image = image.convert("RGB")
+    image = to_rgb(image)  # transparent pixels over white, as the Qwen reference does
     h, w = smart_resize_hw(image.height, image.width, min_pixels, max_pixels)
     if (w, h) != image.size:
         image = image.resize((w, h), Image.Resampling.BICUBIC)
