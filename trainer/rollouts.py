@@ -15,7 +15,6 @@ from typing import Any, Callable, Sequence
 
 from deepeyes.config import Config
 from deepeyes.policy import resize_for_model
-from services.judge.reward import ScoreRequest
 from services.judge.scoring import JudgeFailure
 from services.rollout.trajectory import Trajectory
 from services.rollout.types import EpisodeRequest
@@ -78,12 +77,6 @@ def run_episodes(handle: Any, reqs: Sequence[EpisodeRequest],
     return out, failed
 
 
-def score_request(t: Trajectory) -> ScoreRequest:
-    return ScoreRequest(response_text=t.response_text, question=t.question, ground_truth=t.ground_truth,
-                        data_source=t.data_source, tool_calls=sum(1 for c in t.tool_calls if c.executed),
-                        crops=t.crops_returned)
-
-
 def score_unscored(judge_handle: Any, trajs: Sequence[Trajectory], timeout_s: float = JUDGE_TIMEOUT_S) -> None:
     """Rewards for episodes the rollout did not score, from the judge app (failure policy applied there)."""
     todo = [t for t in trajs if t.reward is None]
@@ -92,7 +85,7 @@ def score_unscored(judge_handle: Any, trajs: Sequence[Trajectory], timeout_s: fl
     if judge_handle is None:
         raise RuntimeError(f"{len(todo)} episodes came back unscored and no judge app is running: deploy the "
                            f"'judge' app or set rollout.reward=auto")
-    pending = [(t, judge_handle.score.remote(score_request(t))) for t in todo]
+    pending = [(t, judge_handle.score.remote(t.score_request())) for t in todo]
     for t, resp in pending:
         t.reward = resp.result(timeout_s=timeout_s)
 

@@ -213,7 +213,7 @@ async def run_episode(request: EpisodeRequest, *, policy_io: PolicyIO, generate:
     logprobs: list[float] = []
     records: list[ToolCallRecord] = []
     assistant_texts: list[str] = []
-    assistant_turns = observation_turns = crops = 0
+    assistant_turns = observation_turns = 0
     finish = "answer"
 
     for turn in range(cfg.max_assistant_turns):
@@ -287,7 +287,6 @@ async def run_episode(request: EpisodeRequest, *, policy_io: PolicyIO, generate:
         logprobs += [0.0] * len(seg)
         images += new_images
         grids += new_grids
-        crops += len(new_images)
         observation_turns += 1
     else:  # the loop ran out of turns right after an observation: cannot happen (last turn breaks)
         finish = "turn_cap"
@@ -308,10 +307,7 @@ async def run_episode(request: EpisodeRequest, *, policy_io: PolicyIO, generate:
     # REWARD
     if score is not None:
         t0 = time.perf_counter()
-        traj.reward = await score(ScoreRequest(
-            response_text=traj.response_text, question=request.question,
-            ground_truth=request.ground_truth, data_source=request.data_source,
-            tool_calls=sum(1 for r in records if r.executed), crops=crops))
+        traj.reward = await score(traj.score_request())
         timings["judge_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     traj.timings = timings

@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from services.judge.reward import RewardResult
+from services.judge.reward import RewardResult, ScoreRequest
 
 
 @dataclass
@@ -62,3 +62,9 @@ class Trajectory:
     @property
     def crops_returned(self) -> int:
         return sum(1 for c in self.tool_calls if c.ok and c.appended)
+
+    def score_request(self) -> ScoreRequest:
+        """What the judge needs of this episode: the response, executed calls, crops that came back."""
+        return ScoreRequest(response_text=self.response_text, question=self.question,
+                            ground_truth=self.ground_truth, data_source=self.data_source,
+                            tool_calls=sum(1 for c in self.tool_calls if c.executed), crops=self.crops_returned)
