@@ -55,6 +55,19 @@ def leftovers(marker: str) -> list[str]:
     return out
 
 
+def start_until(cmd: list[str], marker: str, timeout_s: float = 600.0) -> tuple[subprocess.Popen, list[str]]:
+    """Start the job and read its output until a line holds marker (or it ends); (process, lines)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if marker in line or not line:
+            break
+    return proc, lines
+
+
 def test_a_dead_judge_stops_the_run_with_a_clear_error(tmp_path, tiny_policy_dir):
     run_dir = tmp_path / "run"
     url = f"http://127.0.0.1:{closed_port()}/v1"  # nothing listens: every judgment fails
@@ -75,14 +88,7 @@ def test_sigterm_unwinds_and_resume_redoes_the_lost_steps_once(tmp_path, tiny_po
     run_dir, temp = tmp_path / "run", f"/tmp/ray-chaos-{os.getpid()}"
     cache = str(tiny_policy_dir.parent)
     cmd = job(run_dir, cache, "trainer.steps=5", "trainer.save_every=2", f"ray.temp_dir={temp}")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if "step 3/5" in line or not line:
-            break
+    proc, lines = start_until(cmd, "step 3/5")
     assert any("step 3/5" in l for l in lines), "".join(lines)[-3000:]
     proc.send_signal(signal.SIGTERM)
     rest, _ = proc.communicate(timeout=180)
@@ -117,14 +123,7 @@ def test_a_killed_train_worker_restarts_from_the_latest_checkpoint(tmp_path, tin
     run_dir = tmp_path / "run"
     cmd = job(run_dir, str(tiny_policy_dir.parent), "trainer.steps=5", "trainer.save_every=2",
               "trainer.max_failures=1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if "step 3/5" in line or not line:
-            break
+    proc, lines = start_until(cmd, "step 3/5")
     victims = train_workers()
     assert victims, "".join(lines)[-3000:]
     os.kill(victims[-1], signal.SIGKILL)
