@@ -80,9 +80,13 @@ class ToolsConfig:
     enabled: list[str] = _f(["image_zoom_in_tool"], "tools declared to the policy, by registry name")
     timeout_s: float = _f(10.0, "per-call timeout of a tool call from the rollout; on expiry the "
                                 "episode gets an error text")
-    max_image_pixels: int = _f(64_000_000, "pixel cap for images sent to the HTTP route "
-                                           "(checked before decoding)")
-    max_request_bytes: int = _f(96 * 1024 * 1024, "body size cap of one HTTP tool request (and of "
+    max_image_pixels: int = _f(36_000_000, "pixel cap of an image sent to the HTTP route or as bytes "
+                                           "(read from the header before decoding; an 8K frame is "
+                                           "33.2 M)")
+    max_concurrent_decodes: int = _f(2, "per tool replica: encoded images decoded at once (HTTP route "
+                                        "and bytes); bounds decode memory to about this many times "
+                                        "12 bytes x max_image_pixels")
+    max_request_bytes: int = _f(32 * 1024 * 1024, "body size cap of one HTTP tool request (and of "
                                                   "encoded image bytes sent through the handle)")
     image_cache_mb: int = _f(512, "per tool replica: decoded images kept by object reference, so the "
                                   "turns of one episode fetch its image once (0 = off)")
@@ -226,6 +230,10 @@ class ServeConfig:
     port: int = _f(8000, "HTTP port of Serve")
     auth_token_env: str = _f("DEEPEYES_API_TOKEN", "env var holding an optional bearer token for the HTTP routes")
     use_running: bool = _f(True, "use Serve apps already running (from serve deploy) instead of deploying")
+    max_request_bytes: int = _f(16 * 1024 * 1024, "body cap of the judge and rollout HTTP routes "
+                                                  "(413 over it; read after the bearer token check)")
+    max_image_pixels: int = _f(36_000_000, "pixel cap of an image sent to the rollout HTTP route "
+                                           "(read from the header before decoding)")
     access_log: bool = _f(False, "Serve's per-request access log lines (one per tool call, episode, judgment)")
     tools: DeploymentConfig = _deploy(num_replicas=1, max_ongoing_requests=128, num_cpus=0.25)
     judge: DeploymentConfig = _deploy(num_replicas=1, max_ongoing_requests=256, num_cpus=0.25)

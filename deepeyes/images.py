@@ -10,6 +10,8 @@ Pure Python, PIL only.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import io
 import warnings
 
@@ -30,8 +32,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB" and "transparency" not in image.info:
         return image
     if image.has_transparency_data:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+        # Paste through the alpha mask onto white, as qwen_vl_utils.to_rgb: one RGB frame and one
+        # RGBA copy, where alpha_composite held three RGBA frames (on a 36 M-pixel image, 0.3 GB
+        # instead of 0.5 GB at the peak).
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
     return image.convert("RGB")
 
 
@@ -74,3 +81,20 @@ def decode_image(data: bytes, *, max_pixels: int, max_bytes: int | None = None,
         raise ImageTooLargeError(f"image rejected as a decompression bomb: {e}") from None
     except Exception as e:  # PIL plugins raise OSError, SyntaxError, struct.error, ... on bad bytes
         raise ImageDecodeError(f"image is truncated or corrupt ({type(e).__name__}: {e})"[:500]) from None
+
+
+_LIBC = None
+
+
+def trim_freed_memory() -> None:
+    """Give freed heap pages back to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    A decoded image lives in blocks that glibc keeps in the decoding thread's arena after they are
+    freed: without a trim, a replica that decoded one 35 M-pixel image keeps its ~0.4 GB as RSS.
+    """
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        _LIBC = ctypes.CDLL(name) if name else False
+    if _LIBC and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hmac
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deepeyes.config import Config, ConfigError, DeploymentConfig, load_config
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
 
 # The one home of the Serve names: application, route prefix and deployment class of each service.
 APP_NAMES = {"tools": "tools", "judge": "judge", "rollout": "rollout"}
@@ -63,3 +66,19 @@ def authorized(header_value: str | None, token: str | None) -> bool:
     if not header_value or not header_value.startswith("Bearer "):
         return False
     return hmac.compare_digest(header_value[len("Bearer "):].encode(), token.encode())
+
+
+async def read_body_capped(request: "Request", cap: int) -> bytes | None:
+    """The request body, or None as soon as it is known to exceed `cap` bytes: a declared
+    Content-Length over the cap is refused before a byte is read, a chunked body once the bytes
+    read so far pass it. Call it after the token check, never before."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > cap:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)

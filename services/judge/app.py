@@ -18,6 +18,7 @@ route_prefix="/judge")` or `serve deploy deploy/serve.yaml`.
 import asyncio
 import concurrent.futures
 import json
+import os
 import time
 import uuid
 from typing import Any, Coroutine, TypeVar
@@ -25,12 +26,12 @@ from typing import Any, Coroutine, TypeVar
 from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.util import metrics
 
 from deepeyes.config import Config
-from deepeyes.serving import authorized, bearer_token, config_from_args, deployment_options
+from deepeyes.serving import authorized, bearer_token, config_from_args, deployment_options, read_body_capped
 from services.judge.backends import check_reachable
 from services.judge.factory import make_judge
 from services.judge.hf import HFGenerator
@@ -76,8 +77,11 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """The OpenAI fields the route honours; `stream`, `n` > 1 and `stop` are refused by name
-    (a client would otherwise get a silently different answer)."""
+    """The OpenAI fields the route honours; `stream`, `n` > 1, `stop` and every other parameter
+    given a value (top_p, logprobs, seed, tools, ...) are refused by name: a client would
+    otherwise get a silently different answer."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str = Field(default="", max_length=512)
     messages: list[ChatMessage] = Field(min_length=1, max_length=64)
@@ -98,6 +102,11 @@ class ChatCompletionRequest(BaseModel):
                                    f"(one choice per request)", param="n")
         if self.stop:
             raise OpenAIError(400, "stop is not supported by the judge's chat route", param="stop")
+        for name, value in (self.model_extra or {}).items():
+            if value is not None:  # clients send null for "not set"
+                raise OpenAIError(400, f"{name[:64]} is not supported by the judge's chat route (it "
+                                       f"honours model, messages, temperature, max_tokens and "
+                                       f"max_completion_tokens)", param=name[:64])
 
 
 class ScoreBody(BaseModel):
@@ -196,7 +205,7 @@ class JudgeService:
     async def stats(self) -> dict[str, Any]:
         """Counters: calls, retries, unparseable, failures, cache hits/misses/hit rate, results."""
         out = judge_stats(self.judge, self.cache)
-        out.update(results=self.results, failed_results=self.failed_results)
+        out.update(results=self.results, failed_results=self.failed_results, pid=os.getpid())
         generator = getattr(self.judge, "generator", None)
         if generator is not None:
             out["generate_calls"] = generator.generate_calls
@@ -222,8 +231,12 @@ class JudgeService:
         """The token first, then the body: a caller without the token gets a 401 before a byte
         of its body is read (FastAPI parses a typed body parameter before any handler code)."""
         self._auth(request.headers.get("authorization"))
+        cap = self.cfg.serve.max_request_bytes
+        raw = await read_body_capped(request, cap)
+        if raw is None:
+            raise HTTPException(413, f"request body over {cap} bytes (serve.max_request_bytes)")
         try:
-            return model.model_validate(json.loads(await request.body()))
+            return model.model_validate(json.loads(raw))
         except (ValueError, RecursionError) as e:  # bad JSON, too deep, invalid: a clean 422
             errors = e.errors() if isinstance(e, ValidationError) else [
                 {"loc": ["body"], "msg": f"invalid JSON: {e}", "type": "json_invalid"}]

@@ -9,27 +9,28 @@ optional, `serve.auth_token_env`).
 # No `from __future__ import annotations` here: Serve pickles the ingress class by value, and
 # FastAPI must see the route's real annotation types, not strings it can no longer resolve.
 import asyncio
-import base64
-import io
+import json
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import ray
 import torch
-from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from PIL import Image
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.util import metrics
 
 from deepeyes.config import Config
-from deepeyes.images import to_rgb
+from deepeyes.images import ImageDecodeError, ImageTooLargeError, trim_freed_memory
 from deepeyes.policy import resolve_policy_path
-from deepeyes.serving import APP_NAMES, DEPLOYMENT_NAMES, authorized, bearer_token, config_from_args, deployment_options
+from deepeyes.serving import (APP_NAMES, DEPLOYMENT_NAMES, authorized, bearer_token, config_from_args,
+                              deployment_options, read_body_capped)
 from services.judge.reward import RewardResult, ScoreRequest
 from services.rollout.agent_loop import ScoreFn, ToolFn, ToolOutcome, run_episode
 from services.rollout.engines import Engine, check_sampling, load_hf_engine
@@ -37,6 +38,7 @@ from services.rollout.trajectory import Trajectory
 from services.rollout.types import EPISODE_SEED_LIMIT, EpisodeRequest, PolicyIO
 from services.rollout.weights import get_weight_store
 from services.tools.app import image_arg
+from services.tools.image_io import decode_base64_image
 
 WEIGHT_FETCH_TIMEOUT_S = 300.0   # fetching a published state dict from the object store
 JUDGE_PROBE_EVERY_S = 10.0       # how often a replica looks again for a judge app that is absent
@@ -236,6 +238,7 @@ class RolloutWorker:
         self._judge_probe_t = 0.0
         self.episodes = 0
         self.loads: list[int] = []
+        self._decodes = asyncio.Semaphore(1)  # HTTP images decoded one request at a time
         # Start on the latest published version, if any: an HF engine loads it here; an engine
         # without a synchronous load (vLLM) loads it before its first episode.
         self._start_version = 0
@@ -268,7 +271,8 @@ class RolloutWorker:
         return {"version": self.engine.version, "episodes": self.episodes, "loads": list(self.loads),
                 "batch_sizes": dict(getattr(self.engine, "batch_sizes", {})),
                 "tokens_generated": getattr(self.engine, "tokens_generated", 0),
-                "engine_busy_s": getattr(self.engine, "busy_s", 0.0), "replica": _replica_tag()}
+                "engine_busy_s": getattr(self.engine, "busy_s", 0.0), "replica": _replica_tag(),
+                "pid": os.getpid()}
 
     async def check_health(self) -> None:
         """Raises (Serve then restarts the replica) once the engine can no longer generate."""
@@ -276,24 +280,48 @@ class RolloutWorker:
 
     # -- HTTP (debug) -------------------------------------------------------------------------
 
-    @http.post("/episode", response_model=EpisodeSummary)
-    async def http_episode(self, body: EpisodeBody, authorization: str | None = Header(None)) -> EpisodeSummary:
-        if not authorized(authorization, self._token):
+    @http.post("/episode", response_model=EpisodeSummary, openapi_extra={"requestBody": {
+        "required": True, "content": {"application/json": {"schema": EpisodeBody.model_json_schema()}}}})
+    async def http_episode(self, request: Request) -> EpisodeSummary:
+        # The token first, then the body (capped), then the images (capped before decoding): a
+        # caller without the token costs a header compare, FastAPI's typed body would be parsed
+        # before any of this ran.
+        if not authorized(request.headers.get("authorization"), self._token):
             raise HTTPException(401, "missing or wrong bearer token (see serve.auth_token_env)")
+        cap = self.cfg.serve.max_request_bytes
+        raw = await read_body_capped(request, cap)
+        if raw is None:
+            raise HTTPException(413, f"request body over {cap} bytes (serve.max_request_bytes)")
         try:
-            images = [Image.open(io.BytesIO(base64.b64decode(b))) for b in body.images_b64]
-            for im in images:
-                im.load()
-            images = [to_rgb(im) for im in images]  # alpha over white, as Qwen's own conversion
-        except Exception as e:
-            raise HTTPException(400, f"images_b64 must hold base64-encoded image files ({e})") from e
+            body = EpisodeBody.model_validate(json.loads(raw))
+        except (ValueError, RecursionError) as e:  # bad JSON, too deep, invalid: a clean 422
+            errors = e.errors() if isinstance(e, ValidationError) else [
+                {"loc": ["body"], "msg": f"invalid JSON: {e}"[:300], "type": "json_invalid"}]
+            raise RequestValidationError(errors) from None
+        try:
+            async with self._decodes:
+                images = await asyncio.to_thread(self._decode_images, body.images_b64)
+        except ImageTooLargeError as e:
+            raise HTTPException(413, f"images_b64: {e}") from None
+        except ImageDecodeError as e:
+            raise HTTPException(400, f"images_b64 must hold base64-encoded image files ({e})") from None
         try:
             req = EpisodeRequest(images=images, **body.model_dump(exclude={"images_b64"}))
+            del images
             return summarize(await self.run_episode(req))
         except VersionNotPublished as e:
             raise HTTPException(409, str(e)) from e
         except ValueError as e:
             raise HTTPException(400, str(e)) from e
+        finally:
+            req = None
+            await asyncio.to_thread(trim_freed_memory)  # the episode's decoded images are garbage now
+
+    def _decode_images(self, encoded: list[str]) -> list[Image.Image]:
+        """base64 image files -> RGB images, each size-checked from its header before decoding."""
+        return [decode_base64_image(b, max_pixels=self.cfg.serve.max_image_pixels,
+                                    max_bytes=self.cfg.serve.max_request_bytes,
+                                    cap_key="serve.max_image_pixels") for b in encoded]
 
     @http.get("/healthz")
     async def healthz(self) -> dict[str, Any]:

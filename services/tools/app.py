@@ -23,10 +23,11 @@ tool, 413 over a size cap, 504 timeout; error bodies have the same shape, with o
 
 import asyncio
 import base64
+import contextlib
 import os
 import threading
 from collections import OrderedDict
-from typing import Any
+from typing import Any, AsyncIterator
 
 import ray
 from fastapi import FastAPI, Request
@@ -36,7 +37,8 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 
 from deepeyes.config import ToolsConfig
-from deepeyes.serving import authorized, bearer_token, config_from_args, deployment_options
+from deepeyes.images import trim_freed_memory
+from deepeyes.serving import authorized, bearer_token, config_from_args, deployment_options, read_body_capped
 from services.tools.image_io import (ImageDecodeError, ImageTooLargeError, decode_base64_image,
                                      decode_image, encode_png)
 from services.tools.registry import ToolResult, execute_tool, get_tool, tool_names
@@ -137,6 +139,10 @@ class ToolService:
         self.errors = 0
         self.timeouts = 0
         self._probe = Image.new("RGB", (56, 56))
+        # Decoding is where one request's memory grows with its pixels (a 7.8 KB PNG can unpack to
+        # 0.2 GB): at most tools.max_concurrent_decodes at once, whatever max_ongoing_requests is.
+        self._decodes = asyncio.Semaphore(max(1, tools.max_concurrent_decodes))
+        self._decoding = self.decodes_peak = 0  # decodes running now, and the most seen at once
 
     # ---- in-cluster -----------------------------------------------------------------------
 
@@ -185,8 +191,9 @@ class ToolService:
             return image
         if isinstance(image, (bytes, bytearray, memoryview)):
             try:
-                return await asyncio.to_thread(decode_image, bytes(image), max_pixels=self.cfg.max_image_pixels,
-                                               max_bytes=self.cfg.max_request_bytes)
+                async with self._decoding_slot():
+                    return await asyncio.to_thread(decode_image, bytes(image), max_pixels=self.cfg.max_image_pixels,
+                                                   max_bytes=self.cfg.max_request_bytes)
             except ImageDecodeError as e:
                 return ToolResult(False, f"Error: {e}")
         return ToolResult(False, f"Error: image must be image_arg(ObjectRef), a PIL image or encoded "
@@ -203,7 +210,8 @@ class ToolService:
         """Counters of this replica (tests check that no request restarted it)."""
         ctx = serve.get_replica_context()
         return {"pid": os.getpid(), "replica": ctx.replica_id.unique_id, "calls": self.calls,
-                "errors": self.errors, "timeouts": self.timeouts, "cache_hits": self._cache.hits}
+                "errors": self.errors, "timeouts": self.timeouts, "cache_hits": self._cache.hits,
+                "decodes_peak": self.decodes_peak}
 
     def check_health(self) -> None:
         """Serve's periodic probe: one crop of a small image must succeed."""
@@ -234,7 +242,7 @@ class ToolService:
         if name not in tool_names():
             return _json(404, False, f"Error: unknown tool {name[:100]!r}; available tools: "
                                      f"{', '.join(tool_names())}.")
-        body = await self._read_capped(request)
+        body = await read_body_capped(request, self.cfg.max_request_bytes)
         if body is None:
             return _json(413, False, f"Error: request body over {self.cfg.max_request_bytes} bytes "
                                      f"(tools.max_request_bytes): send a smaller image")
@@ -245,8 +253,7 @@ class ToolService:
                                      f" ({e.error_count()} problem(s): {e.errors()[0]['msg']})")
         self.calls += 1
         try:
-            result = await asyncio.wait_for(asyncio.to_thread(self._http_work, name, req),
-                                            self.cfg.timeout_s)
+            result = await asyncio.wait_for(self._http_decoded_work(name, req), self.cfg.timeout_s)
         except asyncio.TimeoutError:
             self.timeouts += 1
             return _json(504, False, f"Error: the tool call timed out after {self.cfg.timeout_s:g} s")
@@ -261,6 +268,24 @@ class ToolService:
         image = base64.b64encode(encode_png(result.image)).decode() if result.image is not None else None
         return _json(200, result.ok, result.text, image)
 
+    async def _http_decoded_work(self, name: str, req: ToolRequest) -> ToolResult:
+        async with self._decoding_slot():  # the wait counts against the call's timeout
+            try:
+                return await asyncio.to_thread(self._http_work, name, req)
+            finally:
+                await asyncio.to_thread(trim_freed_memory)  # the decoded frame is garbage now
+
+    @contextlib.asynccontextmanager
+    async def _decoding_slot(self) -> AsyncIterator[None]:
+        """One of tools.max_concurrent_decodes slots (waits for one); counts the high-water mark."""
+        async with self._decodes:
+            self._decoding += 1
+            self.decodes_peak = max(self.decodes_peak, self._decoding)
+            try:
+                yield
+            finally:
+                self._decoding -= 1
+
     def _http_work(self, name: str, req: ToolRequest) -> ToolResult:
         """Decode (size-checked), optionally smart-resize, run the tool. Runs in a worker thread."""
         image = decode_base64_image(req.image, max_pixels=self.cfg.max_image_pixels,
@@ -274,20 +299,6 @@ class ToolService:
 
             image = resize_for_model(image, lo, hi)
         return execute_tool(name, image, req.arguments, min_side_policy=self.cfg.min_side_policy)
-
-    async def _read_capped(self, request: Request) -> bytes | None:
-        """The body, or None as soon as it is known to exceed tools.max_request_bytes."""
-        cap = self.cfg.max_request_bytes
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > cap:
-            return None
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > cap:
-                return None
-            chunks.append(chunk)
-        return b"".join(chunks)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

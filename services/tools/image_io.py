@@ -19,7 +19,8 @@ from deepeyes.images import ImageDecodeError, ImageTooLargeError, decode_image
 __all__ = ["ImageDecodeError", "ImageTooLargeError", "decode_image", "decode_base64_image", "encode_png"]
 
 
-def decode_base64_image(text: str, *, max_pixels: int, max_bytes: int | None = None) -> Image.Image:
+def decode_base64_image(text: str, *, max_pixels: int, max_bytes: int | None = None,
+                        cap_key: str = "tools.max_image_pixels") -> Image.Image:
     """A base64 string (optionally a `data:image/...;base64,` URL) -> RGB PIL image; see decode_image."""
     if not isinstance(text, str):
         raise ImageDecodeError(f"image must be a base64 string, got {type(text).__name__}")
@@ -29,7 +30,7 @@ def decode_base64_image(text: str, *, max_pixels: int, max_bytes: int | None = N
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise ImageDecodeError("image is not valid base64 (standard alphabet, padded)") from None
-    return decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes)
+    return decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes, cap_key=cap_key)
 
 
 def encode_png(image: Image.Image) -> bytes:

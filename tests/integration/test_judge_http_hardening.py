@@ -88,3 +88,14 @@ def test_chat_route_on_the_rule_backend_says_it_needs_an_llm_backend(judge_url):
     client = OpenAI(base_url=f"{judge_url}/v1", api_key="s3cret", max_retries=0, timeout=30)
     with pytest.raises(openai.NotFoundError, match="needs an LLM judge backend.*judge.backend=rule"):
         client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_bodies_over_the_cap_are_refused_after_the_token(judge_url):
+    """Issue 12 item 4: the route read 50 MB bodies whole. Over serve.max_request_bytes (16 MiB)
+    it is a 413 naming the key; without the token, a 401 before the body is read."""
+    from deepeyes.config import ServeConfig
+
+    huge = '{"response_text": "' + "a" * (ServeConfig().max_request_bytes + 1) + '"}'
+    r = _post(f"{judge_url}/score", huge)
+    assert r.status_code == 413 and "serve.max_request_bytes" in r.json()["detail"], r.text[:300]
+    assert _post(f"{judge_url}/score", huge, token=None).status_code == 401

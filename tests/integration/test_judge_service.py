@@ -148,7 +148,9 @@ def test_chat_route_honours_or_refuses_each_openai_parameter(judge_app):
 
     client = OpenAI(base_url=judge_app["base_url"], api_key="unused", max_retries=0, timeout=60)
     msgs = [{"role": "user", "content": "Is the answer correct?"}]
-    for kwargs, name in [({"stream": True}, "stream"), ({"n": 3}, "n"), ({"stop": ["\n"]}, "stop")]:
+    for kwargs, name in [({"stream": True}, "stream"), ({"n": 3}, "n"), ({"stop": ["\n"]}, "stop"),
+                         ({"top_p": 0.5}, "top_p"), ({"logprobs": True}, "logprobs"), ({"seed": 1}, "seed"),
+                         ({"extra_body": {"structured_outputs": {"choice": ["A"]}}}, "structured_outputs")]:
         with pytest.raises(openai.BadRequestError, match=name):
             out = client.chat.completions.create(model="tiny-text", messages=msgs, max_tokens=2, **kwargs)
             list(out) if kwargs.get("stream") else None

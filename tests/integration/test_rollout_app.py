@@ -109,6 +109,13 @@ def test_rollout_app_versions_and_scale_out(ray_cluster, tiny_policy_dir):
         r = httpx.post(url, content=json.dumps(bad), headers={"content-type": "application/json"},
                        timeout=120)  # json.dumps writes NaN as the attacker's client did
         assert r.status_code == 422, (bad, r.status_code, r.text)
+    # issue 12 item 4: a 9.9 KB PNG of 9000x9000 was decoded (+257 MB); now refused from its header
+    buf = io.BytesIO()
+    Image.new("L", (9000, 9000)).save(buf, format="PNG")
+    r = httpx.post(url, json={**body, "images_b64": [base64.b64encode(buf.getvalue()).decode()]}, timeout=120)
+    assert r.status_code == 413 and "serve.max_image_pixels" in r.json()["detail"], r.text
+    r = httpx.post(url, content=b"x" * (16 * 1024 * 1024 + 1), timeout=120)
+    assert r.status_code == 413 and "serve.max_request_bytes" in r.json()["detail"], r.text
     r = httpx.post(url, json={**body, "min_version": 10**9}, timeout=120)
     assert r.status_code == 409 and "latest published is 2" in r.json()["detail"], r.text
     serve.delete("rollout")

@@ -165,6 +165,30 @@ def test_token_caps_and_timeout(strict_tools):
     assert r.ok and r.image.size == (50, 50)
 
 
+def test_pixel_cap_and_bounded_decodes(tools):
+    """Issue 12 item 4: a 4 KB PNG of 7999x7999 (64 M pixels) was decoded (+0.5 GB of RSS per
+    request, 2.5 GB for 4 at once). Now it is refused from its header, and images under the cap are
+    decoded at most tools.max_concurrent_decodes at a time, whatever max_ongoing_requests is."""
+    from deepeyes.config import ToolsConfig
+
+    url, auth = tools["url"], {}
+    huge = base64.b64encode(png(Image.new("L", (7_999, 7_999)))).decode()
+    r = httpx.post(f"{url}/image_zoom_in_tool", json={"image": huge, "arguments": {"bbox_2d": [0, 0, 50, 50]}},
+                   headers=auth, timeout=60)
+    assert r.status_code == 413 and "tools.max_image_pixels" in r.json()["text"], r.text
+    big = base64.b64encode(png(Image.new("L", (5_000, 5_000), 90))).decode()  # 25 M pixels: accepted
+
+    async def many():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*[client.post(f"{url}/image_zoom_in_tool", headers=auth, json={
+                "image": big, "arguments": {"bbox_2d": [i, i, i + 40, i + 40]}}) for i in range(6)])
+
+    answers = asyncio.run(many())
+    assert [a.status_code for a in answers] == [200] * 6 and all(a.json()["ok"] for a in answers)
+    peak = tools["handle"].stats.remote().result()["decodes_peak"]
+    assert peak == ToolsConfig().max_concurrent_decodes == 2, peak
+
+
 # ---- 1,000 generated calls through the handle, concurrently ------------------------------------
 
 numbers = st.one_of(st.integers(-100, 600), st.floats(-100, 600), st.floats(allow_nan=True, allow_infinity=True),
