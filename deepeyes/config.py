@@ -84,8 +84,8 @@ class ToolsConfig:
                                            "(read from the header before decoding; an 8K frame is "
                                            "33.2 M)")
     max_concurrent_decodes: int = _f(2, "per tool replica: encoded images decoded at once (HTTP route "
-                                        "and bytes); bounds decode memory to about this many times "
-                                        "12 bytes x max_image_pixels")
+                                        "and bytes); each decode holds up to ~8 bytes per pixel (0.3 GB at "
+                                        "36 M pixels), so this bounds decode memory")
     max_request_bytes: int = _f(32 * 1024 * 1024, "body size cap of one HTTP tool request (and of "
                                                   "encoded image bytes sent through the handle)")
     image_cache_mb: int = _f(512, "per tool replica: decoded images kept by object reference, so the "

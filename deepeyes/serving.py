@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hmac
 import os
-from typing import TYPE_CHECKING, Any
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable
 
 from deepeyes.config import Config, ConfigError, DeploymentConfig, load_config
 
@@ -66,6 +68,30 @@ def authorized(header_value: str | None, token: str | None) -> bool:
     if not header_value or not header_value.startswith("Bearer "):
         return False
     return hmac.compare_digest(header_value[len("Bearer "):].encode(), token.encode())
+
+
+GAUGE_REFRESH_S = 5.0  # under Ray's metrics report interval (10 s by default)
+
+
+def keep_gauge_fresh(set_now: Callable[[], None], every_s: float = GAUGE_REFRESH_S) -> threading.Thread:
+    """Call `set_now` (which sets one or more Ray gauges) now and every `every_s` seconds, in a
+    daemon thread, for the life of the process.
+
+    Ray's OpenTelemetry path exports a gauge's value in the report window after each `set()` and
+    then forgets it (its agent keeps a series for two windows): a gauge set only on rare events,
+    such as a weight sync, is absent from the metrics endpoint most of the time.
+    """
+    def loop() -> None:
+        while True:
+            try:
+                set_now()
+            except Exception:  # metrics must never take a replica down
+                pass
+            time.sleep(every_s)
+
+    thread = threading.Thread(target=loop, name="gauge-refresh", daemon=True)
+    thread.start()
+    return thread
 
 
 async def read_body_capped(request: "Request", cap: int) -> bytes | None:

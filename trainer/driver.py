@@ -32,7 +32,12 @@ from trainer.metrics import STEP_PHASES
 log = logging.getLogger("deepeyes.driver")
 
 # Ray Train's controller polls workers every 2 s by default: each report() would wait that long.
-TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "TOKENIZERS_PARALLELISM": "false"}
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "TOKENIZERS_PARALLELISM": "false",
+             # Serve probes each new replica's queue length with a 0.1 s deadline that backs off
+             # to 1 s; a replica still starting on a busy 2-core node misses it and each miss is a
+             # warning ("Failed to get queue length from Replica", 22 in one rescale).
+             "RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "1.0",
+             "RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "5.0"}
 
 
 class GRPORecipe:
@@ -104,7 +109,10 @@ class GRPORecipe:
             "data": [self.data_ref],  # in a list: handed over as a reference, fetched by each worker
             "resume_from": str(self.resume_from) if self.resume_from else "",
         }
-        trainer = TorchTrainer(
+        trainer_cls = TorchTrainer
+        if self.started_ray and not cfg.ray.include_dashboard:
+            trainer_cls = trainer_without_pg_cleaner(TorchTrainer)
+        trainer = trainer_cls(
             train_loop_per_worker, train_loop_config=loop_config,
             scaling_config=ScalingConfig(num_workers=cfg.trainer.num_workers, use_gpu=cfg.trainer.use_gpu,
                                          resources_per_worker={"CPU": cfg.trainer.cpus_per_worker}),
@@ -223,6 +231,23 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
+def trainer_without_pg_cleaner(base: type) -> type:
+    """`base` (a Ray Train v2 trainer) without its placement-group cleaner.
+
+    The cleaner is a detached actor that asks the state API every second whether the controller
+    lives, to free its placement groups if the driver dies. The state API is served by the
+    dashboard: on a local cluster started without one, every ask fails and logs a warning (31-205
+    lines per run), and the cleaner protects nothing, since the cluster dies with this driver.
+    """
+    class Trainer(base):  # type: ignore[misc, valid-type]
+        def _create_default_callbacks(self):  # Ray 2.60's hook; absent elsewhere, then no change
+            return [c for c in super()._create_default_callbacks()
+                    if type(c).__name__ != "PlacementGroupCleanerCallback"]
+
+    Trainer.__name__ = Trainer.__qualname__ = base.__name__
+    return Trainer
+
+
 def connect_ray(cfg: Config) -> bool:
     """Join the cluster named by ray.address / RAY_ADDRESS, else start a local one. True if started."""
     import ray
@@ -290,22 +315,53 @@ def wait_for_apps(names: set[str], timeout_s: float = 600.0) -> set[str]:
 
 
 def follow_progress(run_dir: Path, worker: threading.Thread, enabled: bool, steps: int) -> None:
-    """A progress bar fed by metrics.jsonl while Ray Train runs (step, reward, tool calls, ETA)."""
+    """The one place that shows a run's progress, fed by metrics.jsonl while Ray Train runs: a bar
+    (step, reward, tool calls, ETA) or, with the bar off, one line per step; one line per validation.
+
+    The workers print nothing themselves: Ray forwarded each of their lines to the log twice.
+    """
     from tqdm import tqdm
 
     from trainer.metrics import read_metrics
 
-    if not enabled:
-        return
-    seen = len([r for r in read_metrics(run_dir) if "reward/score" in r])  # a resumed run's earlier steps
-    bar = tqdm(desc="GRPO", unit="step", total=steps, initial=seen, file=sys.stderr, dynamic_ncols=True)
-    while worker.is_alive():
+    def rows_now() -> list[dict[str, float]]:
+        try:
+            return read_metrics(run_dir)
+        except ValueError:  # a line being written: read it next time
+            return []
+
+    def key(row: dict[str, float]) -> tuple[int, bool]:
+        return int(row["step"]), "val/acc" in row
+
+    rows = rows_now()
+    shown = {key(r) for r in rows}  # a resumed run's earlier rows are not shown again
+    done = len([r for r in rows if "reward/score" in r])
+    bar = tqdm(desc="GRPO", unit="step", total=steps, initial=done, file=sys.stderr,
+               dynamic_ncols=True) if enabled else None
+    t0, first = time.perf_counter(), done
+    say = bar.write if bar is not None else (lambda line: print(line, file=sys.stderr, flush=True))
+    alive = True
+    while alive:
         worker.join(timeout=1.0)
-        rows = [r for r in read_metrics(run_dir) if "reward/score" in r]
-        if len(rows) > seen:
-            bar.update(len(rows) - seen)
-            seen = len(rows)
-            last = rows[-1]
-            bar.set_postfix(step=int(last["step"]), score=f"{last['reward/score']:.3f}",
-                            tool_calls=f"{last['rollout/tool_calls']:.2f}")
-    bar.close()
+        alive = worker.is_alive()  # read once more after the end, for the last rows
+        for row in rows_now():
+            if key(row) in shown or not ("val/acc" in row or "reward/score" in row):
+                continue
+            shown.add(key(row))
+            step = int(row["step"])
+            if "val/acc" in row:
+                say(f"validation at step {step}: " + " ".join(
+                    f"{k}={v:.3f}" for k, v in row.items() if k.startswith("val/")))
+            elif "reward/score" in row:
+                done += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(step=step, score=f"{row['reward/score']:.3f}",
+                                    tool_calls=f"{row['rollout/tool_calls']:.2f}")
+                else:
+                    eta = (time.perf_counter() - t0) / max(done - first, 1) * (steps - done)
+                    say(f"step {step}/{steps} score={row['reward/score']:.3f} acc={row['reward/acc']:.2f} "
+                        f"tool_calls={row['rollout/tool_calls']:.2f} turns={row['rollout/num_turns']:.2f} "
+                        f"step_s={row.get('timing/step_s', 0.0):.1f} eta_s={eta:.0f}")
+    if bar is not None:
+        bar.close()

@@ -305,7 +305,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     health = RunHealth(cfg)
     traj_dir = run_dir / "trajectories"
     traj_dir.mkdir(parents=True, exist_ok=True)
-    t_run = time.perf_counter()
 
     for step in range(start_step, steps + 1):
         t_step = time.perf_counter()
@@ -373,12 +372,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             sink.write(step, metrics)
             write_trajectories(traj_dir / f"step_{step:06d}.jsonl", trajs[: cfg.logging.save_trajectories])
-        if rank == 0 and not cfg.logging.progress:  # with progress on, the driver draws a bar instead
-            eta = (time.perf_counter() - t_run) / (step - start_step + 1) * (steps - step)
-            print(f"step {step}/{steps} score={metrics['reward/score']:.3f} acc={metrics['reward/acc']:.2f} "
-                  f"tool_calls={metrics['rollout/tool_calls']:.2f} turns={metrics['rollout/num_turns']:.2f} "
-                  f"step_s={timings['step']:.1f} eta_s={eta:.0f}", flush=True)
-
         # HEALTH: every rank reads the same gathered counts, so all stop together
         stop = health.check(step, gathered)
         if stop:
@@ -391,8 +384,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if val is not None and (step == steps or (cfg.trainer.test_every and step % cfg.trainer.test_every == 0)):
             if rank == 0:
                 vm = validate(cfg, handle, judge_handle, val, step, version)
-                sink.write(step, vm)
-                print(f"validation at step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in vm.items()), flush=True)
+                sink.write(step, vm)  # the driver prints it (a worker's print reached the log twice)
             if world_size > 1:
                 dist.barrier()
 

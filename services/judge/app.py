@@ -31,7 +31,8 @@ from ray import serve
 from ray.util import metrics
 
 from deepeyes.config import Config
-from deepeyes.serving import authorized, bearer_token, config_from_args, deployment_options, read_body_capped
+from deepeyes.serving import (authorized, bearer_token, config_from_args, deployment_options, keep_gauge_fresh,
+                              read_body_capped)
 from services.judge.backends import check_reachable
 from services.judge.factory import make_judge
 from services.judge.hf import HFGenerator
@@ -183,6 +184,8 @@ class JudgeService:
         self.token = bearer_token(cfg.serve.auth_token_env)
         self.results = self.failed_results = 0
         self._metrics = _Metrics() if cfg.logging.ray_metrics else None
+        if self._metrics is not None:  # a gauge leaves the endpoint a report window after its last set()
+            keep_gauge_fresh(lambda: self._metrics.hit_rate.set(self.cache.stats()["cache_hit_rate"]))
 
     # -- in-cluster API ---------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from deepeyes.config import Config
 from deepeyes.images import ImageDecodeError, ImageTooLargeError, trim_freed_memory
 from deepeyes.policy import resolve_policy_path
 from deepeyes.serving import (APP_NAMES, DEPLOYMENT_NAMES, authorized, bearer_token, config_from_args,
-                              deployment_options, read_body_capped)
+                              deployment_options, keep_gauge_fresh, read_body_capped)
 from services.judge.reward import RewardResult, ScoreRequest
 from services.rollout.agent_loop import ScoreFn, ToolFn, ToolOutcome, run_episode
 from services.rollout.engines import Engine, check_sampling, load_hf_engine
@@ -250,6 +250,9 @@ class RolloutWorker:
                 self.engine.load_state_sync(ray.get(refs[0], timeout=WEIGHT_FETCH_TIMEOUT_S), version)
                 self.loads.append(version)
         self._metrics = _Metrics(_replica_tag())
+        # Ray exports a gauge only in the report window after a set(): set it again every few
+        # seconds so sync_version stays on the metrics endpoint between weight syncs.
+        keep_gauge_fresh(lambda: self._metrics.version.set(self.engine.version))
         if hasattr(self.engine, "on_batch"):  # the HF engine reports each batched forward's size
             self.engine.on_batch = lambda n: self._metrics.batch_size.observe(float(n))
 
