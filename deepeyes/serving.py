@@ -70,24 +70,33 @@ def authorized(header_value: str | None, token: str | None) -> bool:
     return hmac.compare_digest(header_value[len("Bearer "):].encode(), token.encode())
 
 
-GAUGE_REFRESH_S = 5.0  # under Ray's metrics report interval (10 s by default)
+def gauge_refresh_s() -> float:
+    """Half of Ray's metrics report interval (10 s by default; a cluster may set it lower)."""
+    try:
+        import ray
+
+        return max(0.2, ray._config.metrics_report_interval_ms() / 2000)  # _raylet's config object
+    except Exception:  # not inside Ray: the default interval's half
+        return 5.0
 
 
-def keep_gauge_fresh(set_now: Callable[[], None], every_s: float = GAUGE_REFRESH_S) -> threading.Thread:
-    """Call `set_now` (which sets one or more Ray gauges) now and every `every_s` seconds, in a
-    daemon thread, for the life of the process.
+def keep_gauge_fresh(set_now: Callable[[], None], every_s: float | None = None) -> threading.Thread:
+    """Call `set_now` (which sets one or more Ray gauges) now and every `every_s` seconds (default:
+    half of Ray's report interval), in a daemon thread, for the life of the process.
 
     Ray's OpenTelemetry path exports a gauge's value in the report window after each `set()` and
     then forgets it (its agent keeps a series for two windows): a gauge set only on rare events,
     such as a weight sync, is absent from the metrics endpoint most of the time.
     """
+    period = every_s or gauge_refresh_s()
+
     def loop() -> None:
         while True:
             try:
                 set_now()
             except Exception:  # metrics must never take a replica down
                 pass
-            time.sleep(every_s)
+            time.sleep(period)
 
     thread = threading.Thread(target=loop, name="gauge-refresh", daemon=True)
     thread.start()

@@ -126,6 +126,15 @@ def test_serve_deploy_job_submit_metrics_rescale(tmp_path: Path) -> None:
         # deploy/grafana/deepeyes.json selects runs by this label
         assert all('SessionName="' in labels for labels, _ in seen["ray_deepeyes_reward_score"])
 
+        # GAUGES stay on the endpoint between their events (issue 12 item 12): without the
+        # replicas setting them again, both were gone 15-20 s after the job's last step (measured)
+        time.sleep(25)
+        for _ in range(3):
+            now_seen = scrape(metrics_port)
+            assert "ray_sync_version" in now_seen and "ray_judge_cache_hit_rate" in now_seen, sorted(now_seen)[:80]
+            assert max(v for _, v in now_seen["ray_sync_version"]) >= 1  # the job published version >= 1
+            time.sleep(1)
+
         # The rescale took effect, the first replica was kept (scaled out, not restarted), and
         # the job left the apps it did not deploy running.
         deadline = time.time() + 180
