@@ -158,14 +158,187 @@ def bench_packing(quick: bool) -> dict:
             "min_len": min(lengths), "max_len": max(lengths)}
 
 
+# ---- each phase against its floor (issue 13) ------------------------------------------------
+
+ISSUE_SHAPE = ["model.warm_start=false", "rollout.n=4", "trainer.batch_size=4", "rollout.max_assistant_turns=1",
+               "rollout.max_new_tokens_per_turn=64", "rollout.max_response_length=64"]
+
+
+def run_job(overrides: list[str], steps: int) -> dict:
+    """The main job (local Ray, Serve apps, Ray Train) for `steps` steps: per-phase medians of the
+    steps after the first, the engine's busy seconds per step, start-up parts, and the run."""
+    from ray import serve
+
+    from deepeyes.config import load_config
+    from trainer.driver import GRPORecipe
+    from trainer.metrics import read_metrics
+
+    run_dir = tempfile.mkdtemp(prefix="bench-floor-")
+    cfg = load_config(None, [f"trainer.run_dir={run_dir}", f"trainer.steps={steps}", "trainer.save_every=0",
+                             "trainer.test_every=0", "data.synthetic_val_rows=0", "logging.progress=false",
+                             "logging.plots=false", *overrides])
+    t0 = time.perf_counter()
+    recipe = GRPORecipe(cfg)
+    try:
+        recipe.setup()
+        handle = serve.get_deployment_handle(DEPLOYMENT_NAMES["rollout"], app_name=APP_NAMES["rollout"])
+        setup_s = time.perf_counter() - t0
+        busy = [handle.stats.remote().result()["engine_busy_s"]]
+        recipe.train()
+        busy.append(handle.stats.remote().result()["engine_busy_s"])
+    finally:
+        recipe.cleanup()
+    rows = [r for r in read_metrics(run_dir) if "timing/step_s" in r]
+    steady = rows[1:] or rows
+    med = {p: statistics.median(r[f"timing/{p}_s"] for r in steady) for p in (*STEP_PHASES, "step")}
+    total_rollout = sum(r["timing/rollout_s"] for r in rows)
+    busy_share = (busy[1] - busy[0]) / total_rollout if total_rollout else 0.0  # of the rollout phase
+    return {"cfg": cfg, "policy_dir": recipe.policy_dir, "train_files": recipe.train_files, "median": med,
+            "engine_busy_s": med["rollout"] * busy_share, "setup_s": setup_s,
+            "setup_parts": dict(recipe.timings), "response_tokens": statistics.fmean(
+                r["rollout/response_tokens"] for r in steady), "episodes": statistics.fmean(
+                r["rollout/episodes"] for r in steady)}
+
+
+def _floor_batch(job: dict, prompts: int):
+    """The job's policy and `prompts` of its training rows, n copies each: ids, images, grids."""
+    from deepeyes.chat import CHAT_TEMPLATE
+    from deepeyes.data import read_deepeyes
+    from deepeyes.policy import encode_text_with_images, load_policy, process_images, resize_for_model
+
+    cfg = job["cfg"]
+    policy = load_policy(job["policy_dir"], trainable=True)
+    rows = read_deepeyes(job["train_files"], cfg.data).rows[:prompts]
+    batch = []
+    for row in rows:
+        text = policy.tokenizer.apply_chat_template(row.messages, chat_template=CHAT_TEMPLATE, tokenize=False,
+                                                    add_generation_prompt=True)
+        frames = [resize_for_model(im, cfg.model.min_pixels, cfg.model.max_pixels) for im in row.images]
+        pv, grid = process_images(policy, frames)
+        ids = encode_text_with_images(policy, text, grid.tolist() if grid is not None else [])
+        batch += [(ids, pv, grid)] * cfg.rollout.n
+    return policy, batch
+
+
+def floor_rollout(policy, batch, new_tokens: int, repeats: int = 2) -> float:
+    """Plain batched `model.generate` of the batch (left-padded, sampled, exactly new_tokens each)."""
+    width = max(len(ids) for ids, _, _ in batch)
+    pad = policy.pad_id
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _, _ in batch])
+    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _, _ in batch])
+    pvs = [pv for _, pv, _ in batch if pv is not None]
+    grids = [g for _, _, g in batch if g is not None]
+    mm = (input_ids == int(policy.model.config.image_token_id)).to(torch.int32)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention, mm_token_type_ids=mm,
+                  pixel_values=torch.cat(pvs) if pvs else None, image_grid_thw=torch.cat(grids) if grids else None,
+                  do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
+                  min_new_tokens=new_tokens, pad_token_id=pad)
+    best = float("inf")
+    policy.model.eval()
+    for _ in range(repeats):
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = policy.model.generate(**kwargs)
+        best = min(best, time.perf_counter() - t)
+    assert out.shape[1] == width + new_tokens
+    return best
+
+
+def floor_update(policy, batch, new_tokens: int, repeats: int = 2) -> float:
+    """Plain single-process forward + backward + AdamW step of the batch's sequences (prompt plus
+    new_tokens random tokens each), one padded forward, the policy-gradient loss written out."""
+    g = torch.Generator().manual_seed(0)
+    seqs = [ids + torch.randint(100, 1900, (new_tokens,), generator=g).tolist() for ids, _, _ in batch]
+    width = max(map(len, seqs))
+    pad = policy.pad_id
+    input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
+    attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    loss_mask = torch.tensor([[0] * len(ids) + [1] * new_tokens + [0] * (width - len(ids) - new_tokens)
+                              for ids, _, _ in batch], dtype=torch.float32)
+    adv = torch.randn(len(seqs), 1, generator=g)
+    pvs = [pv for _, pv, _ in batch if pv is not None]
+    grids = [gr for _, _, gr in batch if gr is not None]
+    mm = (input_ids == int(policy.model.config.image_token_id)).to(torch.int32)
+    model = policy.model
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first one allocates the optimizer state
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        out = model(input_ids=input_ids, attention_mask=attention, mm_token_type_ids=mm, use_cache=False,
+                    pixel_values=torch.cat(pvs) if pvs else None, image_grid_thw=torch.cat(grids) if grids else None)
+        logp = torch.log_softmax(out.logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+        loss = -(adv * logp * loss_mask[:, 1:]).sum() / loss_mask.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def bench_floors(steps: int, shapes: list[str]) -> dict:
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # a single process gets the machine
+    out = {}
+    for name in shapes:
+        overrides = ISSUE_SHAPE if name == "issue" else []
+        job = run_job(overrides, steps)
+        cfg = job["cfg"]
+        policy, batch = _floor_batch(job, cfg.trainer.batch_size)
+        new_tokens = max(1, round(job["response_tokens"]))
+        roll_floor = floor_rollout(policy, batch, new_tokens)
+        upd_floor = floor_update(policy, batch, new_tokens)
+        m = job["median"]
+        compute = job["engine_busy_s"] + m["old_logprob"] + m["update"] + m["publish"]
+        out[name] = {"episodes": job["episodes"], "response_tokens": job["response_tokens"], "step_s": m["step"],
+                     "rollout_s": m["rollout"], "rollout_floor_s": roll_floor, "old_logprob_s": m["old_logprob"],
+                     "update_s": m["update"], "update_floor_s": upd_floor, "publish_s": m["publish"],
+                     "engine_busy_s": job["engine_busy_s"],
+                     "orchestration_share": max(0.0, m["step"] - compute) / m["step"],
+                     "rollout_ratio": m["rollout"] / roll_floor,
+                     "update_ratio": (m["update"] + m["old_logprob"]) / upd_floor,
+                     "floor_step_s": roll_floor + upd_floor,
+                     "setup_s": job["setup_s"], "setup_parts": job["setup_parts"]}
+    return out
+
+
+def print_floors(f: dict) -> dict:
+    headline = {}
+    for name, r in f.items():
+        print(f"\nshape '{name}': {r['episodes']:.0f} episodes/step, {r['response_tokens']:.0f} response tokens "
+              f"each (medians of the steps after the first)")
+        print(f"{'phase':<26}{'job s':>8}{'floor s':>9}{'ratio':>8}{'target':>9}")
+        print(f"{'rollout (vs generate)':<26}{r['rollout_s']:>8.3f}{r['rollout_floor_s']:>9.3f}"
+              f"{r['rollout_ratio']:>7.2f}x{'<= 1.3x':>9}")
+        print(f"{'old log-prob + update':<26}{r['old_logprob_s'] + r['update_s']:>8.3f}{r['update_floor_s']:>9.3f}"
+              f"{r['update_ratio']:>7.2f}x{'<= 1.3x':>9}")
+        print(f"{'  of which old log-prob':<26}{r['old_logprob_s']:>8.3f}")
+        print(f"{'publish':<26}{r['publish_s']:>8.3f}")
+        print(f"{'orchestration (share)':<26}{r['orchestration_share']:>8.1%}{'':>9}{'':>8}{'<= 10%':>9}")
+        print(f"{'step':<26}{r['step_s']:>8.3f}{r['floor_step_s']:>9.3f}{r['step_s'] / r['floor_step_s']:>7.2f}x")
+        parts = ", ".join(f"{k[:-2]} {v:.1f}" for k, v in r["setup_parts"].items())
+        print(f"start-up to the first step: {r['setup_s']:.1f} s ({parts})")
+        headline.update({f"{name}_step_s": round(r["step_s"], 3), f"{name}_rollout_ratio": round(r["rollout_ratio"], 2),
+                         f"{name}_update_ratio": round(r["update_ratio"], 2),
+                         f"{name}_orchestration_share": round(r["orchestration_share"], 3),
+                         f"{name}_setup_s": round(r["setup_s"], 1)})
+    return headline
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3, help="GRPO steps to run for part 1 (first is warm-up)")
     ap.add_argument("--quick", action="store_true", help="smaller batch (n=4, 2 prompts) and packing batch")
     ap.add_argument("--skip-step", action="store_true", help="only the packing comparison (no Ray)")
+    ap.add_argument("--floors", default="issue,tiny-cpu",
+                    help="shapes to run against their floors (issue = 4 prompts x n=4, one 64-token "
+                         "turn; tiny-cpu = the scenario's default); empty = skip")
+    ap.add_argument("--floor-steps", type=int, default=6, help="steps per shape (the first is warm-up)")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     headline = {}
+    if args.floors:
+        headline.update(print_floors(bench_floors(args.floor_steps, args.floors.split(","))))
     if not args.skip_step:
         s = bench_step(args.steps, args.quick)
         print(f"\nGRPO step on the tiny policy ({s['episodes_per_step']:.0f} episodes/step, "

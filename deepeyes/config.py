@@ -184,6 +184,10 @@ class TrainerConfig:
     entropy_coef: float = _f(0.0, "entropy bonus (0 = off, the recipe)")
     updates_per_step: int = _f(1, "optimizer updates per GRPO step over the same batch")
     micro_batch_tokens: int = _f(8192, "token budget of one packed micro-batch")
+    old_logprob_pass: Literal["auto", "always"] = _f(
+        "auto", "where the PPO ratio's old log-probs come from: auto = the first update's own forward "
+                "(the weights have not moved yet, so it is the behaviour policy; saves a forward over "
+                "the batch), always = a separate teacher-forced pass before the update (a check)")
     dynamic_sampling: bool = _f(False, "DAPO: drop groups with zero reward variance and refill")
     max_refill_rounds: int = _f(2, "DAPO: extra rollout rounds to refill dropped groups")
     mask_over_turn: bool = _f(False, "no loss for episodes that hit max_assistant_turns")

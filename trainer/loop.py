@@ -141,29 +141,46 @@ def lockstep_micro_batches(model: Any, examples: Sequence[Example], budget: int)
     return bins + [[e] for e in idle]
 
 
+def _store_old_logp(batch: Sequence[Example], lp: torch.Tensor) -> None:
+    """Packed per-position log-probs -> each example's per-token old_logp (detached)."""
+    offset = 0
+    lp = lp.detach()
+    for e in batch:
+        n = len(e)
+        # position t predicts token t+1: store as a per-token log-prob of token t
+        e.old_logp = torch.cat([lp.new_zeros(1), lp[offset:offset + n - 1]])
+        offset += n
+
+
 @torch.no_grad()
 def behaviour_logprobs(model: Any, examples: Sequence[Example], budget: int, temperature: float) -> None:
     """Old log-probs (per token of each example) from a teacher-forced pass, before the update."""
     for batch in lockstep_micro_batches(model, examples, budget):
         lp, _ = packed_forward(model, pack(batch), temperature)
-        offset = 0
-        for e in batch:
-            n = len(e)
-            # position t predicts token t+1: store as a per-token log-prob of token t
-            e.old_logp = torch.cat([lp.new_zeros(1), lp[offset:offset + n - 1]])
-            offset += n
+        _store_old_logp(batch, lp)
 
 
 def update(model: Any, optimizer: Any, examples: Sequence[Example], cfg: Config, global_tokens: float,
            temperature: float, sync_grads: Any) -> UpdateStats:
-    """One optimizer step over the local examples; loss normalised by the global token count."""
+    """One optimizer step over the local examples; loss normalised by the global token count.
+
+    Examples without old_logp take it from this forward, detached: the weights do not change
+    until the one optimizer step at the end, so the behaviour policy of these fresh samples is the
+    policy of this forward and the PPO ratio is exactly 1 (what a separate pass would compute,
+    at the cost of a whole extra forward over the batch). Their old_logp is filled in for the
+    engine/trainer agreement metric.
+    """
     t = cfg.trainer
     st = UpdateStats()
     optimizer.zero_grad(set_to_none=True)
     for batch in lockstep_micro_batches(model, examples, t.micro_batch_tokens):
         pk = pack(batch)
         logp, ent = packed_forward(model, pk, temperature, with_entropy=True)
-        parts = clipped_policy_loss(logp, pk.old_logp, pk.advantages, pk.target_mask, t.clip_eps,
+        old_logp = pk.old_logp
+        if old_logp is None:  # on-policy, one update: this forward is the behaviour policy
+            old_logp = logp.detach()
+            _store_old_logp(batch, old_logp)
+        parts = clipped_policy_loss(logp, old_logp, pk.advantages, pk.target_mask, t.clip_eps,
                                     t.clip_eps_high, pk.ref_logp)
         loss = parts.pg_loss_sum
         if t.kl_coef > 0 and parts.kl_sum is not None:
@@ -187,6 +204,8 @@ def logprob_mismatch(trajs: Sequence[Trajectory], examples: Sequence[Example]) -
     """Max |sampling log-prob - teacher-forced log-prob| over policy tokens (engine/trainer agreement)."""
     worst = 0.0
     for t, e in zip(trajs, examples):
+        if e.old_logp is None:  # no update ran (a batch without policy tokens)
+            continue
         p = len(t.prompt_ids)
         resp_lp = e.old_logp[p:].detach().cpu()
         sampled = torch.tensor(t.logprobs, dtype=resp_lp.dtype)
@@ -327,16 +346,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # ADVANTAGE: GRPO within each prompt group
         advantages = group_advantages([t.reward.score for t in trajs], [t.group_id for t in trajs])
         examples = build_examples(policy, trajs, advantages, cfg.trainer.mask_over_turn, device)
+        # OLD LOG-PROBS: by default from the update's own forward (one update on fresh samples);
+        # a separate pass only when asked (trainer.old_logprob_pass=always). The reference
+        # policy's, for the KL term, always need their own pass (other weights).
         t0 = time.perf_counter()
-        model.eval()
-        behaviour_logprobs(model, examples, cfg.trainer.micro_batch_tokens, cfg.rollout.temperature)
+        if cfg.trainer.old_logprob_pass == "always":
+            model.eval()
+            behaviour_logprobs(model, examples, cfg.trainer.micro_batch_tokens, cfg.rollout.temperature)
         if ref_model is not None:
-            for e in examples:
-                e_ref = Example(e.input_ids, e.loss_mask, e.advantage, e.pixel_values, e.image_grid_thw, e.positions)
-                behaviour_logprobs(ref_model, [e_ref], cfg.trainer.micro_batch_tokens, cfg.rollout.temperature)
+            refs = [Example(e.input_ids, e.loss_mask, e.advantage, e.pixel_values, e.image_grid_thw, e.positions)
+                    for e in examples]
+            behaviour_logprobs(ref_model, refs, cfg.trainer.micro_batch_tokens, cfg.rollout.temperature)
+            for e, e_ref in zip(examples, refs):
                 e.ref_logp = e_ref.old_logp
         timings["old_logprob"] = time.perf_counter() - t0
-        mismatch = logprob_mismatch(trajs, examples)
 
         # UPDATE: token-mean over the global batch's policy tokens
         t0 = time.perf_counter()
@@ -349,6 +372,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         for _ in range(cfg.trainer.updates_per_step if global_tokens > 0 else 0):
             stats = update(model, optimizer, examples, cfg, global_tokens, cfg.rollout.temperature, sync_grads)
         timings["update"] = time.perf_counter() - t0
+        mismatch = logprob_mismatch(trajs, examples)  # old_logp: the separate pass's or the update's
 
         # SYNC: publish version + 1; replicas pull it before the next step's requests
         t0 = time.perf_counter()

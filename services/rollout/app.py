@@ -36,7 +36,7 @@ from services.rollout.agent_loop import ScoreFn, ToolFn, ToolOutcome, run_episod
 from services.rollout.engines import Engine, check_sampling, load_hf_engine
 from services.rollout.trajectory import Trajectory
 from services.rollout.types import EPISODE_SEED_LIMIT, EpisodeRequest, PolicyIO
-from services.rollout.weights import get_weight_store
+from services.rollout.weights import fetch_weights, get_weight_store, unpack_state
 from services.tools.app import image_arg
 from services.tools.image_io import decode_base64_image
 
@@ -247,7 +247,7 @@ class RolloutWorker:
             version, refs = ray.get(store.latest.remote(), timeout=WEIGHT_FETCH_TIMEOUT_S)
             self._start_version = version
             if version > self.engine.version and refs and hasattr(self.engine, "load_state_sync"):
-                self.engine.load_state_sync(ray.get(refs[0], timeout=WEIGHT_FETCH_TIMEOUT_S), version)
+                self.engine.load_state_sync(fetch_weights(refs[0], WEIGHT_FETCH_TIMEOUT_S), version)
                 self.loads.append(version)
         self._metrics = _Metrics(_replica_tag())
         # Ray exports a gauge only in the report window after a set(): set it again every few
@@ -348,7 +348,7 @@ class RolloutWorker:
                 raise VersionNotPublished(f"episode needs policy version {min_version}; the latest "
                                           f"published is {version}: publish before requesting it")
             t0 = time.perf_counter()
-            state = await asyncio.wait_for(refs[0], WEIGHT_FETCH_TIMEOUT_S)
+            state = unpack_state(await asyncio.wait_for(refs[0], WEIGHT_FETCH_TIMEOUT_S))  # zero-copy views
             await self.engine.load_weights(state, version)
             self.loads.append(version)
             self._metrics.sync(version, time.perf_counter() - t0)

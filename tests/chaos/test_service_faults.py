@@ -61,6 +61,9 @@ def test_a_rollout_replica_killed_mid_step_loses_no_episode(tmp_path, tiny_polic
     assert [r["rollout/episodes"] for r in rows] == [4.0] * 5, rows
     assert all(r["rollout/failed_episodes"] == 0 for r in rows)
     assert "retrying once" in log  # the kill did hit episodes in flight
+    # operator noise (issue 12 item 12): the Train placement-group cleaner polled a state API
+    # that a cluster without dashboard does not serve, one warning a second
+    assert "PlacementGroupCleaner" not in log
     # what the kill cost: the step it hit waited for the new replica (the slowest step)
     step_s = {int(r["step"]): r["timing/step_s"] for r in rows}
     hit = max(step_s, key=step_s.get)
@@ -125,6 +128,8 @@ def test_a_judge_failing_half_its_calls_drops_and_counts_each_failure(tmp_path, 
     (tmp_path / "job.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert metric_steps(run_dir) == [1, 2, 3, 4]
+    log = proc.stdout + proc.stderr  # each validation is reported once (it was printed twice)
+    assert [log.count(f"validation at step {k}:") for k in (2, 4)] == [1, 1], log[-3000:]
     rows = metric_rows(run_dir)
     counted = sum(r.get("judge/failures", 0) + r.get("val/judge_failures", 0) for r in rows)
     assert HalfFailingJudge.failed > 0 and HalfFailingJudge.ok > 0

@@ -96,3 +96,45 @@ def test_one_update_equals_a_plain_pytorch_reference(setup):
     # Adam's first step is lr * g / (|g| + 1e-8): for gradients near 1e-8 float rounding moves it
     # by a fraction of lr (measured 2e-5 at lr 1e-3); a wrong gradient would move it by ~2 lr.
     assert worst < 0.05 * cfg.trainer.lr, worst
+
+
+def test_old_logprobs_from_the_update_forward_equal_a_separate_pass(setup):
+    """Issue 13 item 1: with one update on fresh samples, taking the old log-probs from the
+    update's own forward (trainer.old_logprob_pass=auto) gives the loss, gradient, parameters and
+    agreement metric of the separate teacher-forced pass it replaces (=always), and a second
+    update on the same batch uses the first one's (pre-step) log-probs, not its own."""
+    from trainer.loop import behaviour_logprobs
+
+    policy, seqs = setup
+    cfg = load_config(overrides=["trainer.micro_batch_tokens=160", "trainer.lr=1e-3"])
+
+    def run(separate: bool, updates: int = 1):
+        model = copy.deepcopy(policy.model)
+        examples = [make_example(model, s["ids"], s["mask"], s["adv"], s["pv"], s["grid"]) for s in seqs]
+        if separate:
+            model.eval()
+            behaviour_logprobs(model, examples, cfg.trainer.micro_batch_tokens, 1.0)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.trainer.lr, weight_decay=0.0)
+        total = float(sum(sum(s["mask"][1:]) for s in seqs))
+        stats = [update(model, opt, examples, cfg, total, 1.0, lambda m: None) for _ in range(updates)]
+        return model, examples, stats
+
+    fused_model, fused_ex, (fused,) = run(separate=False)
+    pass_model, pass_ex, (sep,) = run(separate=True)
+    assert fused.pg_loss == pytest.approx(sep.pg_loss, rel=1e-5)
+    assert fused.grad_norm == pytest.approx(sep.grad_norm, rel=1e-5)
+    assert fused.clipped == sep.clipped == 0  # the ratio is 1 on fresh samples
+    for a, b in zip(fused_ex, pass_ex):  # the agreement metric reads these
+        m = a.loss_mask.bool()
+        assert torch.allclose(a.old_logp[m], b.old_logp[m], atol=1e-5)
+    worst = max((a - b).abs().max().item() for a, b in zip(fused_model.parameters(), pass_model.parameters()))
+    assert worst < 0.05 * cfg.trainer.lr, worst
+
+    # two updates: the second one's ratio moves away from 1 against the first forward's log-probs
+    _, _, (first, second) = run(separate=False, updates=2)
+    _, _, (first_p, second_p) = run(separate=True, updates=2)
+    assert second.pg_loss == pytest.approx(second_p.pg_loss, rel=1e-4)
+    assert second.grad_norm == pytest.approx(second_p.grad_norm, rel=1e-3)
+    # the policy did move (a second update that took its own forward would repeat the first loss)
+    assert second.pg_loss != pytest.approx(first.pg_loss, rel=1e-2)
