@@ -188,6 +188,7 @@ def run_job(overrides: list[str], steps: int) -> dict:
         busy.append(handle.stats.remote().result()["engine_busy_s"])
     finally:
         recipe.cleanup()
+    startup = json.loads((Path(run_dir) / "startup.json").read_text())
     rows = [r for r in read_metrics(run_dir) if "timing/step_s" in r]
     steady = rows[1:] or rows
     med = {p: statistics.median(r[f"timing/{p}_s"] for r in steady) for p in (*STEP_PHASES, "step")}
@@ -195,7 +196,9 @@ def run_job(overrides: list[str], steps: int) -> dict:
     busy_share = (busy[1] - busy[0]) / total_rollout if total_rollout else 0.0  # of the rollout phase
     return {"cfg": cfg, "policy_dir": recipe.policy_dir, "train_files": recipe.train_files, "median": med,
             "engine_busy_s": med["rollout"] * busy_share, "setup_s": setup_s,
-            "setup_parts": dict(recipe.timings), "response_tokens": statistics.fmean(
+            "setup_parts": {**{k: v for k, v in recipe.timings.items() if k != "train_s"},
+                            "train_workers_s": startup["train_workers_s"], "worker_setup_s": startup["worker_setup_s"]},
+            "first_request_s": startup["first_request_s"], "response_tokens": statistics.fmean(
                 r["rollout/response_tokens"] for r in steady), "episodes": statistics.fmean(
                 r["rollout/episodes"] for r in steady)}
 
@@ -298,7 +301,7 @@ def bench_floors(steps: int, shapes: list[str]) -> dict:
                      "rollout_ratio": m["rollout"] / roll_floor,
                      "update_ratio": (m["update"] + m["old_logprob"]) / upd_floor,
                      "floor_step_s": roll_floor + upd_floor,
-                     "setup_s": job["setup_s"], "setup_parts": job["setup_parts"]}
+                     "setup_s": job["first_request_s"], "setup_parts": job["setup_parts"]}
     return out
 
 
@@ -317,12 +320,30 @@ def print_floors(f: dict) -> dict:
         print(f"{'orchestration (share)':<26}{r['orchestration_share']:>8.1%}{'':>9}{'':>8}{'<= 10%':>9}")
         print(f"{'step':<26}{r['step_s']:>8.3f}{r['floor_step_s']:>9.3f}{r['step_s'] / r['floor_step_s']:>7.2f}x")
         parts = ", ".join(f"{k[:-2]} {v:.1f}" for k, v in r["setup_parts"].items())
-        print(f"start-up to the first step: {r['setup_s']:.1f} s ({parts})")
+        print(f"start-up, command to first rollout request: {r['setup_s']:.1f} s ({parts})")
         headline.update({f"{name}_step_s": round(r["step_s"], 3), f"{name}_rollout_ratio": round(r["rollout_ratio"], 2),
                          f"{name}_update_ratio": round(r["update_ratio"], 2),
                          f"{name}_orchestration_share": round(r["orchestration_share"], 3),
                          f"{name}_setup_s": round(r["setup_s"], 1)})
     return headline
+
+
+SPLITS = {  # how the tiny-cpu scenario divides 2 cores between the phases (threads follow reserved CPUs)
+    "2 workers x 1 CPU, rollout 0.5 CPU (1 thread)": [],
+    "2 workers x 1 CPU, rollout 2 CPUs": ["serve.rollout.num_cpus=2"],
+    "1 worker x 2 CPUs, rollout 0.5 CPU (1 thread)": ["trainer.num_workers=1", "trainer.cpus_per_worker=2"],
+    "1 worker x 2 CPUs, rollout 2 CPUs": ["trainer.num_workers=1", "trainer.cpus_per_worker=2",
+                                          "serve.rollout.num_cpus=2"],
+}
+
+
+def bench_splits(steps: int) -> dict:
+    out = {}
+    for name, extra in SPLITS.items():
+        m = run_job(ISSUE_SHAPE + extra, steps)["median"]
+        out[name] = m
+        print(f"  {name}: step {m['step']:.3f} s (rollout {m['rollout']:.3f}, update {m['update']:.3f})", flush=True)
+    return out
 
 
 def main() -> None:
@@ -334,9 +355,18 @@ def main() -> None:
                     help="shapes to run against their floors (issue = 4 prompts x n=4, one 64-token "
                          "turn; tiny-cpu = the scenario's default); empty = skip")
     ap.add_argument("--floor-steps", type=int, default=6, help="steps per shape (the first is warm-up)")
+    ap.add_argument("--splits", action="store_true",
+                    help="also time the issue shape under each CPU split of SPLITS (workers, threads)")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     headline = {}
+    if args.splits:
+        print("CPU splits on the issue shape (medians of the steps after the first):")
+        sp = bench_splits(args.floor_steps)
+        print(f"{'split':<50}{'step s':>8}{'rollout s':>10}{'update s':>9}")
+        for name, m in sp.items():
+            print(f"{name:<50}{m['step']:>8.3f}{m['rollout']:>10.3f}{m['update']:>9.3f}")
+        headline["splits_step_s"] = {name: round(m["step"], 3) for name, m in sp.items()}
     if args.floors:
         headline.update(print_floors(bench_floors(args.floor_steps, args.floors.split(","))))
     if not args.skip_step:

@@ -162,7 +162,8 @@ class RolloutConfig:
                                  "GPU (0 = derive it from gpu_memory_utilization)")
     enforce_eager: bool = _f(False, "vllm: no CUDA graphs / torch.compile (saves 7-60 s per start)")
     tensor_parallel_size: int = _f(1, "vllm: tensor parallel degree per rollout replica")
-    torch_threads: int = _f(1, "torch intra-op threads per rollout replica (CPU)")
+    torch_threads: int = _f(0, "torch intra-op threads per rollout replica (CPU); 0 = one per CPU the "
+                               "replica reserved (serve.rollout.num_cpus, at least 1)")
     reward: Literal["auto", "always", "never"] = _f(
         "auto", "rollout replicas score episodes with the 'judge' Serve app: auto = when it is "
                 "running, always (error if absent), never (the driver scores)")
@@ -198,7 +199,8 @@ class TrainerConfig:
         "auto", "data-parallel strategy of the update: auto = fsdp2 on GPU with >1 worker, else ddp "
                 "(gradients all-reduced); fsdp2 also runs on CPU with gloo")
     cpus_per_worker: float = _f(1.0, "CPUs reserved per Train worker")
-    torch_threads: int = _f(1, "torch intra-op threads per Train worker (CPU)")
+    torch_threads: int = _f(0, "torch intra-op threads per Train worker (CPU); 0 = one per CPU the "
+                               "worker reserved (trainer.cpus_per_worker, at least 1)")
     seed: int = _f(0, "seed of data order and init")
     save_every: int = _f(8, "checkpoint every N steps (0 = only at the end)")
     max_failures: int = _f(2, "Ray Train restarts of the worker group after a failure (a worker died); "

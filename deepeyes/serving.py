@@ -70,6 +70,27 @@ def authorized(header_value: str | None, token: str | None) -> bool:
     return hmac.compare_digest(header_value[len("Bearer "):].encode(), token.encode())
 
 
+def actor_threads(configured: int = 0) -> int:
+    """torch intra-op threads for this process: `configured` if > 0, else the CPUs Ray reserved
+    for this actor (at least 1; fractional CPUs round down), else the cores this process may use.
+
+    One thread per reserved CPU keeps actors that run at the same time from oversubscribing the
+    cores; a scenario that runs phases one after another (the synchronous GRPO step) reserves
+    each phase's actors the machine's cores."""
+    if configured > 0:
+        return configured
+    try:
+        import ray
+
+        if ray.is_initialized():
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+            if cpus:
+                return max(1, int(cpus))
+    except Exception:  # not in a Ray worker
+        pass
+    return max(1, len(os.sched_getaffinity(0)))
+
+
 def gauge_refresh_s() -> float:
     """Half of Ray's metrics report interval (10 s by default; a cluster may set it lower)."""
     try:

@@ -18,6 +18,7 @@ from deepeyes.policy import Policy
 
 STATE_FILE = "trainer_state.json"
 STOPPED_FILE = "stopped.json"  # in the run folder: why the loop stopped early (the driver reports it)
+STARTUP_FILE = "startup.json"  # rank 0: when the workers started and sent the first rollout
 
 
 def save_checkpoint(folder: Path, policy: Policy, model_state: dict[str, torch.Tensor],

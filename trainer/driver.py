@@ -26,7 +26,7 @@ import yaml
 
 from deepeyes.config import Config, ConfigError, to_dict
 from deepeyes.serving import APP_NAMES, ROUTE_PREFIXES
-from trainer.checkpoint import STATE_FILE, STOPPED_FILE
+from trainer.checkpoint import STARTUP_FILE, STATE_FILE, STOPPED_FILE
 from trainer.metrics import STEP_PHASES
 
 log = logging.getLogger("deepeyes.driver")
@@ -49,6 +49,7 @@ class GRPORecipe:
         self.started_ray = False
         self.deployed: list[str] = []
         self.t0 = time.perf_counter()
+        self.t0_wall = time.time()  # the workers measure their start against it
         self.timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------ setup
@@ -108,6 +109,7 @@ class GRPORecipe:
             "config": to_dict(cfg), "run_dir": str(self.run_dir), "policy_dir": str(self.policy_dir),
             "data": [self.data_ref],  # in a list: handed over as a reference, fetched by each worker
             "resume_from": str(self.resume_from) if self.resume_from else "",
+            "t0_wall": self.t0_wall, "fit_wall": time.time(),
         }
         trainer_cls = TorchTrainer
         if self.started_ray and not cfg.ray.include_dashboard:
@@ -158,6 +160,12 @@ class GRPORecipe:
             total = sum(r.get("timing/step_s", 0.0) for r in rows)
             out["phase_split"] = {p: round(sum(r.get(f"timing/{p}_s", 0.0) for r in rows) / max(total, 1e-9), 3)
                                   for p in STEP_PHASES}
+        startup = self.run_dir / STARTUP_FILE
+        if startup.exists():  # the start-up, broken down: what a user waits for before step 1
+            worker = json.loads(startup.read_text())
+            parts = {k: round(v, 1) for k, v in self.timings.items() if k != "train_s"}
+            parts.update({k: round(v, 1) for k, v in worker.items() if k != "first_request_s"})
+            out["startup_s"] = {"to_first_rollout": round(worker["first_request_s"], 1), **parts}
         if val:
             out["validation"] = {k: round(v, 4) for k, v in val[-1].items() if k.startswith("val/")}
         if self.cfg.logging.plots and rows:

@@ -28,9 +28,9 @@ import torch.distributed as dist
 
 from deepeyes.config import Config, config_from_dict
 from deepeyes.policy import Policy, load_policy, process_images
-from deepeyes.serving import APP_NAMES, DEPLOYMENT_NAMES
+from deepeyes.serving import APP_NAMES, DEPLOYMENT_NAMES, actor_threads
 from services.rollout.trajectory import Trajectory
-from trainer.checkpoint import STATE_FILE, STOPPED_FILE, full_optimizer_state, load_optimizer_state, save_checkpoint
+from trainer.checkpoint import STARTUP_FILE, STATE_FILE, STOPPED_FILE, full_optimizer_state, load_optimizer_state, save_checkpoint
 from trainer.distributed import (all_gather_objects, all_max, all_reduce_grads, all_sum, cpu_state_dict,
                                  shard_fsdp2, use_fsdp2, world)
 from trainer.evaluate import validate
@@ -258,10 +258,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from services.rollout.weights import get_or_create_weight_store, publish_weights
 
+    t_entry = time.time()
     cfg: Config = config_from_dict(loop_config["config"])
     rank, world_size = world()
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
-    torch.set_num_threads(cfg.trainer.torch_threads)
+    torch.set_num_threads(actor_threads(cfg.trainer.torch_threads))
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.trainer.use_gpu else torch.device("cpu")
     run_dir = Path(loop_config["run_dir"])
 
@@ -325,6 +326,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     traj_dir = run_dir / "trajectories"
     traj_dir.mkdir(parents=True, exist_ok=True)
 
+    if rank == 0 and "t0_wall" in loop_config:  # the start-up, as the driver's summary reports it
+        (run_dir / STARTUP_FILE).write_text(json.dumps({
+            "train_workers_s": t_entry - loop_config["fit_wall"], "worker_setup_s": time.time() - t_entry,
+            "first_request_s": time.time() - loop_config["t0_wall"]}))
     for step in range(start_step, steps + 1):
         t_step = time.perf_counter()
         timings: dict[str, float] = {}

@@ -30,7 +30,7 @@ from deepeyes.config import Config
 from deepeyes.images import ImageDecodeError, ImageTooLargeError, trim_freed_memory
 from deepeyes.policy import resolve_policy_path
 from deepeyes.serving import (APP_NAMES, DEPLOYMENT_NAMES, authorized, bearer_token, config_from_args,
-                              deployment_options, keep_gauge_fresh, read_body_capped)
+                              actor_threads, deployment_options, keep_gauge_fresh, read_body_capped)
 from services.judge.reward import RewardResult, ScoreRequest
 from services.rollout.agent_loop import ScoreFn, ToolFn, ToolOutcome, run_episode
 from services.rollout.engines import Engine, check_sampling, load_hf_engine
@@ -227,7 +227,7 @@ class RolloutWorker:
     """
 
     def __init__(self, cfg: Config) -> None:
-        torch.set_num_threads(cfg.rollout.torch_threads)
+        torch.set_num_threads(actor_threads(cfg.rollout.torch_threads))
         self.cfg = cfg
         device = "cuda" if cfg.serve.rollout.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.engine, self.policy_io = build_engine(cfg, device)
