@@ -16,6 +16,7 @@ import signal
 import statistics
 import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -42,6 +43,23 @@ def rollout_replicas() -> list[int]:
     return pids
 
 
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def wait_until_busy(pid: int, timeout_s: float = 120.0) -> bool:
+    """True once the process burns CPU (>= 3 ticks in 50 ms): the replica is generating."""
+    deadline, last = time.monotonic() + timeout_s, cpu_ticks(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = cpu_ticks(pid)
+        if now - last >= 3:
+            return True
+        last = now
+    return False
+
+
 def test_a_rollout_replica_killed_mid_step_loses_no_episode(tmp_path, tiny_policy_dir):
     """SIGKILL of the only rollout replica while step 3 runs: Serve starts another, the driver
     retries the episodes that died with it, every step keeps all its episodes, the run ends rc 0."""
@@ -50,7 +68,8 @@ def test_a_rollout_replica_killed_mid_step_loses_no_episode(tmp_path, tiny_polic
     proc, lines = start_until(cmd, "step 2/5")
     victims = rollout_replicas()
     assert len(victims) == 1, "".join(lines)[-3000:]
-    os.kill(victims[0], signal.SIGKILL)  # lands in step 3 or 4 (the driver shows steps ~1 s late)
+    assert wait_until_busy(victims[0]), "the rollout replica never generated after step 2"
+    os.kill(victims[0], signal.SIGKILL)  # mid-rollout: episodes are in flight on it
     rest, _ = proc.communicate(timeout=600)
     log = "".join(lines) + rest
     (tmp_path / "job.log").write_text(log)
