@@ -212,7 +212,7 @@ def _floor_batch(job: dict, prompts: int):
     cfg = job["cfg"]
     policy = load_policy(job["policy_dir"], trainable=True)
     rows = read_deepeyes(job["train_files"], cfg.data).rows[:prompts]
-    batch = []
+    batch, frames_all = [], []
     for row in rows:
         text = policy.tokenizer.apply_chat_template(row.messages, chat_template=CHAT_TEMPLATE, tokenize=False,
                                                     add_generation_prompt=True)
@@ -220,7 +220,8 @@ def _floor_batch(job: dict, prompts: int):
         pv, grid = process_images(policy, frames)
         ids = encode_text_with_images(policy, text, grid.tolist() if grid is not None else [])
         batch += [(ids, pv, grid)] * cfg.rollout.n
-    return policy, batch
+        frames_all.extend([(ids, frames)] * cfg.rollout.n)
+    return policy, batch, frames_all
 
 
 def floor_rollout(policy, batch, new_tokens: int, repeats: int = 2) -> float:
@@ -244,6 +245,26 @@ def floor_rollout(policy, batch, new_tokens: int, repeats: int = 2) -> float:
             out = policy.model.generate(**kwargs)
         best = min(best, time.perf_counter() - t)
     assert out.shape[1] == width + new_tokens
+    return best
+
+
+def engine_alone(policy, batch, new_tokens: int, threads: int, repeats: int = 2) -> float:
+    """The rollout's own HF engine on the same batch in this process (no Serve, no agent loop)."""
+    from services.rollout.engines import HFEngine, SamplingParams
+
+    engine = HFEngine(policy)
+    # images: the batch holds processed tensors; the engine takes PIL frames, so rebuild them
+    reqs = [(ids, frames, SamplingParams(new_tokens, 1.0, seed=i)) for i, (ids, frames) in enumerate(batch)]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            engine.generate_batch_sync(reqs)
+            best = min(best, time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(old)
     return best
 
 
@@ -280,6 +301,11 @@ def floor_update(policy, batch, new_tokens: int, repeats: int = 2) -> float:
     return best
 
 
+def actor_threads_for(cfg) -> int:
+    """The threads the job's rollout replica ran with (deepeyes.serving.actor_threads's rule)."""
+    return cfg.rollout.torch_threads or max(1, int(cfg.serve.rollout.num_cpus))
+
+
 def bench_floors(steps: int, shapes: list[str]) -> dict:
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # a single process gets the machine
     out = {}
@@ -287,16 +313,18 @@ def bench_floors(steps: int, shapes: list[str]) -> dict:
         overrides = ISSUE_SHAPE if name == "issue" else []
         job = run_job(overrides, steps)
         cfg = job["cfg"]
-        policy, batch = _floor_batch(job, cfg.trainer.batch_size)
+        policy, batch, frames = _floor_batch(job, cfg.trainer.batch_size)
         new_tokens = max(1, round(job["response_tokens"]))
         roll_floor = floor_rollout(policy, batch, new_tokens)
+        threads = actor_threads_for(cfg)
+        alone = engine_alone(policy, frames, new_tokens, threads)
         upd_floor = floor_update(policy, batch, new_tokens)
         m = job["median"]
         compute = job["engine_busy_s"] + m["old_logprob"] + m["update"] + m["publish"]
         out[name] = {"episodes": job["episodes"], "response_tokens": job["response_tokens"], "step_s": m["step"],
                      "rollout_s": m["rollout"], "rollout_floor_s": roll_floor, "old_logprob_s": m["old_logprob"],
                      "update_s": m["update"], "update_floor_s": upd_floor, "publish_s": m["publish"],
-                     "engine_busy_s": job["engine_busy_s"],
+                     "engine_busy_s": job["engine_busy_s"], "engine_alone_s": alone, "engine_threads": threads,
                      "orchestration_share": max(0.0, m["step"] - compute) / m["step"],
                      "rollout_ratio": m["rollout"] / roll_floor,
                      "update_ratio": (m["update"] + m["old_logprob"]) / upd_floor,
@@ -315,6 +343,9 @@ def print_floors(f: dict) -> dict:
               f"{r['rollout_ratio']:>7.2f}x{'<= 1.3x':>9}")
         print(f"{'old log-prob + update':<26}{r['old_logprob_s'] + r['update_s']:>8.3f}{r['update_floor_s']:>9.3f}"
               f"{r['update_ratio']:>7.2f}x{'<= 1.3x':>9}")
+        print(f"{'  engine busy in the job':<26}{r['engine_busy_s']:>8.3f}{r['engine_alone_s']:>9.3f}"
+              f"{r['engine_busy_s'] / r['engine_alone_s']:>7.2f}x   (floor: the same engine alone, "
+              f"{r['engine_threads']} thread(s), no Serve)")
         print(f"{'  of which old log-prob':<26}{r['old_logprob_s']:>8.3f}")
         print(f"{'publish':<26}{r['publish_s']:>8.3f}")
         print(f"{'orchestration (share)':<26}{r['orchestration_share']:>8.1%}{'':>9}{'':>8}{'<= 10%':>9}")

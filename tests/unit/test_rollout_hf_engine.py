@@ -171,3 +171,28 @@ def test_one_bad_request_fails_alone_and_its_batch_mates_succeed(policy):
         if i != 3:
             assert out[i].token_ids == eng.generate_batch_sync([r])[0].token_ids
     assert eng.batch_sizes[8] == 1  # they did share one batch
+
+
+def test_requests_join_a_running_decode_and_sample_as_alone(policy):
+    """Continuous batching (issue 13): requests that arrive while a decode runs join it at the next
+    token step; each still gets exactly the tokens (and log-probs) it gets alone, though its KV
+    cache is merged into the running batch with another length of left padding."""
+    eng = HFEngine(policy, batch_wait_ms=0.0)
+    long_req = prompt(policy, 3, "red", (100, 60)) + (SamplingParams(300, 1.0, seed=5),)
+    late = [prompt(policy, 25, "blue", (300, 200)) + (SamplingParams(12, 0.9, seed=6),),
+            prompt(policy, 1, "green", (56, 56)) + (SamplingParams(6, 0.0),)]
+
+    async def main():
+        first = asyncio.ensure_future(eng.generate(*long_req))
+        while not eng._lock or not eng._lock.locked():  # the first decode is running
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.02)
+        rest = await asyncio.gather(*(eng.generate(*r) for r in late))
+        return [await first, *rest]
+
+    out = asyncio.run(main())
+    assert eng.joined == 2 and sum(eng.batch_sizes.values()) == 1  # one decode, both joined it
+    for req, got in zip([long_req, *late], out):
+        alone = eng.generate_batch_sync([req])[0]
+        assert got.token_ids == alone.token_ids
+        assert max(abs(x - y) for x, y in zip(got.logprobs, alone.logprobs)) < 1e-4
