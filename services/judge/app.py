@@ -174,9 +174,10 @@ class JudgeService:
     """
 
     def __init__(self, cfg: Config) -> None:
-        import torch  # heavy, and only the hf backend computes here
+        if cfg.judge.backend == "hf":  # the only backend that computes here; torch costs 2 s to import
+            import torch
 
-        torch.set_num_threads(1)  # Ray gives fractional replicas 1 OMP thread; say so explicitly
+            torch.set_num_threads(1)  # Ray gives fractional replicas 1 OMP thread; say so explicitly
         self.cfg = cfg
         # No reachability probe here: build_app probes once per deploy (see there).
         self.judge = make_judge(cfg.judge, cache_dir=cfg.model.cache_dir)
