@@ -205,17 +205,19 @@ def run_job(overrides: list[str], steps: int) -> dict:
 
 def _floor_batch(job: dict, prompts: int):
     """The job's policy and `prompts` of its training rows, n copies each: ids, images, grids."""
-    from deepeyes.chat import CHAT_TEMPLATE
     from deepeyes.data import read_deepeyes
+    from services.rollout.agent_loop import registry_schemas, render_prompt
+    from services.rollout.types import PolicyIO
     from deepeyes.policy import encode_text_with_images, load_policy, process_images, resize_for_model
 
     cfg = job["cfg"]
     policy = load_policy(job["policy_dir"], trainable=True)
     rows = read_deepeyes(job["train_files"], cfg.data).rows[:prompts]
     batch, frames_all = [], []
+    schemas = registry_schemas(list(cfg.tools.enabled))
     for row in rows:
-        text = policy.tokenizer.apply_chat_template(row.messages, chat_template=CHAT_TEMPLATE, tokenize=False,
-                                                    add_generation_prompt=True)
+        # the prompt exactly as the agent loop renders it (system prompt with the tools block)
+        text = render_prompt(PolicyIO.from_policy(policy), row.messages, schemas)
         frames = [resize_for_model(im, cfg.model.min_pixels, cfg.model.max_pixels) for im in row.images]
         pv, grid = process_images(policy, frames)
         ids = encode_text_with_images(policy, text, grid.tolist() if grid is not None else [])
