@@ -106,17 +106,22 @@ def test_sigterm_unwinds_and_resume_redoes_the_lost_steps_once(tmp_path, tiny_po
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 5
 
 
-def train_workers() -> list[int]:
-    """PIDs of live Ray Train workers (tests run one job at a time, so these are that job's)."""
+def processes(prefix: str) -> list[int]:
+    """PIDs of live processes whose command line starts with prefix (a Ray actor's is
+    `ray::<Class>...`; tests run one job at a time, so these are that job's)."""
     pids = []
     for pid in os.listdir("/proc"):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") if pid.isdigit() else ""
         except OSError:
             continue
-        if cmd.startswith("ray::RayTrainWorker"):
+        if cmd.startswith(prefix):
             pids.append(int(pid))
     return pids
+
+
+def train_workers() -> list[int]:
+    return processes("ray::RayTrainWorker")
 
 
 def test_a_killed_train_worker_restarts_from_the_latest_checkpoint(tmp_path, tiny_policy_dir):

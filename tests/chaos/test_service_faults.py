@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from test_faults import job, metric_steps, start_until
+from test_faults import job, metric_steps, processes, start_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -31,16 +31,7 @@ def metric_rows(run_dir: Path) -> list[dict]:
 
 
 def rollout_replicas() -> list[int]:
-    """PIDs of live rollout replicas (tests run one job at a time, so these are that job's)."""
-    pids = []
-    for pid in os.listdir("/proc"):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") if pid.isdigit() else ""
-        except OSError:
-            continue
-        if cmd.startswith("ray::ServeReplica:rollout:RolloutWorker"):
-            pids.append(int(pid))
-    return pids
+    return processes("ray::ServeReplica:rollout:RolloutWorker")
 
 
 def cpu_ticks(pid: int) -> int:
