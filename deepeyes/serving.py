@@ -8,15 +8,18 @@ driver calls it with `{"config": path, "overrides": [...]}`. Both reach the same
 from __future__ import annotations
 
 import hmac
+import json
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from deepeyes.config import Config, ConfigError, DeploymentConfig, load_config
 
 if TYPE_CHECKING:
     from starlette.requests import Request
+
+ModelT = TypeVar("ModelT")
 
 # The one home of the Serve names: application, route prefix and deployment class of each service.
 APP_NAMES = {"tools": "tools", "judge": "judge", "rollout": "rollout"}
@@ -138,3 +141,22 @@ async def read_body_capped(request: "Request", cap: int) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def read_json_body(request: "Request", model: type[ModelT], cap: int, cap_key: str) -> ModelT:
+    """The capped body parsed into `model` (a pydantic model): 413 over `cap` (naming `cap_key`),
+    a 422 naming each bad field for bad JSON, too-deep nesting or invalid fields. Check the
+    bearer token before calling it."""
+    from fastapi import HTTPException
+    from fastapi.exceptions import RequestValidationError
+    from pydantic import ValidationError
+
+    raw = await read_body_capped(request, cap)
+    if raw is None:
+        raise HTTPException(413, f"request body over {cap} bytes ({cap_key})")
+    try:
+        return model.model_validate(json.loads(raw))
+    except (ValueError, RecursionError) as e:
+        errors = e.errors() if isinstance(e, ValidationError) else [
+            {"loc": ["body"], "msg": f"invalid JSON: {e}"[:300], "type": "json_invalid"}]
+        raise RequestValidationError(errors) from None

@@ -17,7 +17,6 @@ route_prefix="/judge")` or `serve deploy deploy/serve.yaml`.
 
 import asyncio
 import concurrent.futures
-import json
 import os
 import time
 import uuid
@@ -26,13 +25,13 @@ from typing import Any, Coroutine, TypeVar
 from fastapi import FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.util import metrics
 
 from deepeyes.config import Config
 from deepeyes.serving import (authorized, bearer_token, config_from_args, deployment_options, keep_gauge_fresh,
-                              read_body_capped)
+                              read_json_body)
 from services.judge.backends import check_reachable
 from services.judge.factory import make_judge
 from services.judge.hf import HFGenerator
@@ -235,16 +234,7 @@ class JudgeService:
         """The token first, then the body: a caller without the token gets a 401 before a byte
         of its body is read (FastAPI parses a typed body parameter before any handler code)."""
         self._auth(request.headers.get("authorization"))
-        cap = self.cfg.serve.max_request_bytes
-        raw = await read_body_capped(request, cap)
-        if raw is None:
-            raise HTTPException(413, f"request body over {cap} bytes (serve.max_request_bytes)")
-        try:
-            return model.model_validate(json.loads(raw))
-        except (ValueError, RecursionError) as e:  # bad JSON, too deep, invalid: a clean 422
-            errors = e.errors() if isinstance(e, ValidationError) else [
-                {"loc": ["body"], "msg": f"invalid JSON: {e}", "type": "json_invalid"}]
-            raise RequestValidationError(errors) from None
+        return await read_json_body(request, model, self.cfg.serve.max_request_bytes, "serve.max_request_bytes")
 
     @api.post("/score", openapi_extra=_body_schema(ScoreBody))
     async def score_http(self, request: Request) -> dict[str, Any]:

@@ -9,7 +9,6 @@ optional, `serve.auth_token_env`).
 # No `from __future__ import annotations` here: Serve pickles the ingress class by value, and
 # FastAPI must see the route's real annotation types, not strings it can no longer resolve.
 import asyncio
-import json
 import os
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from PIL import Image
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, field_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.util import metrics
@@ -30,7 +29,7 @@ from deepeyes.config import Config
 from deepeyes.images import ImageDecodeError, ImageTooLargeError, trim_freed_memory
 from deepeyes.policy import resolve_policy_path
 from deepeyes.serving import (APP_NAMES, DEPLOYMENT_NAMES, authorized, bearer_token, config_from_args,
-                              actor_threads, deployment_options, keep_gauge_fresh, read_body_capped)
+                              actor_threads, deployment_options, keep_gauge_fresh, read_json_body)
 from services.judge.reward import RewardResult, ScoreRequest
 from services.rollout.agent_loop import ScoreFn, ToolFn, ToolOutcome, run_episode
 from services.rollout.engines import Engine, check_sampling, load_hf_engine
@@ -293,16 +292,14 @@ class RolloutWorker:
         # before any of this ran.
         if not authorized(request.headers.get("authorization"), self._token):
             raise HTTPException(401, "missing or wrong bearer token (see serve.auth_token_env)")
-        cap = self.cfg.serve.max_request_bytes
-        raw = await read_body_capped(request, cap)
-        if raw is None:
-            raise HTTPException(413, f"request body over {cap} bytes (serve.max_request_bytes)")
+        body = await read_json_body(request, EpisodeBody, self.cfg.serve.max_request_bytes,
+                                    "serve.max_request_bytes")
         try:
-            body = EpisodeBody.model_validate(json.loads(raw))
-        except (ValueError, RecursionError) as e:  # bad JSON, too deep, invalid: a clean 422
-            errors = e.errors() if isinstance(e, ValidationError) else [
-                {"loc": ["body"], "msg": f"invalid JSON: {e}"[:300], "type": "json_invalid"}]
-            raise RequestValidationError(errors) from None
+            return await self._http_run(body)  # its decoded images are garbage once it returns
+        finally:
+            await asyncio.to_thread(trim_freed_memory)
+
+    async def _http_run(self, body: EpisodeBody) -> EpisodeSummary:
         try:
             async with self._decodes:
                 images = await asyncio.to_thread(self._decode_images, body.images_b64)
@@ -312,15 +309,11 @@ class RolloutWorker:
             raise HTTPException(400, f"images_b64 must hold base64-encoded image files ({e})") from None
         try:
             req = EpisodeRequest(images=images, **body.model_dump(exclude={"images_b64"}))
-            del images
             return summarize(await self.run_episode(req))
         except VersionNotPublished as e:
             raise HTTPException(409, str(e)) from e
         except ValueError as e:
             raise HTTPException(400, str(e)) from e
-        finally:
-            req = None
-            await asyncio.to_thread(trim_freed_memory)  # the episode's decoded images are garbage now
 
     def _decode_images(self, encoded: list[str]) -> list[Image.Image]:
         """base64 image files -> RGB images, each size-checked from its header before decoding."""
