@@ -300,7 +300,7 @@ def deploy_services(cfg: Config, run_dir: Path, policy_dir: Path) -> list[str]:
             log.info("using the running Serve app %r", name)
             continue
         targets.append(serve.RunTarget(builder(args), name=name, route_prefix=ROUTE_PREFIXES[key]))
-    if targets:  # one call: the replicas of all apps start side by side (13 s -> 8 s on 2 cores)
+    if targets:  # one call: the replicas of all apps start side by side (13 s -> 9-10 s on 2 cores)
         serve.run_many(targets, wait_for_applications_running=True)
     return [t.name for t in targets]
 

@@ -327,9 +327,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     traj_dir.mkdir(parents=True, exist_ok=True)
 
     if rank == 0 and "t0_wall" in loop_config:  # the start-up, as the driver's summary reports it
+        now = time.time()
         (run_dir / STARTUP_FILE).write_text(json.dumps({
-            "train_workers_s": t_entry - loop_config["fit_wall"], "worker_setup_s": time.time() - t_entry,
-            "first_request_s": time.time() - loop_config["t0_wall"]}))
+            "train_workers_s": t_entry - loop_config["fit_wall"], "worker_setup_s": now - t_entry,
+            "first_request_s": now - loop_config["t0_wall"]}))
     for step in range(start_step, steps + 1):
         t_step = time.perf_counter()
         timings: dict[str, float] = {}
