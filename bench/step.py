@@ -183,7 +183,8 @@ def run_job(overrides: list[str], steps: int) -> dict:
         recipe.setup()
         handle = serve.get_deployment_handle(DEPLOYMENT_NAMES["rollout"], app_name=APP_NAMES["rollout"])
         setup_s = time.perf_counter() - t0
-        busy = [handle.stats.remote().result()["engine_busy_s"]]
+        first = handle.stats.remote().result()
+        busy, threads = [first["engine_busy_s"]], first["torch_threads"]
         recipe.train()
         busy.append(handle.stats.remote().result()["engine_busy_s"])
     finally:
@@ -195,7 +196,7 @@ def run_job(overrides: list[str], steps: int) -> dict:
     total_rollout = sum(r["timing/rollout_s"] for r in rows)
     busy_share = (busy[1] - busy[0]) / total_rollout if total_rollout else 0.0  # of the rollout phase
     return {"cfg": cfg, "policy_dir": recipe.policy_dir, "train_files": recipe.train_files, "median": med,
-            "engine_busy_s": med["rollout"] * busy_share, "setup_s": setup_s,
+            "engine_busy_s": med["rollout"] * busy_share, "engine_threads": threads, "setup_s": setup_s,
             "setup_parts": {**{k: v for k, v in recipe.timings.items() if k != "train_s"},
                             "train_workers_s": startup["train_workers_s"], "worker_setup_s": startup["worker_setup_s"]},
             "first_request_s": startup["first_request_s"], "response_tokens": statistics.fmean(
@@ -303,11 +304,6 @@ def floor_update(policy, batch, new_tokens: int, repeats: int = 2) -> float:
     return best
 
 
-def actor_threads_for(cfg) -> int:
-    """The threads the job's rollout replica ran with (deepeyes.serving.actor_threads's rule)."""
-    return cfg.rollout.torch_threads or max(1, int(cfg.serve.rollout.num_cpus))
-
-
 def bench_floors(steps: int, shapes: list[str]) -> dict:
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # a single process gets the machine
     out = {}
@@ -318,7 +314,7 @@ def bench_floors(steps: int, shapes: list[str]) -> dict:
         policy, batch, frames = _floor_batch(job, cfg.trainer.batch_size)
         new_tokens = max(1, round(job["response_tokens"]))
         roll_floor = floor_rollout(policy, batch, new_tokens)
-        threads = actor_threads_for(cfg)
+        threads = job["engine_threads"]  # what the job's rollout replica ran with
         alone = engine_alone(policy, frames, new_tokens, threads)
         upd_floor = floor_update(policy, batch, new_tokens)
         m = job["median"]

@@ -276,7 +276,7 @@ class RolloutWorker:
                 "joined": getattr(self.engine, "joined", 0),
                 "decode_thread_cpu_s": getattr(self.engine, "decode_thread_cpu_s", 0.0),
                 "engine_busy_s": getattr(self.engine, "busy_s", 0.0), "replica": _replica_tag(),
-                "pid": os.getpid()}
+                "pid": os.getpid(), "torch_threads": torch.get_num_threads()}
 
     async def check_health(self) -> None:
         """Raises (Serve then restarts the replica) once the engine can no longer generate."""
