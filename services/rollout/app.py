@@ -274,6 +274,7 @@ class RolloutWorker:
                 "batch_sizes": dict(getattr(self.engine, "batch_sizes", {})),
                 "tokens_generated": getattr(self.engine, "tokens_generated", 0),
                 "joined": getattr(self.engine, "joined", 0),
+                "prefill_shared": getattr(self.engine, "prefill_shared", 0),
                 "decode_thread_cpu_s": getattr(self.engine, "decode_thread_cpu_s", 0.0),
                 "engine_busy_s": getattr(self.engine, "busy_s", 0.0), "replica": _replica_tag(),
                 "pid": os.getpid(), "torch_threads": torch.get_num_threads()}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -189,6 +190,7 @@ class HFEngine:
         self.pad_id = policy.pad_id
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # peak rows per decode run
         self.joined = 0  # requests admitted into a decode already running
+        self.prefill_shared = 0  # rows whose prompt forward another row of the same prefill ran
         self.tokens_generated = 0
         self.busy_s = 0.0  # wall time spent inside decodes (engine utilisation)
         self.decode_thread_cpu_s = 0.0  # CPU time of the decoding thread itself (busy_s minus waits)
@@ -415,6 +417,22 @@ class HFEngine:
         return live
 
     def _prefill(self, rows: list[_Row]) -> _Live:
+        """One forward over the rows' prompts. Rows with the same prompt (ids and images: the n
+        samples of one GRPO prompt) share it: the prompt runs once and its cache, mask, position
+        and logits are copied to each (whole-prompt prefix caching, as vLLM shares prefix blocks)."""
+        first: dict[tuple[Any, ...], int] = {}
+        where = [first.setdefault(_prompt_key(r.req), len(first)) for r in rows]
+        if len(first) == len(rows):
+            return self._prefill_rows(rows)
+        unique = [rows[where.index(i)] for i in range(len(first))]
+        self.prefill_shared += len(rows) - len(unique)
+        live = self._prefill_rows(unique)
+        idx = torch.tensor(where, dtype=torch.long, device=live.attn.device)
+        for layer in live.cache.layers:
+            layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+        return _Live(live.cache, live.attn[idx], live.next_pos[idx], live.logits[idx], list(rows))
+
+    def _prefill_rows(self, rows: list[_Row]) -> _Live:
         dev = self.device
         B = len(rows)
         L = max(len(r.req.prompt_ids) for r in rows)
@@ -480,6 +498,12 @@ class HFEngine:
         attn = torch.cat([left_pad(a.attn, 1), left_pad(b.attn, 1)], dim=0)
         return _Live(a.cache, attn, torch.cat([a.next_pos, b.next_pos]), torch.cat([a.logits, b.logits]),
                      a.rows + b.rows)
+
+
+def _prompt_key(req: _Pending) -> tuple[Any, ...]:
+    """What makes two prompts the same forward: their ids and their images' pixels."""
+    return (tuple(req.prompt_ids),
+            tuple((im.size, im.mode, hashlib.blake2b(im.tobytes(), digest_size=16).digest()) for im in req.images))
 
 
 def _resolve(row: _Row) -> None:

@@ -281,3 +281,18 @@ def test_policy_io_from_folder_matches_the_loaded_policy(io, tiny_policy_dir):
     assert (light.image_pad_id, light.eos_id, light.pad_id) == (io.image_pad_id, io.eos_id, io.pad_id)
     assert (light.min_pixels, light.max_pixels) == (3136, 50176)
     assert io.image_pad_id in io.banned_ids and io.eos_id not in io.banned_ids
+
+
+def test_grids_remembered_per_size_equal_the_processors(tiny_policy_dir):
+    """PolicyIO.grids asks the processor once per image size; every answer, first or remembered,
+    is the processor's own grid for that image."""
+    from PIL import Image
+
+    io = PolicyIO.from_policy(load_policy(tiny_policy_dir))
+    sizes = [(100, 60), (300, 200), (100, 60), (56, 56), (300, 200), (1000, 17)]
+    images = [Image.new("RGB", s, (i * 40, 90, 200)) for i, s in enumerate(sizes)]
+    want = io.image_processor(images=images, return_tensors="pt")["image_grid_thw"].tolist()
+    assert io.grids(images[:2]) == want[:2]
+    assert io.grids(images) == want
+    assert io.grids([images[3].convert("L")]) == [want[3]]  # the mode does not change the grid
+    assert sorted(io._grids) == sorted(set(sizes))

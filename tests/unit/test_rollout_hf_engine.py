@@ -196,3 +196,22 @@ def test_requests_join_a_running_decode_and_sample_as_alone(policy):
         alone = eng.generate_batch_sync([req])[0]
         assert got.token_ids == alone.token_ids
         assert max(abs(x - y) for x, y in zip(got.logprobs, alone.logprobs)) < 1e-4
+
+
+def test_samples_of_one_prompt_share_its_prefill_and_sample_as_alone(policy):
+    """The n samples of a GRPO prompt run the prompt's forward once (issue 13): the engine counts
+    the shared rows, and each sample still gets exactly what it gets alone. Same ids with other
+    pixels is another prompt: never shared."""
+    eng = HFEngine(policy)
+    ids, imgs = prompt(policy, 6, "red", (100, 60))
+    other_pixels = Image.new("RGB", (100, 60), "blue")  # same size, so the same ids
+    same = [(ids, [im.copy() for im in imgs], SamplingParams(10, 1.0, seed=s)) for s in range(4)]
+    reqs = same + [(ids, [other_pixels], SamplingParams(10, 1.0, seed=0))]
+    out = eng.generate_batch_sync(reqs)
+    assert eng.prefill_shared == 3
+    assert len({tuple(o.token_ids) for o in out[:4]}) > 1  # own seeds: the samples differ
+    for req, got in zip(reqs, out):
+        alone = eng.generate_batch_sync([req])[0]
+        assert got.token_ids == alone.token_ids
+        assert max(abs(x - y) for x, y in zip(got.logprobs, alone.logprobs)) < 1e-4
+    assert eng.prefill_shared == 3  # nothing to share alone
