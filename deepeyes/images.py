@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import io
 import warnings
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -98,3 +100,8 @@ def trim_freed_memory() -> None:
         _LIBC = ctypes.CDLL(name) if name else False
     if _LIBC and hasattr(_LIBC, "malloc_trim"):
         _LIBC.malloc_trim(0)
+
+
+def image_key(image: Image.Image) -> tuple[Any, ...]:
+    """Equal for two images with the same size, mode and pixels (a 128-bit digest of the pixels)."""
+    return image.size, image.mode, hashlib.blake2b(image.tobytes(), digest_size=16).digest()

@@ -13,6 +13,7 @@ Invariant: generation for step s uses exactly the weights published after step s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from deepeyes.config import Config, config_from_dict
+from deepeyes.images import image_key
 from deepeyes.policy import Policy, load_policy, process_images
 from deepeyes.serving import APP_NAMES, DEPLOYMENT_NAMES, actor_threads
 from services.rollout.trajectory import Trajectory
@@ -37,7 +39,7 @@ from trainer.evaluate import validate
 from trainer.grpo import clipped_policy_loss, group_advantages, zero_variance_groups
 from trainer.metrics import MetricsSink, UpdateStats, episode_summary, step_metrics, write_trajectories
 from trainer.packing import Example, make_example, pack, packed_forward, plan_micro_batches
-from trainer.rollouts import Rollouts, dynamic_sampling
+from trainer.rollouts import FramesAhead, Rollouts, dynamic_sampling
 
 log = logging.getLogger("deepeyes.trainer")
 STORE_TIMEOUT_S = 60.0   # asking the WeightStore actor for its version
@@ -75,6 +77,10 @@ class PromptSampler:
                 self.epoch, self.pos = self.epoch + 1, 0
         return out
 
+    def peek(self, k: int) -> list[int]:
+        """What take(k) would return, without taking."""
+        return dataclasses.replace(self).take(k)
+
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "pos": self.pos}
 
@@ -100,11 +106,27 @@ def lr_factor(cfg: Config, step: int, steps: int) -> float:
 # the update
 
 
+def processed_images(policy: Policy, images: Sequence[Any], seen: dict[tuple[Any, ...], Any],
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """process_images of `images`, each distinct image processed once per `seen` memo (the
+    processor treats images independently: its output for a list is the concatenation)."""
+    if not images:
+        return None, None
+    parts = []
+    for im in images:
+        key = image_key(im)
+        if key not in seen:
+            seen[key] = process_images(policy, [im])
+        parts.append(seen[key])
+    return torch.cat([pv for pv, _ in parts]), torch.cat([g for _, g in parts])
+
+
 def build_examples(policy: Policy, trajs: Sequence[Trajectory], advantages: Sequence[float],
                    mask_over_turn: bool, device: torch.device) -> list[Example]:
     exs = []
+    seen: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # the n samples of a prompt share its image
     for t, a in zip(trajs, advantages):
-        pv, grid = process_images(policy, t.images)
+        pv, grid = processed_images(policy, t.images, seen)
         # The rollout counted <|image_pad|> tokens against these grids (DESIGN section 3); the
         # trainer's processor must see the same images the same way, or positions shift.
         if (grid.tolist() if grid is not None else []) != [list(g) for g in t.image_grid_thw]:
@@ -294,6 +316,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train, val = data["train"], data["val"]
     steps = total_steps(cfg, len(train))
     sampler = PromptSampler(len(train), cfg.trainer.seed, cfg.data.shuffle)
+    frames = FramesAhead(cfg, train.rows)  # the next step's prompt images, decoded while episodes run
     handle = serve.get_deployment_handle(DEPLOYMENT_NAMES["rollout"], app_name=APP_NAMES["rollout"])
     judge_handle = (serve.get_deployment_handle(DEPLOYMENT_NAMES["judge"], app_name=APP_NAMES["judge"])
                     if APP_NAMES["judge"] in serve.status().applications else None)
@@ -341,7 +364,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         mine = sampler.take(cfg.trainer.batch_size)[rank::world_size]
         rollouts = Rollouts(cfg, handle, judge_handle, train.rows, step, version,
-                            take_rows=lambda k: sampler.take(k * world_size)[rank::world_size])
+                            take_rows=lambda k: sampler.take(k * world_size)[rank::world_size], frames=frames,
+                            next_rows=lambda: sampler.peek(cfg.trainer.batch_size)[rank::world_size])
         trajs = rollouts.run(mine)
         dropped_groups = 0
         if cfg.trainer.dynamic_sampling:  # DAPO: drop zero-variance groups, refill from the data
@@ -429,5 +453,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     ckpt = Checkpoint.from_directory(tmp)
                 ray.train.report({"step": step, "reward/score": metrics["reward/score"]}, checkpoint=ckpt,
                                  checkpoint_dir_name=f"step_{step:06d}")
+    frames.close()
     if sink is not None:
         sink.close()

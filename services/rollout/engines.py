@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import torch
 from PIL import Image
 
 from deepeyes.config import ModelConfig, RolloutConfig
+from deepeyes.images import image_key
 from deepeyes.policy import Policy, load_policy, mrope_positions
 
 
@@ -502,8 +502,7 @@ class HFEngine:
 
 def _prompt_key(req: _Pending) -> tuple[Any, ...]:
     """What makes two prompts the same forward: their ids and their images' pixels."""
-    return (tuple(req.prompt_ids),
-            tuple((im.size, im.mode, hashlib.blake2b(im.tobytes(), digest_size=16).digest()) for im in req.images))
+    return tuple(req.prompt_ids), tuple(image_key(im) for im in req.images)
 
 
 def _resolve(row: _Row) -> None:
