@@ -260,6 +260,9 @@ class LoggingConfig:
     ray_metrics: bool = _f(True, "export metrics through ray.util.metrics (dashboard / Prometheus)")
     progress: bool = _f(True, "show a progress bar")
     save_trajectories: int = _f(4, "trajectories per step written to the run folder (0 = none)")
+    trajectory_images_kb: int = _f(1024, "KiB of JPEG thumbnails saved per step with those trajectories "
+                                         "(each episode's original, then its crops, until spent; 0 = none), "
+                                         "for `python -m trainer view`")
     plots: bool = _f(True, "render PNG curves at the end of the run")
 
 

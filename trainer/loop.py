@@ -425,7 +425,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics = step_metrics(gathered, timings, version, optimizer.param_groups[0]["lr"], cfg.trainer.kl_coef > 0)
         if rank == 0:
             sink.write(step, metrics)
-            write_trajectories(traj_dir / f"step_{step:06d}.jsonl", trajs[: cfg.logging.save_trajectories])
+            write_trajectories(traj_dir / f"step_{step:06d}.jsonl", trajs, advantages, cfg.logging.save_trajectories,
+                               lambda ids: policy.tokenizer.decode(ids, skip_special_tokens=True),
+                               cfg.logging.trajectory_images_kb)
         # HEALTH: every rank reads the same gathered counts, so all stop together
         stop = health.check(step, gathered)
         if stop:

@@ -6,13 +6,17 @@ Ray metric of `reward/score` is `deepeyes_reward_score`; the description keeps t
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import math
 import os
+import re
 import statistics
+from collections import Counter
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 REWARD = ("reward/score", "reward/acc", "reward/format", "reward/tool")
 ROLLOUT = ("rollout/num_turns", "rollout/tool_calls", "rollout/tool_errors", "rollout/response_tokens",
@@ -119,19 +123,111 @@ def step_metrics(gathered: list[dict[str, Any]], timings: dict[str, float], vers
     return m
 
 
-def write_trajectories(path: Path, trajs: Sequence[Any]) -> None:
-    """Sampled trajectories of a step as JSONL (text, reward parts, tool calls): for people to read."""
-    if not trajs:
+THUMBNAIL_SIDE = 512  # longest side of a saved image; the 7B recipe's model frame reaches 3584 px
+JPEG_QUALITY = 85
+
+
+def _frame_box(arguments: Any) -> list[float] | None:
+    """The call's bbox_2d as 4 finite floats (model-frame pixels, as the model wrote it), else None."""
+    box = arguments.get("bbox_2d") if isinstance(arguments, dict) else None
+    if not isinstance(box, (list, tuple)) or len(box) != 4 or any(isinstance(v, bool) for v in box):
+        return None
+    try:
+        out = [float(v) for v in box]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return out if all(math.isfinite(v) for v in out) else None
+
+
+def _target_box(t: Any) -> list[float] | None:
+    """The data row's target box mapped into the model frame (stored pixels -> images[0])."""
+    target, orig = t.extra.get("target_bbox"), t.extra.get("orig_size")
+    if not target or not orig or not t.images:
+        return None
+    sx, sy = t.images[0].width / orig[0], t.images[0].height / orig[1]
+    return [target[0] * sx, target[1] * sy, target[2] * sx, target[3] * sy]
+
+
+def _turns(t: Any, decode: Callable[[list[int]], str]) -> list[dict[str, Any]]:
+    """The response as turns: each run of policy tokens (loss mask 1) is an assistant turn, decoded
+    as the agent loop decodes it; each run of observation tokens (mask 0) is a tool turn."""
+    turns = []
+    for policy, run in itertools.groupby(zip(t.loss_mask, t.response_ids), key=lambda p: p[0]):
+        ids = [i for _, i in run]
+        turns.append({"role": "assistant", "tokens": len(ids), "text": decode(ids)} if policy
+                     else {"role": "tool", "tokens": len(ids)})
+    return turns
+
+
+def _jpeg(image: Any) -> bytes:
+    from deepeyes.images import to_rgb
+
+    im = to_rgb(image).copy()  # to_rgb hands an RGB image back as is; thumbnail() works in place
+    im.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
+
+
+def write_trajectories(path: Path, trajs: Sequence[Any], advantages: Sequence[float], keep: int,
+                       decode: Callable[[list[int]], str], image_kb: int) -> None:
+    """The first `keep` episodes of a step, for people to read and `python -m trainer view` to show.
+
+    `path` (`trajectories/step_000001.jsonl`) gets one line per episode: text per turn, tool calls
+    with their boxes, reward parts, GRPO advantage (`advantages[i]` is that of `trajs[i]`, the
+    group counted over all of `trajs`), token counts. The folder beside it (`step_000001/`) gets
+    JPEG thumbnails (longest side THUMBNAIL_SIDE) of each kept episode's model-frame original, then
+    of the crops that came back, until `image_kb` KiB are spent (0 = no images). The JSONL goes
+    in place by rename, after its images, so a reader never sees a half-written step.
+    """
+    kept = list(zip(trajs, advantages))[:keep]
+    if not kept:
         return
-    with path.open("w") as f:
-        for t in trajs:
+    group_sizes = Counter(t.group_id for t in trajs)
+    # images[first_crop:] are the crops, in the order of the calls whose result was appended (the
+    # agent loop's order); the images before them came with the prompt, images[0] the original.
+    returned = [[c for c in t.tool_calls if c.ok and c.appended] for t, _ in kept]
+    first_crop = [len(t.images) - len(r) for (t, _), r in zip(kept, returned)]
+    shown = [i for i in range(len(kept)) if first_crop[i] > 0]
+    wanted = [(i, 0) for i in shown] + [(i, k) for i in shown for k in range(first_crop[i], len(kept[i][0].images))]
+    folder = path.with_suffix("")
+    files: dict[tuple[int, int], str] = {}  # (episode, image) -> path relative to path's folder
+    budget = image_kb * 1024
+    for i, k in wanted:  # originals of every episode first, then the crops, while the budget lasts
+        if budget <= 0:
+            break
+        data = _jpeg(kept[i][0].images[k])
+        if len(data) > budget:
+            continue
+        budget -= len(data)
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"{folder.name}/{re.sub(r'[^A-Za-z0-9_.-]', '_', kept[i][0].uid)}_{k}.jpg"
+        (path.parent / name).write_bytes(data)
+        files[(i, k)] = name
+
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        for i, (t, adv) in enumerate(kept):
+            crop_of = {id(c): first_crop[i] + j for j, c in enumerate(returned[i])}
             f.write(json.dumps({
-                "uid": t.uid, "version": t.policy_version, "question": t.question, "ground_truth": t.ground_truth,
-                "response": t.response_text,
+                "uid": t.uid, "group_id": t.group_id, "group_size": group_sizes[t.group_id],
+                "version": t.policy_version, "data_source": t.data_source, "question": t.question,
+                "ground_truth": t.ground_truth, "response": t.response_text,
                 "reward": {k: v for k, v in t.reward.to_dict().items() if isinstance(v, (int, float, bool, str))},
-                "num_turns": t.num_turns, "finish_reason": t.finish_reason,
-                "tool_calls": [{"name": c.name, "arguments": c.arguments, "ok": c.ok, "text": c.text} for c in t.tool_calls],
+                "advantage": float(adv), "num_turns": t.num_turns, "finish_reason": t.finish_reason,
+                "prompt_tokens": len(t.prompt_ids), "response_tokens": len(t.response_ids),
+                "policy_tokens": sum(t.loss_mask), "turns": _turns(t, decode),
+                "tool_calls": [{"turn": c.turn, "name": c.name, "arguments": c.arguments, "ok": c.ok, "text": c.text,
+                                "executed": c.executed, "appended": c.appended,
+                                "box": _frame_box(c.arguments),
+                                "image": files.get((i, crop_of[id(c)])) if id(c) in crop_of else None}
+                               for c in t.tool_calls],
+                # sizes in the model frame: the boxes' coordinates; "file" is None past the image budget
+                "images": [{"file": files.get((i, k)), "width": im.width, "height": im.height}
+                           for k, im in enumerate(t.images)],
+                "target_box": _target_box(t), "timings": t.timings,
             }, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 class MetricsSink:
