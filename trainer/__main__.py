@@ -2,6 +2,7 @@
 
   python -m trainer [--config deploy/configs/tiny-cpu.yaml] [key=value ...]   run GRPO
   python -m trainer plot RUN_DIR                                             render PNG curves
+  python -m trainer view RUN_DIR [--port 8080] [--host 127.0.0.1]            look at its episodes
   python -m trainer --help                                                   this text + every knob
 
 The tiny-cpu scenario (tiny Qwen2.5-VL, synthetic data, rule judge, local Ray cluster) is the
@@ -28,6 +29,31 @@ def main(argv: list[str] | None = None) -> int:
 
         for path in render_plots(args.run_dir):
             print(path)
+        return 0
+    if argv and argv[0] == "view":
+        ap = argparse.ArgumentParser(
+            prog="python -m trainer view",
+            description="serve a web page of a run folder: per step the reward, accuracy and tool-call "
+                        "figures and the saved episodes (image with the requested boxes, crops, each "
+                        "turn's text, reward parts, GRPO advantage), filters and a group view; reads the "
+                        "folder on every request, so a run still being written can be watched")
+        ap.add_argument("run_dir", help="run folder (holds metrics.jsonl and trajectories/)")
+        ap.add_argument("--port", type=int, default=8080, help="port to listen on (default: 8080)")
+        ap.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default: 127.0.0.1; no authentication: trusted networks only)")
+        args = ap.parse_args(argv[1:])
+        from pathlib import Path
+
+        from trainer.view.app import serve
+
+        run_dir = Path(args.run_dir)
+        if not run_dir.is_dir():
+            print(f"view: {run_dir} is not a folder: give a run folder (trainer.run_dir of a run)", file=sys.stderr)
+            return 2
+        if not (run_dir / "metrics.jsonl").exists() and not (run_dir / "trajectories").is_dir():
+            print(f"view: {run_dir} has no metrics.jsonl or trajectories/ yet: showing it as it fills",
+                  file=sys.stderr)
+        serve(run_dir, args.host, args.port)
         return 0
     ap = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
