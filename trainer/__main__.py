@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from deepeyes.config import ConfigError, help_text, load_config
 
@@ -42,8 +43,6 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: 127.0.0.1; no authentication: trusted networks only)")
         args = ap.parse_args(argv[1:])
-        from pathlib import Path
-
         from trainer.view.app import serve
 
         run_dir = Path(args.run_dir)
