@@ -13,7 +13,6 @@ Invariant: generation for step s uses exactly the weights published after step s
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -39,7 +38,7 @@ from trainer.evaluate import validate
 from trainer.grpo import clipped_policy_loss, group_advantages, zero_variance_groups
 from trainer.metrics import MetricsSink, UpdateStats, episode_summary, step_metrics, write_trajectories
 from trainer.packing import Example, make_example, pack, packed_forward, plan_micro_batches
-from trainer.rollouts import FramesAhead, Rollouts, dynamic_sampling
+from trainer.rollouts import Rollouts, dynamic_sampling
 
 log = logging.getLogger("deepeyes.trainer")
 STORE_TIMEOUT_S = 60.0   # asking the WeightStore actor for its version
@@ -76,10 +75,6 @@ class PromptSampler:
             if self.pos >= self.num_rows:
                 self.epoch, self.pos = self.epoch + 1, 0
         return out
-
-    def peek(self, k: int) -> list[int]:
-        """What take(k) would return, without taking."""
-        return dataclasses.replace(self).take(k)
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "pos": self.pos}
@@ -316,7 +311,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train, val = data["train"], data["val"]
     steps = total_steps(cfg, len(train))
     sampler = PromptSampler(len(train), cfg.trainer.seed, cfg.data.shuffle)
-    frames = FramesAhead(cfg, train.rows)  # the next step's prompt images, decoded while episodes run
     handle = serve.get_deployment_handle(DEPLOYMENT_NAMES["rollout"], app_name=APP_NAMES["rollout"])
     judge_handle = (serve.get_deployment_handle(DEPLOYMENT_NAMES["judge"], app_name=APP_NAMES["judge"])
                     if APP_NAMES["judge"] in serve.status().applications else None)
@@ -364,8 +358,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         mine = sampler.take(cfg.trainer.batch_size)[rank::world_size]
         rollouts = Rollouts(cfg, handle, judge_handle, train.rows, step, version,
-                            take_rows=lambda k: sampler.take(k * world_size)[rank::world_size], frames=frames,
-                            next_rows=lambda: sampler.peek(cfg.trainer.batch_size)[rank::world_size])
+                            take_rows=lambda k: sampler.take(k * world_size)[rank::world_size])
         trajs = rollouts.run(mine)
         dropped_groups = 0
         if cfg.trainer.dynamic_sampling:  # DAPO: drop zero-variance groups, refill from the data
@@ -455,6 +448,5 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     ckpt = Checkpoint.from_directory(tmp)
                 ray.train.report({"step": step, "reward/score": metrics["reward/score"]}, checkpoint=ckpt,
                                  checkpoint_dir_name=f"step_{step:06d}")
-    frames.close()
     if sink is not None:
         sink.close()

@@ -9,12 +9,9 @@ the judge app's handle: the driver scores.
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
-
-from PIL import Image
 
 from deepeyes.config import Config
 from deepeyes.policy import resize_for_model
@@ -29,53 +26,19 @@ EPISODE_TIMEOUT_S = 1800.0  # one episode (all its turns, tools and judging) thr
 JUDGE_TIMEOUT_S = 600.0     # the driver scoring one unscored episode (the judge retries inside)
 
 
-def model_frames(cfg: Config, row: Any) -> list[Image.Image]:
-    """A row's images decoded and brought to the model frame."""
-    return [resize_for_model(im, cfg.model.min_pixels, cfg.model.max_pixels) for im in row.images]
-
-
-class FramesAhead:
-    """Model frames of the next prompts, decoded in one background thread while this step's
-    episodes run (the decode and resize were 8% of a Train worker's busy time, on the critical
-    path). Holds at most the last `ahead` call's rows; a row not made ahead is made on the spot."""
-
-    def __init__(self, cfg: Config, rows: Sequence[Any]) -> None:
-        self.cfg, self.rows = cfg, rows
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="frames-ahead")
-        self._ready: dict[int, concurrent.futures.Future] = {}
-
-    def ahead(self, row_ids: Sequence[int]) -> None:
-        keep = {rid: self._ready.pop(rid) for rid in row_ids if rid in self._ready}
-        for fut in self._ready.values():
-            fut.cancel()
-        self._ready = keep
-        for rid in row_ids:
-            if rid not in self._ready:
-                self._ready[rid] = self._pool.submit(model_frames, self.cfg, self.rows[rid])
-
-    def __call__(self, rid: int) -> list[Image.Image]:
-        fut = self._ready.pop(rid, None)
-        return fut.result() if fut is not None else model_frames(self.cfg, self.rows[rid])
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-
 def episode_requests(cfg: Config, rows: Sequence[Any], row_ids: Sequence[int], step: int, version: int,
                      n: int, greedy: bool = False, temperature: float | None = None,
-                     tag: str = "s", frames_of: Callable[[int], list[Image.Image]] | None = None,
-                     ) -> list[EpisodeRequest]:
+                     tag: str = "s") -> list[EpisodeRequest]:
     """n requests per prompt.
 
     Images go out already in the model frame: the rollout would bring them there itself (its
     resize is the identity on such images), but a DeepEyes original is several megapixels and
     each of the n requests carries its own copy, so the trainer sends the smaller frame.
-    `frames_of(row id)` gives them when made ahead (FramesAhead).
     """
     reqs = []
     for rid in row_ids:
         row = rows[rid]
-        frames = frames_of(rid) if frames_of is not None else model_frames(cfg, row)
+        frames = [resize_for_model(im, cfg.model.min_pixels, cfg.model.max_pixels) for im in row.images]
         # target_bbox is in the stored image's pixels (before any upscale of tiny images)
         extra = dict(row.extra, orig_size=list(row.image_sizes[0]) if row.image_sizes else None)
         for k in range(n):
@@ -151,14 +114,9 @@ class Rollouts:
     failed: int = 0
     judge_failures: int = 0
     take_rows: Callable[[int], list[int]] = field(default=lambda k: [])
-    frames: FramesAhead | None = None  # made ahead; `next_rows` are made while these episodes run
-    next_rows: Callable[[], list[int]] = field(default=lambda: [])
 
     def run(self, row_ids: Sequence[int], tag: str = "s") -> list[Trajectory]:
-        reqs = episode_requests(self.cfg, self.rows, row_ids, self.step, self.version, self.cfg.rollout.n, tag=tag,
-                                frames_of=self.frames)
-        if self.frames is not None:
-            self.frames.ahead(self.next_rows())
+        reqs = episode_requests(self.cfg, self.rows, row_ids, self.step, self.version, self.cfg.rollout.n, tag=tag)
         self.asked += len(reqs)
         trajs, failed = run_episodes(self.handle, reqs)
         score_unscored(self.judge_handle, trajs)

@@ -152,46 +152,6 @@ def test_run_health_stops_on_a_failing_judge_and_warns_on_flat_steps(caplog):
     assert all(never.check(s, step(8, 0)) == "" for s in range(10))
 
 
-def test_frames_made_ahead_are_the_frames_made_on_the_spot(tmp_path):
-    """FramesAhead (issue 13): the next prompts' model frames, made in a background thread while
-    episodes run, equal what episode_requests makes on the spot; it holds only the last rows asked
-    ahead; PromptSampler.peek is the next take without taking."""
-    import io
-
-    from PIL import Image
-
-    from deepeyes.data import Row
-    from trainer.rollouts import FramesAhead, episode_requests
-
-    cfg = load_config()
-
-    def png(size, color):
-        buf = io.BytesIO()
-        Image.new("RGB", size, color).save(buf, format="PNG")
-        return buf.getvalue()
-
-    rows = [Row(index=str(i), data_source="synthetic", messages=[{"role": "user", "content": "q"}],
-                image_bytes=[png((900 + 50 * i, 700), (40 * i, 80, 120))], ground_truth="A", question="q", extra={},
-                image_sizes=[(900 + 50 * i, 700)]) for i in range(4)]
-    sampler = PromptSampler(4, seed=1)
-    nxt = sampler.peek(2)
-    assert sampler.state() == {"epoch": 0, "pos": 0} and sampler.take(2) == nxt
-    frames = FramesAhead(cfg, rows)
-    try:
-        frames.ahead([0, 1])
-        frames.ahead([1, 2])  # row 0 was not taken: dropped, never held past the next ahead()
-        assert sorted(frames._ready) == [1, 2]
-        plain = episode_requests(cfg, rows, [1, 2, 3], step=1, version=0, n=2)
-        ahead = episode_requests(cfg, rows, [1, 2, 3], step=1, version=0, n=2, frames_of=frames)  # 3: on the spot
-        assert not frames._ready
-        for a, b in zip(plain, ahead):
-            assert a.uid == b.uid and [im.size for im in a.images] == [im.size for im in b.images]
-            assert all(x.tobytes() == y.tobytes() for x, y in zip(a.images, b.images))
-        assert ahead[0].images[0].size != rows[1].image_sizes[0]  # brought to the model frame
-    finally:
-        frames.close()
-
-
 def test_processed_images_equal_the_processor_on_the_whole_list(tiny_policy_dir):
     """build_examples processes each distinct image once per step; the result is exactly the
     processor's output for the trajectory's whole image list (a shared original, own crops)."""
