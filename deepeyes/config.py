@@ -259,7 +259,7 @@ class LoggingConfig:
     tensorboard: bool = _f(True, "write TensorBoard events into the run folder")
     ray_metrics: bool = _f(True, "export metrics through ray.util.metrics (dashboard / Prometheus)")
     progress: bool = _f(True, "show a progress bar")
-    save_trajectories: int = _f(4, "trajectories per step written to the run folder (0 = none)")
+    save_trajectories: int = _f(8, "trajectories per step written to the run folder (8: one whole group at rollout.n=8; 0 = none)")
     trajectory_images_kb: int = _f(1024, "KiB of JPEG thumbnails saved per step with those trajectories "
                                          "(each episode's original, then its crops, until spent; 0 = none), "
                                          "for `python -m trainer view`")
