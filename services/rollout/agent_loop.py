@@ -22,7 +22,11 @@ Decisions the design leaves open, made here:
   recorded with executed=False. Calls of the last allowed turn are not executed (turn_cap).
 - The tool always gets the first prompt image in the model frame, never a crop; crops returned by
   the tool are resized to the model frame before they join the trajectory, so the trainer's image
-  processor sees exactly what the engine saw.
+  processor sees exactly what the engine saw. Opt-in (EpisodeRequest.crop_source, evaluation):
+  the tool gets the original instead, with the frame's size, and cuts the crop there at the box
+  mapped from the frame (the crop is then brought to the model frame as above).
+- EpisodeRequest.use_tools=False (the tool ablation): no tools block, and a turn that writes a
+  `<tool_call>` ends the episode with its calls recorded as not executed ("tools disabled").
 - ScoreRequest.tool_calls counts every executed call block (the verl "call" notion), crops counts
   the crop images appended.
 """
@@ -193,7 +197,9 @@ async def run_episode(request: EpisodeRequest, *, policy_io: PolicyIO, generate:
     """
     t_start = time.perf_counter()
     timings = {"generate_s": 0.0, "tool_s": 0.0, "judge_s": 0.0}
-    if tool_schemas is None:
+    if not request.use_tools:
+        tool_schemas = []
+    elif tool_schemas is None:
         tool_schemas = registry_schemas(list(tools_cfg.enabled))
 
     # PROMPT: render once, images in the model frame, pads expanded per image.
@@ -204,7 +210,10 @@ async def run_episode(request: EpisodeRequest, *, policy_io: PolicyIO, generate:
         raise ValueError(f"episode {request.uid}: prompt has {len(prompt_ids)} tokens, more than "
                          f"rollout.max_prompt_length={cfg.max_prompt_length}; shorten the prompt, lower "
                          f"model.max_pixels or raise rollout.max_prompt_length")
-    tool_image = images[0] if images else None
+    tool_image: Any = images[0] if images else None
+    frame_size: tuple[int, int] | None = None
+    if request.crop_source is not None and images:  # crop the original at the mapped box
+        tool_image, frame_size = request.crop_source, images[0].size
 
     temperature = 0.0 if request.greedy else (cfg.temperature if request.temperature is None else request.temperature)
     budget = cfg.max_response_length
@@ -244,6 +253,10 @@ async def run_episode(request: EpisodeRequest, *, policy_io: PolicyIO, generate:
             break
 
         calls = parse_tool_calls(text, list(tools_cfg.enabled))
+        if calls and not request.use_tools:
+            records += [ToolCallRecord(turn=turn, name=name, arguments=args, ok=False, text="tools disabled",
+                                       executed=False, appended=False) for name, args, _ in calls]
+            calls = []
         if not calls:
             finish = "answer"
             break
@@ -259,7 +272,8 @@ async def run_episode(request: EpisodeRequest, *, policy_io: PolicyIO, generate:
 
         # TOOLS
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(_call_one(call_tool, name, tool_image, args, error, tools_cfg)
+        results = await asyncio.gather(*(_call_one(call_tool, name, tool_image, args, error, tools_cfg,
+                                                   frame_size)
                                          for name, args, error in calls[:n_exec]))
         timings["tool_s"] += time.perf_counter() - t0
         turn_records, tool_messages, new_images = [], [], []
@@ -314,9 +328,13 @@ async def run_episode(request: EpisodeRequest, *, policy_io: PolicyIO, generate:
     return traj
 
 
-async def _call_one(call_tool: ToolFn, name: str, image: Image.Image | None, args: dict[str, Any] | None,
-                    error: str | None, tools_cfg: ToolsConfig) -> tuple[bool, str, Image.Image | None]:
+async def _call_one(call_tool: ToolFn, name: str, image: Any, args: dict[str, Any] | None,
+                    error: str | None, tools_cfg: ToolsConfig,
+                    frame_size: tuple[int, int] | None = None) -> tuple[bool, str, Image.Image | None]:
     """One tool call -> (ok, observation text, crop); parse errors and timeouts become error texts.
+
+    With `frame_size` (EpisodeRequest.crop_source), `image` is the original and the call passes
+    `frame_size=` on; without it the call is the plain (name, image, arguments).
 
     The one timeout of a tool call (tools.timeout_s): it bounds the whole exchange, queueing in
     the tool service included, whatever `call_tool` is (a Serve handle, a local function).
@@ -324,7 +342,9 @@ async def _call_one(call_tool: ToolFn, name: str, image: Image.Image | None, arg
     if error is not None:
         return False, error, None
     try:
-        res = await asyncio.wait_for(call_tool(name, image, args or {}), timeout=tools_cfg.timeout_s)
+        call = (call_tool(name, image, args or {}) if frame_size is None
+                else call_tool(name, image, args or {}, frame_size=frame_size))  # type: ignore[call-arg]
+        res = await asyncio.wait_for(call, timeout=tools_cfg.timeout_s)
     except asyncio.TimeoutError:
         return False, f"Error: the tool {name} did not answer within {tools_cfg.timeout_s} s.", None
     except Exception as e:  # the tool service failed: the episode goes on with an error text

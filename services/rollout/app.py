@@ -138,11 +138,13 @@ def serve_tool_fn(tools_handle: DeploymentHandle) -> ToolFn:
     """
     cache: dict[int, ray.ObjectRef] = {}
 
-    async def call_tool(name: str, image: Image.Image | None, arguments: dict[str, Any]) -> ToolOutcome:
+    async def call_tool(name: str, image: Any, arguments: dict[str, Any], **options: Any) -> ToolOutcome:
+        # image: the model-frame PIL image, or (EpisodeRequest.crop_source) the original as a PIL
+        # image or encoded bytes; options: frame_size when it is the original
         if image is not None and id(image) not in cache:
             cache[id(image)] = ray.put(image)
         ref = image_arg(cache[id(image)]) if image is not None else None
-        return await tools_handle.call.remote(name, ref, arguments)
+        return await tools_handle.call.remote(name, ref, arguments, **options)
 
     return call_tool
 

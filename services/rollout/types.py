@@ -28,6 +28,12 @@ class EpisodeRequest:
     {"type": "text", "text": ...} parts; the i-th image part is `images[i]`, at any resolution
     (the rollout brings it to the model frame; the trainer sends it there already, which keeps
     the n copies of a prompt small).
+    `crop_source` (opt-in, evaluation): the first image at its original resolution, a PIL image
+    or its encoded file bytes. When set, zoom boxes (in the model frame of `images[0]`) are mapped
+    to it and the crop is cut from it (services.tools.zoom.crop_image's frame_size); None (the
+    training default) crops the model frame itself.
+    `use_tools=False` (tool ablation): no tools block in the system turn and no call executed; a
+    turn that writes `<tool_call>` anyway ends the episode, its calls recorded as not executed.
     `min_version`: the replica must serve this with policy version >= min_version.
     Sampling: `greedy` wins over `temperature`; `temperature=None` means the config's. Checked on
     creation (engines.check_sampling; seed in [0, EPISODE_SEED_LIMIT)): ValueError names the field.
@@ -45,6 +51,8 @@ class EpisodeRequest:
     temperature: float | None = None
     greedy: bool = False
     seed: int | None = None
+    crop_source: Image.Image | bytes | None = None
+    use_tools: bool = True
 
     def __post_init__(self) -> None:
         check_sampling(0.0 if self.temperature is None else self.temperature, self.seed, EPISODE_SEED_LIMIT)

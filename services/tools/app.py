@@ -146,7 +146,8 @@ class ToolService:
 
     # ---- in-cluster -----------------------------------------------------------------------
 
-    async def call(self, name: str, image: Any, arguments: Any) -> ToolResult:
+    async def call(self, name: str, image: Any, arguments: Any,
+                   frame_size: tuple[int, int] | None = None) -> ToolResult:
         """Run tool `name` on `image` with the model's `arguments`; never raises.
 
         Args:
@@ -154,6 +155,8 @@ class ToolService:
             image: `image_arg(ref)` (preferred: resolved here, cached per replica), a bare ObjectRef
                 (resolved by Ray before the call), a PIL image, or encoded image bytes.
             arguments: the arguments of the model's tool call (dict or JSON string; anything).
+            frame_size: (w, h) of the model's frame when `image` is the original at another
+                resolution (the box is mapped to it before cropping); None = `image` is the frame.
 
         Returns:
             ToolResult with the PIL image at native size, or ok=False and the error text.
@@ -162,7 +165,7 @@ class ToolService:
         # No timeout here: the caller's is the one per call (the agent loop bounds the whole
         # exchange, queueing included, by tools.timeout_s and cancels this request when it fires).
         try:
-            result = await self._run(name, image, arguments)
+            result = await self._run(name, image, arguments, frame_size)
         except Exception as e:  # the invariant: nothing escapes
             result = ToolResult(False, f"Error processing {name}: {type(e).__name__}: {e}"[:1000])
         if not result.ok:
@@ -199,12 +202,13 @@ class ToolService:
         return ToolResult(False, f"Error: image must be image_arg(ObjectRef), a PIL image or encoded "
                                  f"bytes, got {type(image).__name__}.")
 
-    async def _run(self, name: str, image: Any, arguments: Any) -> ToolResult:
+    async def _run(self, name: str, image: Any, arguments: Any,
+                   frame_size: tuple[int, int] | None = None) -> ToolResult:
         pil = await self._image(image)
         if isinstance(pil, ToolResult):
             return pil
         return await asyncio.to_thread(execute_tool, name, pil, arguments,
-                                       min_side_policy=self.cfg.min_side_policy)
+                                       min_side_policy=self.cfg.min_side_policy, frame_size=frame_size)
 
     async def stats(self) -> dict[str, Any]:
         """Counters of this replica (tests check that no request restarted it)."""

@@ -95,7 +95,7 @@ def tool_schemas(names: list[str]) -> list[dict[str, Any]]:
 
 
 def execute_tool(name: Any, image: Image.Image, arguments: Any, *,
-                 min_side_policy: str = "expand") -> ToolResult:
+                 min_side_policy: str = "expand", frame_size: tuple[int, int] | None = None) -> ToolResult:
     """Run tool `name`; never raises: an unknown name or any failure is an error text.
 
     Args:
@@ -103,6 +103,8 @@ def execute_tool(name: Any, image: Image.Image, arguments: Any, *,
         image: the original image in the model's frame (never an earlier crop).
         arguments: the call's `arguments` as parsed from JSON (or a JSON string); anything.
         min_side_policy: zoom-in only: `expand` (default) or `reject30` (DeepEyes original).
+        frame_size: (w, h) of the model's frame when `image` is the original at another size
+            (zoom-in maps the box to it; see services.tools.zoom.crop_image); None = `image` is it.
     """
     _load_all()
     if not isinstance(name, str) or name not in _TOOLS:
@@ -110,7 +112,10 @@ def execute_tool(name: Any, image: Image.Image, arguments: Any, *,
         shown = name if isinstance(name, str) else json.dumps(name, default=repr)[:200]
         return ToolResult(False, f"Error: unknown tool {shown[:200]!r}; available tools: {known}.")
     try:
-        result = _TOOLS[name]().execute(image, arguments, min_side_policy=min_side_policy)
+        options: dict[str, Any] = {"min_side_policy": min_side_policy}
+        if frame_size is not None:
+            options["frame_size"] = frame_size
+        result = _TOOLS[name]().execute(image, arguments, **options)
     except Exception as e:  # a tool bug must not end the episode or the replica
         return ToolResult(False, f"Error processing {name}: {type(e).__name__}: {e}"[:1000])
     if not isinstance(result, ToolResult):

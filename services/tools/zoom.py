@@ -156,14 +156,30 @@ def parse_arguments(arguments: Any) -> dict[str, Any] | None:
     return arguments if isinstance(arguments, dict) else None
 
 
-def crop_image(image: Image.Image, arguments: Any, *, min_side_policy: str = "expand") -> ToolResult:
+def map_box(box: tuple[int, int, int, int], frame_size: tuple[int, int],
+            image_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A box in the model frame (`frame_size` = (w, h)) -> the same region on an image of
+    `image_size`: each side scaled by image/frame, left/top floored, right/bottom ceiled, clamped."""
+    (fw, fh), (W, H) = frame_size, image_size
+    sx, sy = W / fw, H / fh
+    return (max(0, math.floor(box[0] * sx)), max(0, math.floor(box[1] * sy)),
+            min(W, math.ceil(box[2] * sx)), min(H, math.ceil(box[3] * sy)))
+
+
+def crop_image(image: Image.Image, arguments: Any, *, min_side_policy: str = "expand",
+               frame_size: tuple[int, int] | None = None) -> ToolResult:
     """Zoom in: crop `image` (the original, in the model's frame) to the model's bbox.
 
     Args:
-        image: the original image as the model sees it (smart-resized by the caller).
+        image: the original image as the model sees it (smart-resized by the caller); with
+            `frame_size`, the original at any resolution (e.g. the full-size benchmark image).
         arguments: the call's arguments, `{"bbox_2d": [x1, y1, x2, y2], "label": "..."}`, as parsed
             from the model's JSON (or the JSON string itself). Anything else is an error text.
         min_side_policy: `expand` (default: grow boxes under 28 px) or `reject30`.
+        frame_size: (w, h) of the frame the model saw, when `image` is not that frame: the rules
+            run on the box in the frame exactly as without it, then the resulting box is mapped to
+            `image` (`map_box`) and cut from it there, so a downscaled high-resolution image is
+            cropped at full detail (evaluation's opt-in; training crops the frame itself).
 
     Returns:
         ToolResult with the crop at native size and the success text, or ok=False and the error.
@@ -184,10 +200,15 @@ def crop_image(image: Image.Image, arguments: Any, *, min_side_policy: str = "ex
     if label is not None and not isinstance(label, str):
         return ToolResult(False, LABEL_TEXT)
     bbox = list(bbox)
-    box = zoom_box(bbox, image.width, image.height, min_side_policy)
+    fw, fh = (image.width, image.height) if frame_size is None else (int(frame_size[0]), int(frame_size[1]))
+    if fw <= 0 or fh <= 0:
+        return ToolResult(False, f"Error: the model frame size {frame_size!r} is not positive.")
+    box = zoom_box(bbox, fw, fh, min_side_policy)
     if box is None:
         text = INVALID_REJECT30_TEXT if min_side_policy == "reject30" else INVALID_TEXT
         return ToolResult(False, text.format(bbox=_shown(bbox)))
+    if frame_size is not None:
+        box = map_box(box, (fw, fh), image.size)
     crop = image.crop(box)
     # The processor rejects aspect ratios >= 200; rule 2 caps boxes at 100, this guards the cut.
     if min(crop.size) < 1 or max(crop.size) / min(crop.size) >= 200:
@@ -205,5 +226,5 @@ class ZoomInTool(Tool):
     schema = ZOOM_IN_SCHEMA
 
     def execute(self, image: Image.Image, arguments: Any, *, min_side_policy: str = "expand",
-                **options: Any) -> ToolResult:
-        return crop_image(image, arguments, min_side_policy=min_side_policy)
+                frame_size: tuple[int, int] | None = None, **options: Any) -> ToolResult:
+        return crop_image(image, arguments, min_side_policy=min_side_policy, frame_size=frame_size)
