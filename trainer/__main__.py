@@ -3,6 +3,7 @@
   python -m trainer [--config deploy/configs/tiny-cpu.yaml] [key=value ...]   run GRPO
   python -m trainer plot RUN_DIR                                             render PNG curves
   python -m trainer view RUN_DIR [--port 8080] [--host 127.0.0.1]            look at its episodes
+  python -m trainer eval [--model DIR] [--vstar DIR] [--hrbench TSV] [--twins]  benchmarks, +/- tool
   python -m trainer --help                                                   this text + every knob
 
 The tiny-cpu scenario (tiny Qwen2.5-VL, synthetic data, rule judge, local Ray cluster) is the
@@ -31,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         for path in render_plots(args.run_dir):
             print(path)
         return 0
+    if argv and argv[0] == "eval":
+        from trainer.eval.cli import main as eval_main
+
+        return eval_main(argv[1:])
     if argv and argv[0] == "view":
         ap = argparse.ArgumentParser(
             prog="python -m trainer view",

@@ -77,3 +77,38 @@ def render_plots(run_dir: str | os.PathLike[str]) -> list[Path]:
     fig.savefig(timing, dpi=90)
     plt.close(fig)
     return [curves, timing]
+
+
+def render_eval_bars(results: dict, out_dir: str | os.PathLike[str]) -> list[Path]:
+    """One PNG per benchmark: Avg@k per category (and overall), one bar per mode (with / without
+    the tool) side by side; `results` is eval.json's "benchmarks" ({bench: {mode: summary}})."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for bench, modes in results.items():
+        cats = sorted({c for s in modes.values() for c in s["categories"]}) + ["all"]
+        fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(cats), 3.6))
+        width = 0.8 / max(len(modes), 1)
+        for j, (mode, s) in enumerate(modes.items()):
+            ys = [s["categories"].get(c, {}).get("avg@k", 0.0) if c != "all" else s["avg@k"] for c in cats]
+            xs = [i + (j - (len(modes) - 1) / 2) * width for i in range(len(cats))]
+            bars = ax.bar(xs, ys, width, label=f"{mode.replace('_', ' ')} (Avg@{s['k']})")
+            for b, y in zip(bars, ys):
+                ax.annotate(f"{y:.2f}", (b.get_x() + b.get_width() / 2, y), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(cats)), cats)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{bench}: with vs without the zoom tool")
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        path = out / f"{bench}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,0 +1,177 @@
+"""python -m trainer eval: a policy on V* Bench, HR-Bench and the synthetic set, with and without
+the zoom tool, under the fair protocol (shuffled options, k samples, rule matcher first).
+
+  python -m trainer eval [--model DIR] [--vstar DIR|JSONL]... [--hrbench TSV]... [--synthetic N|PARQUET]
+                         [--twins] [--k 4] [--temperature 0] [--out DIR] [key=value ...]
+
+With no benchmark named, the synthetic set (16 V*-like rows written into the out folder) is run.
+--model: a model folder (a checkpoint's HF export, RUN/train/step_N/hf, or any Qwen2.5-VL folder);
+default: the config's model (tiny: the embedded tiny policy after its cached warm start).
+Writes OUT/eval.json (headline figures per benchmark and mode, and the config), OUT/items.jsonl
+(one line per episode: item, seed, options order, answer, correctness, who scored it, tool calls,
+boxes), OUT/plots/<benchmark>.png (Avg@k per category, with vs without the tool) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from deepeyes.config import ConfigError, load_config
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m trainer eval", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="", help="policy folder (HF format); default: the config's model.path")
+    ap.add_argument("--config", help="scenario YAML (default: deploy/configs/tiny-cpu.yaml)")
+    ap.add_argument("--vstar", action="append", default=[], help="V* Bench folder (or its .jsonl); repeatable")
+    ap.add_argument("--hrbench", action="append", default=[], help="HR-Bench TSV (4K or 8K); repeatable")
+    ap.add_argument("--synthetic", action="append", default=[],
+                    help="DeepEyes-schema parquet, or a number N: write N synthetic V*-like rows and use them")
+    ap.add_argument("--twins", action="store_true",
+                    help="write small V* and HR-Bench twins (trainer/eval/twins.py) into OUT/twins and run them")
+    ap.add_argument("--twin-items", type=int, default=6, help="items per twin benchmark (default: 6)")
+    ap.add_argument("--limit", type=int, default=0, help="items per benchmark at most (0 = all)")
+    ap.add_argument("--k", type=int, default=4, help="samples per item, each with its own option order (default: 4)")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="0 = greedy (default; the k samples then differ by option order only), else sampled")
+    ap.add_argument("--seed", type=int, default=0, help="protocol seed: option orders and sampling seeds")
+    ap.add_argument("--modes", default="tool,no_tool",
+                    help="comma list of tool (zoom available) and no_tool (the ablation); default: both")
+    ap.add_argument("--no-shuffle", action="store_true",
+                    help="keep the file's option order (the biased original protocol; for comparison only)")
+    ap.add_argument("--no-map-crops", action="store_true",
+                    help="crop the model frame as training does, not the original at the mapped box")
+    ap.add_argument("--chunk-items", type=int, default=8, help="items in flight at once (memory bound)")
+    ap.add_argument("--out", default="", help="output folder (default: runs/eval-<time>)")
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. rollout.max_new_tokens_per_turn=64")
+    return ap.parse_intermixed_args(argv)
+
+
+def benchmarks(args: argparse.Namespace, cfg: Any, out: Path) -> list[tuple[str, Any]]:
+    """(name, a callable giving a fresh item iterator) per benchmark asked for."""
+    from trainer.eval.items import limit, read_hrbench, read_parquet, read_vstar
+
+    found: list[tuple[str, Any]] = []
+    vstar, hr, synth = list(args.vstar), list(args.hrbench), list(args.synthetic)
+    if args.twins:
+        from trainer.eval.twins import write_hrbench_twin, write_vstar_twin
+
+        vstar.append(str(write_vstar_twin(out / "twins" / "vstar_bench", args.twin_items, args.seed)))
+        hr.append(str(write_hrbench_twin(out / "twins" / "hr_bench_4k.tsv", args.twin_items, args.seed)))
+    if not (vstar or hr or synth):
+        synth = ["16"]
+    names: dict[str, int] = {}
+
+    def name(base: str) -> str:
+        names[base] = names.get(base, 0) + 1
+        return base if names[base] == 1 else f"{base}_{names[base]}"
+
+    for p in vstar:
+        found.append((name("vstar"), lambda p=p: limit(read_vstar(p), args.limit)))
+    for p in hr:
+        n = name("hrbench_8k" if "8k" in Path(p).name.lower() else "hrbench_4k" if "4k" in Path(p).name.lower()
+                 else "hrbench")
+        found.append((n, lambda p=p, n=n: limit(read_hrbench(p, n), args.limit)))
+    for s in synth:
+        if s.isdigit():
+            from deepeyes.data import write_synthetic
+
+            path = out / "data" / "synthetic.parquet"
+            write_synthetic(str(path), int(s), cfg.data.synthetic_seed, mix={"vstar": 1.0}, split="test")
+            s = str(path)
+        n = name("synthetic")
+        found.append((n, lambda s=s, n=n: limit(read_parquet([s], cfg.data, n), args.limit)))
+    return found
+
+
+def check_files(found: list[tuple[str, Any]]) -> None:
+    """Read every benchmark once before the cluster starts: a malformed file fails in seconds."""
+    for _, items in found:
+        for _ in items():
+            pass
+
+
+def run(args: argparse.Namespace) -> int:
+    from trainer.eval.harness import EvalCluster, run_items, table, write_json
+    from trainer.eval.protocol import MODES, summarize
+
+    out = Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}").expanduser().resolve()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes or args.k < 1:
+        print(f"eval: --modes takes {', '.join(MODES)} and --k >= 1 (got {args.modes!r}, {args.k})", file=sys.stderr)
+        return 2
+    overrides = list(args.overrides) + ["rollout.reward=never", f"trainer.run_dir={out}"]
+    if args.model:
+        overrides.append(f"model.path={Path(args.model).expanduser().resolve()}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    found = benchmarks(args, cfg, out)
+    try:
+        check_files(found)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"eval: {e}", file=sys.stderr)
+        return 2
+
+    from trainer.driver import exit_on_sigterm
+
+    exit_on_sigterm()
+    cluster = EvalCluster(cfg, out)
+    results: dict[str, dict[str, Any]] = {}
+    t0 = time.perf_counter()
+    try:
+        handle, judge = cluster.start()
+        greedy = args.temperature <= 0
+        with (out / "items.jsonl").open("w") as f:
+            def write(record: dict[str, Any], traj: Any) -> None:
+                f.write(json.dumps(record, default=str) + "\n")
+
+            for bench, items in found:
+                tb = time.perf_counter()
+                outcomes = run_items(handle, judge, items(), k=args.k, modes=modes, seed=args.seed, greedy=greedy,
+                                     temperature=None if greedy else args.temperature,
+                                     map_crops=not args.no_map_crops, min_pixels=cfg.model.min_pixels,
+                                     max_pixels=cfg.model.max_pixels, shuffle=not args.no_shuffle,
+                                     chunk_items=args.chunk_items, tag=bench, on_record=write)
+                f.flush()
+                results[bench] = {m: summarize([o for o in outcomes if o.mode == m], args.k) for m in modes}
+                for m in modes:
+                    results[bench][m]["wall_s"] = round(time.perf_counter() - tb, 1)
+    finally:
+        cluster.stop()
+    from trainer.plots import render_eval_bars
+
+    summary = {"model": str(getattr(cluster, "policy_dir", cfg.model.path)),
+               "protocol": {"k": args.k, "seed": args.seed, "greedy": args.temperature <= 0,
+                            "temperature": args.temperature, "shuffle": not args.no_shuffle,
+                            "map_crops": not args.no_map_crops, "modes": modes, "limit": args.limit,
+                            "judge": cfg.judge.backend, "matcher": "rule first (option letter or text), "
+                                                                   "judge for answers naming no option"},
+               "benchmarks": results, "wall_s": round(time.perf_counter() - t0, 1),
+               "startup_s": round(getattr(cluster, "startup_s", 0.0), 1),
+               "config": {"rollout": {k: getattr(cfg.rollout, k) for k in (
+                   "max_assistant_turns", "max_response_length", "max_new_tokens_per_turn", "engine")},
+                   "model": {"min_pixels": cfg.model.min_pixels, "max_pixels": cfg.model.max_pixels},
+                   "tools": {"min_side_policy": cfg.tools.min_side_policy}}}
+    summary["plots"] = [str(p) for p in render_eval_bars(results, out / "plots")]
+    write_json(out / "eval.json", summary)
+    print(table(results))
+    print(f"eval: {out}/eval.json, items.jsonl, plots/ ({summary['wall_s']} s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return run(args)
