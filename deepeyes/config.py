@@ -69,7 +69,10 @@ class DataConfig:
                                            "with larger images are skipped and counted")
     max_image_bytes: int = _f(64 * 1024 * 1024, "encoded size cap of one image; larger rows are skipped")
     min_image_side: int = _f(28, "images with a shorter side are upscaled to it (aspect kept)")
-    shuffle: bool = _f(True, "shuffle the training rows each epoch (seeded by trainer.seed)")
+    shuffle: bool = _f(True, "shuffle the training rows each epoch (seeded by trainer.seed): row groups "
+                       "permuted, rows mixed in a shuffle buffer")
+    shuffle_buffer_rows: int = _f(256, "rows of the streaming shuffle buffer: encoded rows held ahead are at "
+                                  "most about this plus one parquet row group")
 
 
 @dataclass

@@ -75,23 +75,31 @@ class GRPORecipe:
         self.timings["policy_s"] = time.perf_counter() - t
         t = time.perf_counter()
         self.train_files, self.val_files = prepare_data(cfg, self.run_dir)
-        from deepeyes.data import read_deepeyes
+        from deepeyes.data import ParquetRows
         from trainer.loop import total_steps
 
-        # Read and validate once, here (fail fast on bad data); the workers get the rows through
-        # the object store instead of reading and decoding every image again.
-        train = read_deepeyes(self.train_files, cfg.data)
-        log.info("training data: %s", train.summary())
-        if len(train) == 0:
-            raise ConfigError(f"no usable training rows in {self.train_files}: {train.summary()}")
-        val = read_deepeyes(self.val_files, cfg.data) if self.val_files else None
+        # Check, do not read: every file's schema (metadata) and a bounded sample of rows; the
+        # Train workers stream the rows themselves, so start-up does not grow with the data.
+        # Local paths go out absolute (workers may run elsewhere; the files must be readable there).
+        self.train_files = [f if "://" in f else os.path.abspath(f) for f in self.train_files]
+        self.val_files = [f if "://" in f else os.path.abspath(f) for f in self.val_files]
+        train = ParquetRows(self.train_files, cfg.data)  # a file lacking a column fails here
+        val = ParquetRows(self.val_files, cfg.data) if self.val_files else None
+        try:
+            if len(train) == 0:
+                raise ValueError(f"no rows left in {self.train_files} (skipped: {dict(train.skipped.counts)})")
+            train.sample_check()
+            if val is not None:
+                val.sample_check()
+        except ValueError as e:
+            raise ConfigError(f"no usable data rows: {e}") from None
+        log.info("training data: %d rows in %d row groups of %d file(s); rows are checked as they stream "
+                 "(skipped so far: %s)", len(train), len(train.groups), len(self.train_files),
+                 dict(train.skipped.counts) or "none")
         self.steps = total_steps(cfg, len(train))
         self.timings["data_s"] = time.perf_counter() - t
         t = time.perf_counter()
         self.started_ray = connect_ray(cfg)
-        import ray
-
-        self.data_ref = ray.put({"train": train, "val": val})  # held by the driver for the run
         self.timings["ray_s"] = time.perf_counter() - t
         t = time.perf_counter()
         self.deployed = deploy_services(cfg, self.run_dir, self.policy_dir)
@@ -107,7 +115,7 @@ class GRPORecipe:
         cfg = self.cfg
         loop_config = {
             "config": to_dict(cfg), "run_dir": str(self.run_dir), "policy_dir": str(self.policy_dir),
-            "data": [self.data_ref],  # in a list: handed over as a reference, fetched by each worker
+            "train_files": list(self.train_files), "val_files": list(self.val_files),
             "resume_from": str(self.resume_from) if self.resume_from else "",
             "t0_wall": self.t0_wall, "fit_wall": time.time(),
         }

@@ -13,6 +13,7 @@ Invariant: generation for step s uses exactly the weights published after step s
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from deepeyes.config import Config, config_from_dict
+from deepeyes.data import DataSet, ParquetRows, RowStream
 from deepeyes.images import image_key
 from deepeyes.policy import Policy, load_policy, process_images
 from deepeyes.serving import APP_NAMES, DEPLOYMENT_NAMES, actor_threads
@@ -42,42 +44,10 @@ from trainer.rollouts import Rollouts, dynamic_sampling
 
 log = logging.getLogger("deepeyes.trainer")
 STORE_TIMEOUT_S = 60.0   # asking the WeightStore actor for its version
-DATA_TIMEOUT_S = 600.0   # fetching the driver's validated rows from the object store
 
 
 # ---------------------------------------------------------------------------------------------
 # data order
-
-
-@dataclass
-class PromptSampler:
-    """Seeded epoch-wise permutation of row indices; its state (epoch, pos) is checkpointed."""
-
-    num_rows: int
-    seed: int
-    shuffle: bool = True
-    epoch: int = 0
-    pos: int = 0
-
-    def _order(self, epoch: int) -> list[int]:
-        idx = list(range(self.num_rows))
-        if self.shuffle:
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(idx)
-        return idx
-
-    def take(self, k: int) -> list[int]:
-        out: list[int] = []
-        while len(out) < k:
-            order = self._order(self.epoch)
-            need = k - len(out)
-            out += order[self.pos:self.pos + need]
-            self.pos += need
-            if self.pos >= self.num_rows:
-                self.epoch, self.pos = self.epoch + 1, 0
-        return out
-
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "pos": self.pos}
 
 
 def total_steps(cfg: Config, num_rows: int) -> int:
@@ -307,10 +277,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         sync_grads = lambda m: None  # noqa: E731
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay)
 
-    data = ray.get(loop_config["data"][0], timeout=DATA_TIMEOUT_S)  # read and validated once by the driver
-    train, val = data["train"], data["val"]
+    # DATA: every worker streams the files itself (metadata now, a row group when the order reaches
+    # it); all take the same rows in the same order and keep their share, so refills and resumes agree
+    train = ParquetRows(loop_config["train_files"], cfg.data)
     steps = total_steps(cfg, len(train))
-    sampler = PromptSampler(len(train), cfg.trainer.seed, cfg.data.shuffle)
+    val = None
+    if loop_config["val_files"]:  # the first val_rows usable rows, in file order
+        n = cfg.trainer.val_rows if cfg.trainer.val_rows > 0 else None
+        val = DataSet(rows=list(itertools.islice(ParquetRows(loop_config["val_files"], cfg.data).iter_rows(), n)),
+                      files=list(loop_config["val_files"]))
+    epoch = pos = 0
     handle = serve.get_deployment_handle(DEPLOYMENT_NAMES["rollout"], app_name=APP_NAMES["rollout"])
     judge_handle = (serve.get_deployment_handle(DEPLOYMENT_NAMES["judge"], app_name=APP_NAMES["judge"])
                     if APP_NAMES["judge"] in serve.status().applications else None)
@@ -324,9 +300,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         rng = torch.load(resume_from / "rng.pt", weights_only=False)
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
-        sampler.epoch, sampler.pos = state["sampler"]["epoch"], state["sampler"]["pos"]
+        epoch, pos = state["sampler"]["epoch"], state["sampler"]["pos"]
         start_step, version = state["step"] + 1, state["version"]
         log.info("resumed from %s at step %d (policy version %d)", resume_from, state["step"], version)
+    stream = RowStream(train, cfg.trainer.seed, cfg.data.shuffle, cfg.data.shuffle_buffer_rows, epoch, pos)
     # Replicas may hold other weights than ours (the raw folder of a `serve deploy`ed app, a
     # checkpoint's, an earlier job's): publish what we hold now under a version newer than any
     # they have seen, and ask for it from the first request on.
@@ -356,9 +333,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         # ROLLOUT: my share of the global batch, n episodes per prompt, at the current version
         t0 = time.perf_counter()
-        mine = sampler.take(cfg.trainer.batch_size)[rank::world_size]
-        rollouts = Rollouts(cfg, handle, judge_handle, train.rows, step, version,
-                            take_rows=lambda k: sampler.take(k * world_size)[rank::world_size])
+        mine = stream.take(cfg.trainer.batch_size)[rank::world_size]
+        rollouts = Rollouts(cfg, handle, judge_handle, step, version,
+                            take_rows=lambda k: stream.take(k * world_size)[rank::world_size])
         trajs = rollouts.run(mine)
         dropped_groups = 0
         if cfg.trainer.dynamic_sampling:  # DAPO: drop zero-variance groups, refill from the data
@@ -414,6 +391,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "judge_failures": rollouts.judge_failures, "dropped_groups": dropped_groups,
             "stats": stats.__dict__, "mismatch": mismatch, "tokens": sum(len(t.response_ids) for t in trajs),
             "asked": rollouts.asked, "groups": len({t.group_id for t in trajs}),
+            "data_skipped": sum(train.skipped.counts.values()), "data_epoch": stream.epoch + stream.pos / len(train),
             "flat_groups": len(zero_variance_groups([t.reward.score for t in trajs], [t.group_id for t in trajs]))})
         metrics = step_metrics(gathered, timings, version, optimizer.param_groups[0]["lr"], cfg.trainer.kl_coef > 0)
         if rank == 0:
@@ -439,7 +417,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         # CHECKPOINT: every save_every steps and at the end; every rank reports (a Train barrier)
         if step == steps or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
-            state = {"step": step, "version": version, "sampler": sampler.state(), "steps": steps}
+            state = {"step": step, "version": version, "sampler": stream.state(), "steps": steps}
             optim_state = full_optimizer_state(model, optimizer, fsdp)  # collective under FSDP2
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None

@@ -31,7 +31,7 @@ VOCABULARY = REWARD + ROLLOUT + JUDGE + ACTOR + SYNC + tuple(f"timing/{p}_s" for
 # Beyond the DESIGN's vocabulary: counters of what a step lost, engine/trainer agreement, KL, and
 # validation. MetricsSink refuses any other name, so a typo fails the run instead of a plot.
 STEP_EXTRAS = ("rollout/failed_episodes", "rollout/dropped_groups", "rollout/logprob_mismatch",
-               "rollout/episodes", "actor/kl")
+               "rollout/episodes", "actor/kl", "data/skipped_rows", "data/epoch")
 VALIDATION = ("val/acc", "val/score", "val/tool_use", "val/grounding_iou", "val/box_holds_target",
               "val/episodes", "val/failed", "val/judge_failures")
 KNOWN = frozenset(VOCABULARY + STEP_EXTRAS + VALIDATION)
@@ -114,6 +114,9 @@ def step_metrics(gathered: list[dict[str, Any]], timings: dict[str, float], vers
         "rollout/dropped_groups": float(sum(g["dropped_groups"] for g in gathered)),
         "rollout/logprob_mismatch": max(g["mismatch"] for g in gathered),
         "rollout/episodes": float(len(episodes)),
+        # every worker reads the same rows, so rank 0's counts are the run's
+        "data/skipped_rows": float(gathered[0].get("data_skipped", 0)),
+        "data/epoch": float(gathered[0].get("data_epoch", 0.0)),
         "perf/tokens_per_s": sum(g["tokens"] for g in gathered) / max(timings["rollout"], 1e-9),
     })
     if with_kl:

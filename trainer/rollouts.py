@@ -107,16 +107,17 @@ class Rollouts:
     cfg: Config
     handle: Any
     judge_handle: Any
-    rows: Sequence[Any]
     step: int
     version: int
     asked: int = 0
     failed: int = 0
     judge_failures: int = 0
-    take_rows: Callable[[int], list[int]] = field(default=lambda k: [])
+    take_rows: Callable[[int], list[Any]] = field(default=lambda k: [])
 
-    def run(self, row_ids: Sequence[int], tag: str = "s") -> list[Trajectory]:
-        reqs = episode_requests(self.cfg, self.rows, row_ids, self.step, self.version, self.cfg.rollout.n, tag=tag)
+    def run(self, rows: Sequence[Any], tag: str = "s") -> list[Trajectory]:
+        """Episodes of `rows` (data rows from the stream; their `position` seeds the sampling)."""
+        reqs = episode_requests(self.cfg, {r.position: r for r in rows}, [r.position for r in rows], self.step,
+                                self.version, self.cfg.rollout.n, tag=tag)
         self.asked += len(reqs)
         trajs, failed = run_episodes(self.handle, reqs)
         score_unscored(self.judge_handle, trajs)

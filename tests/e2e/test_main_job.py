@@ -83,6 +83,18 @@ def test_two_steps_then_resume(tmp_path, tiny_policy_dir):
     ck3 = run_dir / "train" / "step_000003"
     state3 = json.loads((ck3 / "trainer_state.json").read_text())
     assert state3["step"] == 3 and state3["sampler"] != state["sampler"]
+    # the data order (issue 14): each step's prompts are the seeded stream's next batch, and the
+    # resumed step 3 continues it exactly (rank 0 keeps the even rows of a batch; its episodes are saved)
+    from deepeyes.config import load_config
+    from deepeyes.data import ParquetRows, RowStream
+
+    cfg = load_config(None, TINY)
+    files = sorted(str(p) for p in (run_dir / "data" / "train").glob("*.parquet"))  # the suite's order
+    stream = RowStream(ParquetRows(files, cfg.data), cfg.trainer.seed, cfg.data.shuffle, cfg.data.shuffle_buffer_rows)
+    expected = {s: [r.index for r in stream.take(2)][0::2] for s in (1, 2, 3)}
+    for s in (1, 2, 3):
+        saved = [json.loads(l) for l in (run_dir / "trajectories" / f"step_{s:06d}.jsonl").read_text().splitlines()]
+        assert sorted({t["uid"].split("-", 1)[1].rsplit("-", 1)[0] for t in saved}) == expected[s], s
     w3 = _weights(ck3 / "hf")
     assert max((w3[k] - w2[k]).abs().max().item() for k in w2) > 0
     assert (run_dir / "plots" / "curves.png").stat().st_size > 10_000

@@ -8,24 +8,13 @@ from deepeyes.config import load_config
 from services.judge.reward import RewardResult
 from services.rollout.trajectory import ToolCallRecord, Trajectory
 from trainer.evaluate import grounding, iou
-from trainer.loop import PromptSampler, lr_factor, total_steps
+from trainer.loop import lr_factor, total_steps
 from trainer.rollouts import dynamic_sampling
 
 
 def _traj(group: str, score: float) -> Trajectory:
     return Trajectory(uid=f"{group}-{score}", group_id=group, prompt_ids=[1], response_ids=[2], loss_mask=[1],
                       logprobs=[0.0], images=[], image_grid_thw=[], response_text="", reward=RewardResult(score, 0.0, 0.0, 0.0))
-
-
-def test_sampler_is_seeded_epochwise_and_resumable():
-    a = PromptSampler(5, seed=3)
-    first = a.take(3) + a.take(3) + a.take(4)
-    assert sorted(first[:5]) == list(range(5)) and sorted(first[5:]) == list(range(5))  # two epochs
-    b = PromptSampler(5, seed=3)
-    b.take(3)
-    c = PromptSampler(5, seed=3, epoch=b.epoch, pos=b.pos)  # a resumed run continues the order
-    assert c.take(7) == first[3:]
-    assert PromptSampler(5, seed=4).take(5) != first[:5]
 
 
 def test_dynamic_sampling_drops_flat_groups_and_refills():
