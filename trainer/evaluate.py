@@ -1,5 +1,6 @@
 """Validation: greedy (or rollout.val_temperature) episodes on the held-out split through the same
-rollout app, with accuracy, tool use and whether the zoom box lands on the target."""
+rollout app and the evaluation harness's scoring (trainer/eval), with accuracy, tool use and
+whether the zoom box lands on the target."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from typing import Any, Sequence
 
 from deepeyes.config import Config
 from services.rollout.trajectory import Trajectory
-from trainer.rollouts import episode_requests, run_episodes, score_unscored
 
 
 def iou(a: Sequence[float], b: Sequence[float]) -> float:
@@ -40,21 +40,43 @@ def grounding(t: Trajectory) -> tuple[float, float] | None:
 
 
 def validate(cfg: Config, handle: Any, judge_handle: Any, val: Any, step: int, version: int) -> dict[str, float]:
-    """Validation metrics at `step`: greedy episodes unless rollout.val_temperature > 0."""
-    rows = list(range(len(val) if cfg.trainer.val_rows <= 0 else min(cfg.trainer.val_rows, len(val))))
+    """Validation metrics at `step`: the evaluation harness's protocol on the held-out rows (one
+    sample per row, options shuffled by rollout.seed (the same orders every step), rule matcher first, the judge
+    for answers naming no option), greedy unless rollout.val_temperature > 0.
+
+    The rows are taken one chunk at a time (`for row in val`), so their images are decoded per
+    chunk. The crop is cut from the model frame, as in training (eval maps it to the original).
+    """
+    from trainer.eval.harness import run_items
+    from trainer.eval.items import item_from_row, limit
+    from trainer.eval.protocol import summarize
+
     greedy = cfg.rollout.val_temperature <= 0
-    reqs = episode_requests(cfg, val.rows, rows, step, version, 1, greedy=greedy,
-                            temperature=None if greedy else cfg.rollout.val_temperature, tag="v")
-    trajs, failed = run_episodes(handle, reqs)
-    score_unscored(judge_handle, trajs)
-    judged = [t for t in trajs if t.reward.judge_ok]
-    ground = [g for g in (grounding(t) for t in trajs) if g is not None]
+    ground: list[tuple[float, float]] = []
+    scores: list[float] = []
+
+    def keep(record: dict[str, Any], traj: Any) -> None:
+        if traj is None:
+            return
+        g = grounding(traj)
+        if g is not None:
+            ground.append(g)
+        if traj.reward is not None and traj.reward.judge_ok:
+            scores.append(traj.reward.score)
+
+    rows = val.iter_rows() if hasattr(val, "iter_rows") else iter(val)  # a row stream or a DataSet
+    items = limit((item_from_row(row, "val") for row in rows), cfg.trainer.val_rows)
+    outcomes = run_items(handle, judge_handle, items, k=1, modes=("tool",), seed=cfg.rollout.seed,
+                         greedy=greedy, temperature=None if greedy else cfg.rollout.val_temperature,
+                         map_crops=False, min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels,
+                         min_version=version, tag=f"v{step}", on_record=keep)
+    s = summarize(outcomes, 1)
     return {
-        "val/acc": sum(t.reward.acc for t in judged) / max(len(judged), 1),
-        "val/score": sum(t.reward.score for t in judged) / max(len(judged), 1),
-        "val/tool_use": sum(1.0 for t in trajs if t.crops_returned > 0) / max(len(trajs), 1),
+        "val/acc": s["avg@k"],
+        "val/score": sum(scores) / len(scores) if scores else 0.0,
+        "val/tool_use": sum(1.0 for o in outcomes if o.crops > 0) / max(len(outcomes), 1),
         "val/grounding_iou": sum(g[0] for g in ground) / len(ground) if ground else 0.0,
         "val/box_holds_target": sum(g[1] for g in ground) / len(ground) if ground else 0.0,
-        "val/episodes": float(len(trajs)), "val/failed": float(failed),
-        "val/judge_failures": float(len(trajs) - len(judged)),
+        "val/episodes": float(s["episodes"] - s["failed"]), "val/failed": float(s["failed"]),
+        "val/judge_failures": float(s["judge_failures"]),
     }

@@ -233,10 +233,14 @@ def item_from_row(row: Any, benchmark: str = "synthetic") -> Item:
 
 
 def read_parquet(files: list[str], data_cfg: Any, benchmark: str = "synthetic") -> Iterator[Item]:
-    """Items of DeepEyes-schema parquet files (rows validated by deepeyes.data.read_deepeyes)."""
-    from deepeyes.data import read_deepeyes
+    """Items of DeepEyes-schema parquet files, rows checked by deepeyes.data as they stream."""
+    import deepeyes.data as data
 
-    for row in read_deepeyes(files, data_cfg):
+    if hasattr(data, "ParquetRows"):  # one row group in memory at a time
+        rows: Iterable[Any] = data.ParquetRows(files, data_cfg).iter_rows()
+    else:
+        rows = data.read_deepeyes(files, data_cfg)
+    for row in rows:
         yield item_from_row(row, benchmark)
 
 
