@@ -13,7 +13,6 @@ Invariant: generation for step s uses exactly the weights published after step s
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
@@ -28,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from deepeyes.config import Config, config_from_dict
-from deepeyes.data import DataSet, ParquetRows, RowStream
+from deepeyes.data import ParquetRows, RowStream
 from deepeyes.images import image_key
 from deepeyes.policy import Policy, load_policy, process_images
 from deepeyes.serving import APP_NAMES, DEPLOYMENT_NAMES, actor_threads
@@ -281,11 +280,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # it); all take the same rows in the same order and keep their share, so refills and resumes agree
     train = ParquetRows(loop_config["train_files"], cfg.data)
     steps = total_steps(cfg, len(train))
-    val = None
-    if loop_config["val_files"]:  # the first val_rows usable rows, in file order
-        n = cfg.trainer.val_rows if cfg.trainer.val_rows > 0 else None
-        val = DataSet(rows=list(itertools.islice(ParquetRows(loop_config["val_files"], cfg.data).iter_rows(), n)),
-                      files=list(loop_config["val_files"]))
+    # validation streams too: validate() reads the first val_rows usable rows in file order, a chunk at a time
+    val = ParquetRows(loop_config["val_files"], cfg.data) if loop_config["val_files"] else None
     epoch = pos = 0
     handle = serve.get_deployment_handle(DEPLOYMENT_NAMES["rollout"], app_name=APP_NAMES["rollout"])
     judge_handle = (serve.get_deployment_handle(DEPLOYMENT_NAMES["judge"], app_name=APP_NAMES["judge"])
