@@ -195,7 +195,10 @@ class TrainerConfig:
     dynamic_sampling: bool = _f(False, "DAPO: drop groups with zero reward variance and refill")
     max_refill_rounds: int = _f(2, "DAPO: extra rollout rounds to refill dropped groups")
     mask_over_turn: bool = _f(False, "no loss for episodes that hit max_assistant_turns")
-    max_staleness: int = _f(0, "async: episodes from policy version v-k still train (0 = on-policy)")
+    max_staleness: int = _f(0, "async: > 0 sends the next step's episodes while the update runs; an episode "
+                            "sampled by policy version v trains at version s only if s - v <= this (0 = on-policy)")
+    behaviour_cap: float = _f(2.0, "async: cap of the truncated importance weight pi_prox/mu of off-policy "
+                              "tokens (decoupled PPO, trainer/grpo.py)")
     num_workers: int = _f(2, "Ray Train workers")
     use_gpu: bool = _f(False, "Train workers on GPU (NCCL + FSDP2) instead of CPU (gloo + DDP)")
     parallel: Literal["auto", "ddp", "fsdp2"] = _f(

@@ -49,12 +49,21 @@ class LossParts:
 
 def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                         mask: torch.Tensor, clip_eps: float, clip_eps_high: float = 0.0,
-                        ref_logp: torch.Tensor | None = None) -> LossParts:
+                        ref_logp: torch.Tensor | None = None, behaviour_logp: torch.Tensor | None = None,
+                        behaviour_cap: float = 2.0) -> LossParts:
     """PPO clipped surrogate per token, summed over mask tokens.
 
     ratio = exp(logp - old_logp); loss_t = max(-A r, -A clip(r, 1-eps, 1+eps_high)). With
     clip_eps_high = 0 the clip is symmetric. With ref_logp, also the k3 KL estimate to the
     reference policy, summed the same way.
+
+    Off-policy samples (trainer.max_staleness > 0: an episode sampled by an older policy
+    version, the behaviour policy mu) use decoupled PPO (Hilton et al. 2021; AReaL): `old_logp`
+    is then the proximal policy's (the current weights before this update) and each token's loss
+    is weighted by the truncated importance weight w_t = min(pi_prox(t) / mu(t), behaviour_cap),
+    detached, with mu(t) = exp(behaviour_logp) as the engine sampled it:
+        loss_t = w_t * max(-A r_t, -A clip(r_t, 1-eps, 1+eps_high)),  r_t = pi_theta(t) / pi_prox(t).
+    Without behaviour_logp (on-policy, k = 0) the loss is exactly the PPO one above.
     """
     high = clip_eps_high if clip_eps_high > 0 else clip_eps
     mask = mask.to(logp.dtype)
@@ -62,6 +71,9 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high)
     per_token = torch.maximum(unclipped, clipped)
+    if behaviour_logp is not None:  # NaN marks a fresh sample packed with off-policy ones: weight 1
+        mu = torch.where(torch.isnan(behaviour_logp), old_logp, behaviour_logp)
+        per_token = per_token * torch.exp(old_logp - mu).clamp(max=behaviour_cap).detach()
     kl_sum = None
     if ref_logp is not None:
         d = ref_logp - logp

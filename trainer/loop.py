@@ -86,7 +86,9 @@ def processed_images(policy: Policy, images: Sequence[Any], seen: dict[tuple[Any
 
 
 def build_examples(policy: Policy, trajs: Sequence[Trajectory], advantages: Sequence[float],
-                   mask_over_turn: bool, device: torch.device) -> list[Example]:
+                   mask_over_turn: bool, device: torch.device, version: int = 0) -> list[Example]:
+    """Update examples of `trajs`; those sampled before policy `version` carry the engine's
+    log-probs as behaviour_logp (off-policy: the loss weights them, trainer/grpo.py)."""
     exs = []
     seen: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # the n samples of a prompt share its image
     for t, a in zip(trajs, advantages):
@@ -104,6 +106,8 @@ def build_examples(policy: Policy, trajs: Sequence[Trajectory], advantages: Sequ
                           pv.to(device) if pv is not None else None,
                           grid.to(device) if grid is not None else None)
         ex.input_ids, ex.loss_mask, ex.positions = ex.input_ids.to(device), ex.loss_mask.to(device), ex.positions.to(device)
+        if t.policy_version < version:
+            ex.behaviour_logp = torch.tensor([0.0] * len(t.prompt_ids) + list(t.logprobs), device=device)
         exs.append(ex)
     return exs
 
@@ -167,7 +171,7 @@ def update(model: Any, optimizer: Any, examples: Sequence[Example], cfg: Config,
             old_logp = logp.detach()
             _store_old_logp(batch, old_logp)
         parts = clipped_policy_loss(logp, old_logp, pk.advantages, pk.target_mask, t.clip_eps,
-                                    t.clip_eps_high, pk.ref_logp)
+                                    t.clip_eps_high, pk.ref_logp, pk.behaviour_logp, t.behaviour_cap)
         loss = parts.pg_loss_sum
         if t.kl_coef > 0 and parts.kl_sum is not None:
             loss = loss + t.kl_coef * parts.kl_sum
@@ -300,6 +304,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         start_step, version = state["step"] + 1, state["version"]
         log.info("resumed from %s at step %d (policy version %d)", resume_from, state["step"], version)
     stream = RowStream(train, cfg.trainer.seed, cfg.data.shuffle, cfg.data.shuffle_buffer_rows, epoch, pos)
+    ahead: tuple[list[Any], Any] | None = None  # the next step's rows and their episodes in flight
     # Replicas may hold other weights than ours (the raw folder of a `serve deploy`ed app, a
     # checkpoint's, an earlier job's): publish what we hold now under a version newer than any
     # they have seen, and ask for it from the first request on.
@@ -327,21 +332,35 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         for g in optimizer.param_groups:
             g["lr"] = cfg.trainer.lr * lr_factor(cfg, step, steps)
 
-        # ROLLOUT: my share of the global batch, n episodes per prompt, at the current version
+        # ROLLOUT: my share of the global batch, n episodes per prompt, at the current version (or
+        # submitted during the last update, at most trainer.max_staleness versions old)
         t0 = time.perf_counter()
-        mine = stream.take(cfg.trainer.batch_size)[rank::world_size]
         rollouts = Rollouts(cfg, handle, judge_handle, step, version,
-                            take_rows=lambda k: stream.take(k * world_size)[rank::world_size])
-        trajs = rollouts.run(mine)
+                            take_rows=lambda k: stream.take(k * world_size)[rank::world_size],
+                            max_staleness=cfg.trainer.max_staleness)
+        if ahead is not None:
+            mine, inflight = ahead
+            trajs = rollouts.collect(inflight)
+            ahead = None
+        else:
+            mine = stream.take(cfg.trainer.batch_size)[rank::world_size]
+            trajs = rollouts.run(mine)
         dropped_groups = 0
         if cfg.trainer.dynamic_sampling:  # DAPO: drop zero-variance groups, refill from the data
             trajs, dropped_groups = dynamic_sampling(trajs, len(mine), cfg.trainer.max_refill_rounds,
                                                      rollouts.refill, lambda x: all_max(x, device))
         timings["rollout"] = time.perf_counter() - t0
 
+        # AHEAD (trainer.max_staleness > 0): the next step's prompts go out now, sampled by these
+        # weights while the update runs; a checkpoint of this step resumes before them
+        resume_at = stream.state()
+        if cfg.trainer.max_staleness > 0 and step < steps:
+            nxt = stream.take(cfg.trainer.batch_size)[rank::world_size]
+            ahead = (nxt, rollouts.submit(nxt, step + 1))
+
         # ADVANTAGE: GRPO within each prompt group
         advantages = group_advantages([t.reward.score for t in trajs], [t.group_id for t in trajs])
-        examples = build_examples(policy, trajs, advantages, cfg.trainer.mask_over_turn, device)
+        examples = build_examples(policy, trajs, advantages, cfg.trainer.mask_over_turn, device, version)
         # OLD LOG-PROBS: by default from the update's own forward (one update on fresh samples);
         # a separate pass only when asked (trainer.old_logprob_pass=always). The reference
         # policy's, for the KL term, always need their own pass (other weights).
@@ -387,6 +406,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "judge_failures": rollouts.judge_failures, "dropped_groups": dropped_groups,
             "stats": stats.__dict__, "mismatch": mismatch, "tokens": sum(len(t.response_ids) for t in trajs),
             "asked": rollouts.asked, "groups": len({t.group_id for t in trajs}),
+            "stale_dropped": rollouts.stale_dropped, "staleness": rollouts.staleness,
             "data_skipped": sum(train.skipped.counts.values()), "data_epoch": stream.epoch + stream.pos / len(train),
             "flat_groups": len(zero_variance_groups([t.reward.score for t in trajs], [t.group_id for t in trajs]))})
         metrics = step_metrics(gathered, timings, version, optimizer.param_groups[0]["lr"], cfg.trainer.kl_coef > 0)
@@ -405,6 +425,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         # VALIDATE: on the held-out split (rank 0 asks, everyone waits)
         if val is not None and (step == steps or (cfg.trainer.test_every and step % cfg.trainer.test_every == 0)):
+            if ahead is not None:  # validation asks for the new version: let the episodes ahead finish on theirs
+                ahead[1].wait()
             if rank == 0:
                 vm = validate(cfg, handle, judge_handle, val, step, version)
                 sink.write(step, vm)  # the driver prints it (a worker's print reached the log twice)
@@ -413,7 +435,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         # CHECKPOINT: every save_every steps and at the end; every rank reports (a Train barrier)
         if step == steps or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
-            state = {"step": step, "version": version, "sampler": stream.state(), "steps": steps}
+            state = {"step": step, "version": version, "sampler": resume_at, "steps": steps}
             optim_state = full_optimizer_state(model, optimizer, fsdp)  # collective under FSDP2
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = None

@@ -31,7 +31,9 @@ VOCABULARY = REWARD + ROLLOUT + JUDGE + ACTOR + SYNC + tuple(f"timing/{p}_s" for
 # Beyond the DESIGN's vocabulary: counters of what a step lost, engine/trainer agreement, KL, and
 # validation. MetricsSink refuses any other name, so a typo fails the run instead of a plot.
 STEP_EXTRAS = ("rollout/failed_episodes", "rollout/dropped_groups", "rollout/logprob_mismatch",
-               "rollout/episodes", "actor/kl", "data/skipped_rows", "data/epoch")
+               "rollout/episodes", "actor/kl", "data/skipped_rows", "data/epoch",
+               "async/stale_dropped", "async/staleness_mean", "async/staleness_max", "async/fresh_share",
+               "timing/trainer_idle_share")
 VALIDATION = ("val/acc", "val/score", "val/tool_use", "val/grounding_iou", "val/box_holds_target",
               "val/episodes", "val/failed", "val/judge_failures")
 KNOWN = frozenset(VOCABULARY + STEP_EXTRAS + VALIDATION)
@@ -117,6 +119,13 @@ def step_metrics(gathered: list[dict[str, Any]], timings: dict[str, float], vers
         # every worker reads the same rows, so rank 0's counts are the run's
         "data/skipped_rows": float(gathered[0].get("data_skipped", 0)),
         "data/epoch": float(gathered[0].get("data_epoch", 0.0)),
+        # async (trainer.max_staleness > 0): how old the trained episodes were, how many were too old
+        "async/stale_dropped": float(sum(g.get("stale_dropped", 0) for g in gathered)),
+        "async/staleness_mean": mean(x for g in gathered for x in g.get("staleness", [])),
+        "async/staleness_max": float(max((x for g in gathered for x in g.get("staleness", [])), default=0)),
+        "async/fresh_share": mean(float(x == 0) for g in gathered for x in g.get("staleness", [])),
+        # the share of the step the trainer waited for episodes
+        "timing/trainer_idle_share": timings["rollout"] / max(timings["step"], 1e-9),
         "perf/tokens_per_s": sum(g["tokens"] for g in gathered) / max(timings["rollout"], 1e-9),
     })
     if with_kl:

@@ -31,6 +31,7 @@ class Example:
     positions: torch.Tensor            # (3, L) M-RoPE positions
     old_logp: torch.Tensor | None = None  # (L,) log-prob of token t under the behaviour policy
     ref_logp: torch.Tensor | None = None
+    behaviour_logp: torch.Tensor | None = None  # (L,) the engine's sampling log-probs (off-policy samples)
 
     def __len__(self) -> int:
         return int(self.input_ids.numel())
@@ -72,6 +73,7 @@ class Packed:
     advantages: torch.Tensor       # (T,) advantage of the sequence, per position
     old_logp: torch.Tensor | None  # (T,) aligned with targets
     ref_logp: torch.Tensor | None
+    behaviour_logp: torch.Tensor | None = None  # (T,) aligned with targets; None when every sample is fresh
 
 
 def _shift(x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +82,7 @@ def _shift(x: torch.Tensor) -> torch.Tensor:
 
 
 def pack(examples: Sequence[Example]) -> Packed:
-    ids, pos, tgt, tmask, adv, old, ref, pvs, grids = [], [], [], [], [], [], [], [], []
+    ids, pos, tgt, tmask, adv, old, ref, pvs, grids, beh = [], [], [], [], [], [], [], [], [], []
     for ex in examples:
         n = len(ex)
         ids.append(ex.input_ids)
@@ -93,6 +95,7 @@ def pack(examples: Sequence[Example]) -> Packed:
             old.append(_shift(ex.old_logp))
         if ex.ref_logp is not None:
             ref.append(_shift(ex.ref_logp))
+        beh.append(_shift(ex.behaviour_logp) if ex.behaviour_logp is not None else None)
         if ex.pixel_values is not None:
             pvs.append(ex.pixel_values)
             grids.append(ex.image_grid_thw)
@@ -104,7 +107,16 @@ def pack(examples: Sequence[Example]) -> Packed:
         targets=torch.cat(tgt), target_mask=torch.cat(tmask), advantages=torch.cat(adv),
         old_logp=torch.cat(old) if len(old) == len(examples) else None,
         ref_logp=torch.cat(ref) if len(ref) == len(examples) else None,
+        behaviour_logp=_behaviour(beh, tmask),
     )
+
+
+def _behaviour(per_example: list[torch.Tensor | None], masks: list[torch.Tensor]) -> torch.Tensor | None:
+    """Packed behaviour log-probs; None when no example is off-policy. A fresh example in a mixed
+    row gets the value that makes its weight 1 (filled in by the loss: NaN marks it)."""
+    if all(b is None for b in per_example):
+        return None
+    return torch.cat([b if b is not None else torch.full_like(m, float("nan")) for b, m in zip(per_example, masks)])
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,

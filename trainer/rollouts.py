@@ -51,10 +51,16 @@ def episode_requests(cfg: Config, rows: Sequence[Any], row_ids: Sequence[int], s
     return reqs
 
 
-def run_episodes(handle: Any, reqs: Sequence[EpisodeRequest],
-                 timeout_s: float = EPISODE_TIMEOUT_S) -> tuple[list[Trajectory], int]:
-    """All requests in flight at once; one retry per failed episode; returns (trajectories, failed)."""
-    pending = [(r, handle.run_episode.remote(r)) for r in reqs]
+def submit_episodes(handle: Any, reqs: Sequence[EpisodeRequest]) -> list[tuple[EpisodeRequest, Any]]:
+    """All requests in flight at once; (request, response) pairs for run_episodes."""
+    return [(r, handle.run_episode.remote(r)) for r in reqs]
+
+
+def run_episodes(handle: Any, reqs: Sequence[EpisodeRequest], timeout_s: float = EPISODE_TIMEOUT_S,
+                 pending: list[tuple[EpisodeRequest, Any]] | None = None) -> tuple[list[Trajectory], int]:
+    """All requests in flight at once (or `pending`, already submitted); one retry per failed
+    episode; returns (trajectories, failed)."""
+    pending = pending if pending is not None else submit_episodes(handle, reqs)
     out: list[Trajectory] = []
     failed = 0
     retry = []
@@ -97,6 +103,20 @@ def keep_judged(trajs: list[Trajectory]) -> tuple[list[Trajectory], int]:
 
 
 @dataclass
+class Inflight:
+    """Episodes submitted ahead (trainer.max_staleness > 0): they generate while the update runs."""
+
+    pending: list[tuple[EpisodeRequest, Any]]
+    handle: Any
+    done: tuple[list[Trajectory], int] | None = None
+
+    def wait(self) -> tuple[list[Trajectory], int]:
+        if self.done is None:
+            self.done = run_episodes(self.handle, [], pending=self.pending)
+        return self.done
+
+
+@dataclass
 class Rollouts:
     """One step's rollouts on this worker: runs episodes and keeps the failure counts.
 
@@ -113,13 +133,30 @@ class Rollouts:
     failed: int = 0
     judge_failures: int = 0
     take_rows: Callable[[int], list[Any]] = field(default=lambda k: [])
+    max_staleness: int = 0
+    stale_dropped: int = 0
+    staleness: list[int] = field(default_factory=list)  # of every kept episode: version - its policy version
+
+    def submit(self, rows: Sequence[Any], step: int, tag: str = "s") -> Inflight:
+        """Episodes of `rows` for `step` at this version or newer, in flight; counted when collected."""
+        reqs = episode_requests(self.cfg, {r.position: r for r in rows}, [r.position for r in rows], step,
+                                self.version, self.cfg.rollout.n, tag=tag)
+        return Inflight(submit_episodes(self.handle, reqs), self.handle)
 
     def run(self, rows: Sequence[Any], tag: str = "s") -> list[Trajectory]:
         """Episodes of `rows` (data rows from the stream; their `position` seeds the sampling)."""
-        reqs = episode_requests(self.cfg, {r.position: r for r in rows}, [r.position for r in rows], self.step,
-                                self.version, self.cfg.rollout.n, tag=tag)
-        self.asked += len(reqs)
-        trajs, failed = run_episodes(self.handle, reqs)
+        return self.collect(self.submit(rows, self.step, tag))
+
+    def collect(self, inflight: Inflight) -> list[Trajectory]:
+        """The episodes of `inflight`, judged; those sampled more than max_staleness versions
+        before this step's policy are dropped and counted (an episode's version is the one it
+        started with)."""
+        self.asked += len(inflight.pending)
+        trajs, failed = inflight.wait()
+        fresh = [t for t in trajs if self.version - t.policy_version <= self.max_staleness]
+        self.stale_dropped += len(trajs) - len(fresh)
+        self.staleness += [self.version - t.policy_version for t in fresh]
+        trajs = fresh
         score_unscored(self.judge_handle, trajs)
         kept, judge_failures = keep_judged(trajs)
         self.failed += failed

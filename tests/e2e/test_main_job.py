@@ -85,20 +85,58 @@ def test_two_steps_then_resume(tmp_path, tiny_policy_dir):
     assert state3["step"] == 3 and state3["sampler"] != state["sampler"]
     # the data order (issue 14): each step's prompts are the seeded stream's next batch, and the
     # resumed step 3 continues it exactly (rank 0 keeps the even rows of a batch; its episodes are saved)
+    expected = _stream_batches(run_dir, 3)
+    for s in (1, 2, 3):
+        assert _prompt_ids(_saved(run_dir, s)) == expected[s], s
+    w3 = _weights(ck3 / "hf")
+    assert max((w3[k] - w2[k]).abs().max().item() for k in w2) > 0
+    assert (run_dir / "plots" / "curves.png").stat().st_size > 10_000
+    assert (run_dir / "tensorboard").is_dir() and any((run_dir / "tensorboard").iterdir())
+
+
+def _saved(run_dir: Path, step: int) -> list[dict]:
+    return [json.loads(l) for l in (run_dir / "trajectories" / f"step_{step:06d}.jsonl").read_text().splitlines()]
+
+
+def _stream_batches(run_dir: Path, steps: int) -> dict[int, list[str]]:
+    """Rank 0's prompt ids per step as the seeded data stream gives them (2 prompts a step)."""
     from deepeyes.config import load_config
     from deepeyes.data import ParquetRows, RowStream
 
     cfg = load_config(None, TINY)
     files = sorted(str(p) for p in (run_dir / "data" / "train").glob("*.parquet"))  # the suite's order
     stream = RowStream(ParquetRows(files, cfg.data), cfg.trainer.seed, cfg.data.shuffle, cfg.data.shuffle_buffer_rows)
-    expected = {s: [r.index for r in stream.take(2)][0::2] for s in (1, 2, 3)}
-    for s in (1, 2, 3):
-        saved = [json.loads(l) for l in (run_dir / "trajectories" / f"step_{s:06d}.jsonl").read_text().splitlines()]
-        assert sorted({t["uid"].split("-", 1)[1].rsplit("-", 1)[0] for t in saved}) == expected[s], s
-    w3 = _weights(ck3 / "hf")
+    return {s: [r.index for r in stream.take(2)][0::2] for s in range(1, steps + 1)}
+
+
+def _prompt_ids(saved: list[dict]) -> list[str]:
+    return sorted({t["uid"].split("-", 1)[1].rsplit("-", 1)[0] for t in saved})
+
+
+def test_async_one_version_stale_then_resume(tmp_path, tiny_policy_dir):
+    """trainer.max_staleness=1 (issue 17): the next step's episodes go out during the update, so
+    steps after the first train on episodes one version old, never older; it trains, checkpoints
+    and resumes in the same data order as the synchronous run."""
+    run_dir = tmp_path / "run"
+    cache = str(tiny_policy_dir.parent)
+    _run(run_dir, cache, "trainer.steps=2", "trainer.max_staleness=1")
+    _run(run_dir, cache, "trainer.steps=3", "trainer.max_staleness=1", "trainer.resume=auto")
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = {r["step"]: r for r in rows if "reward/score" in r}
+    assert sorted(train_rows) == [1, 2, 3]
+    # step 1 and the resumed step 3 start with fresh episodes; step 2 trained on ones sent during step 1's update
+    assert train_rows[1]["async/staleness_max"] == 0 and train_rows[3]["async/staleness_max"] == 0
+    assert train_rows[2]["async/staleness_max"] == 1 and train_rows[2]["async/stale_dropped"] == 0
+    assert all(r["rollout/episodes"] == 4 for r in train_rows.values())
+    expected = _stream_batches(run_dir, 3)
+    for step in (1, 2, 3):
+        saved = _saved(run_dir, step)
+        assert _prompt_ids(saved) == expected[step], step
+        version = train_rows[step]["sync/version"] - 1  # the policy this step trained (published one more)
+        assert all(0 <= version - t["version"] <= 1 for t in saved), (step, [t["version"] for t in saved])
+    assert any(train_rows[2]["sync/version"] - 2 == t["version"] for t in _saved(run_dir, 2))  # one version old
+    w2, w3 = _weights(run_dir / "train" / "step_000002" / "hf"), _weights(run_dir / "train" / "step_000003" / "hf")
     assert max((w3[k] - w2[k]).abs().max().item() for k in w2) > 0
-    assert (run_dir / "plots" / "curves.png").stat().st_size > 10_000
-    assert (run_dir / "tensorboard").is_dir() and any((run_dir / "tensorboard").iterdir())
 
 
 def test_vllm_engine_two_steps_then_resume(tmp_path, tiny_policy_dir):

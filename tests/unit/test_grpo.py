@@ -56,3 +56,21 @@ def test_kl_k3_by_hand():
     parts = clipped_policy_loss(logp, logp, torch.zeros(2), torch.ones(2), 0.2, ref_logp=ref)
     # k3 = exp(ref - logp) - (ref - logp) - 1: token 1: 0.5 - ln 0.5 - 1 = 0.19314718; token 2: 0
     assert parts.kl_sum.item() == pytest.approx(0.5 - math.log(0.5) - 1, abs=1e-6)
+
+
+def test_off_policy_tokens_get_the_truncated_importance_weight_by_hand():
+    """Decoupled PPO (issue 17): loss_t = min(pi_prox/mu, cap) * PPO_t; without behaviour log-probs,
+    or with mu = pi_prox, it is exactly today's loss (max_staleness = 0 changes nothing)."""
+    logp = torch.tensor([-1.0, -2.0, -0.5, -3.0], requires_grad=True)
+    prox = torch.tensor([-1.0, -2.0, -0.5, -3.0])
+    adv, mask = torch.tensor([1.0, -1.0, 2.0, 1.0]), torch.tensor([1, 1, 1, 0])
+    plain = clipped_policy_loss(logp, prox, adv, mask, 0.2)
+    same = clipped_policy_loss(logp, prox, adv, mask, 0.2, behaviour_logp=prox.clone())
+    assert float(plain.pg_loss_sum) == float(same.pg_loss_sum) == -(1.0 - 1.0 + 2.0)  # ratio 1: -sum(A)
+    # mu: token 0 sampled at half the proximal probability (w = 2, at the cap), token 1 at twice
+    # it (w = 0.5), token 2 at a tenth (w = 10 -> capped at 2), token 3 fresh (NaN: w = 1, masked anyway)
+    mu = torch.tensor([-1.0 - math.log(2), -2.0 + math.log(2), -0.5 - math.log(10), float("nan")])
+    off = clipped_policy_loss(logp, prox, adv, mask, 0.2, behaviour_logp=mu, behaviour_cap=2.0)
+    assert float(off.pg_loss_sum) == pytest.approx(-(2.0 * 1.0 + 0.5 * -1.0 + 2.0 * 2.0))
+    off.pg_loss_sum.backward()
+    assert logp.grad.tolist() == pytest.approx([-2.0, 0.5, -4.0, 0.0])  # the weight scales the gradient, not learned

@@ -95,3 +95,18 @@ def test_packed_logprobs_match_single_sequence_forward(policy):
         lp_packed, _ = packed_forward(policy.model, pack(exs))
         singles = [packed_forward(policy.model, pack([e]))[0] for e in exs]
     assert torch.allclose(lp_packed, torch.cat(singles), atol=1e-5)
+
+
+def test_behaviour_logprobs_pack_shifted_and_fresh_samples_are_marked():
+    """Off-policy examples' engine log-probs pack like old_logp (shifted to their targets); a fresh
+    example in the same row is NaN (weight 1 in the loss); an all-fresh row packs None."""
+    from trainer.packing import Example
+
+    def ex(n, beh=None):
+        return Example(torch.arange(n), torch.ones(n), 1.0, None, None, torch.zeros(3, n, dtype=torch.long),
+                       behaviour_logp=beh)
+
+    fresh, off = ex(3), ex(4, torch.tensor([0.0, -1.0, -2.0, -3.0]))
+    assert pack([fresh, ex(2)]).behaviour_logp is None
+    got = pack([fresh, off]).behaviour_logp
+    assert torch.isnan(got[:3]).all() and got[3:].tolist() == [-1.0, -2.0, -3.0, 0.0]

@@ -159,3 +159,44 @@ def test_processed_images_equal_the_processor_on_the_whole_list(tiny_policy_dir)
         want_pv, want_grid = process_images(policy, images)
         assert torch.equal(grid, want_grid) and torch.equal(pv, want_pv)
     assert len(seen) == 4 and processed_images(policy, [], seen) == (None, None)
+
+
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def result(self, timeout_s=None):
+        return self.value
+
+
+class _VersionedRollout:
+    """Stand-in for the rollout app's handle: each episode comes back sampled by a set version."""
+
+    def __init__(self, versions):
+        self.versions = list(versions)
+        self.run_episode = self
+
+    def remote(self, req):
+        t = _traj(req.group_id, float(len(self.versions) % 2))
+        t.policy_version = self.versions.pop(0)
+        return _Done(t)
+
+
+def test_episodes_older_than_max_staleness_are_dropped_and_counted():
+    """The staleness bound (issue 17): an episode sampled by version v trains at version s only if
+    s - v <= max_staleness; older ones are dropped and counted; k = 0 keeps only fresh ones."""
+    from deepeyes.data import Row
+    from trainer.rollouts import Rollouts
+
+    cfg = load_config(None, ["rollout.n=2"])
+    rows = [Row(index=f"p{i}", data_source="vstar", messages=[{"role": "user", "content": "q"}], image_bytes=[],
+                ground_truth="A", question="q", extra={}, position=i) for i in range(3)]
+    for k, kept_versions, dropped in [(0, [5, 5], 4), (1, [4, 4, 5, 5], 2), (2, [3, 3, 4, 4, 5, 5], 0)]:
+        handle = _VersionedRollout([3, 3, 4, 4, 5, 5])  # two samples each of three prompts
+        r = Rollouts(cfg, handle, None, step=7, version=5, max_staleness=k)
+        inflight = r.submit(rows, step=7)
+        assert [req.min_version for req, _ in inflight.pending] == [5] * 6
+        kept = r.collect(inflight)
+        assert sorted(t.policy_version for t in kept) == kept_versions
+        assert r.stale_dropped == dropped and r.asked == 6
+        assert sorted(r.staleness) == sorted(5 - v for v in kept_versions) and max(r.staleness) <= k
