@@ -9,13 +9,14 @@ With no benchmark named, the synthetic set (16 V*-like rows written into the out
 default: the config's model (tiny: the embedded tiny policy after its cached warm start).
 Writes OUT/eval.json (headline figures per benchmark and mode, and the config), OUT/items.jsonl
 (one line per episode: item, seed, options order, answer, correctness, who scored it, tool calls,
-boxes), OUT/plots/<benchmark>.png (Avg@k per category, with vs without the tool) and prints the table.
+boxes), OUT/plots/<benchmark>.png (Avg@k per category, with vs without the tool), OUT/images/ (small
+JPEG thumbnails of the item frames and crops, --images-kb in all) and prints the table;
+`python -m trainer view OUT` shows it all in a web page.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from deepeyes.config import ConfigError, load_config
+from trainer.eval.harness import IMAGE_KB
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -49,6 +51,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--no-map-crops", action="store_true",
                     help="crop the model frame as training does, not the original at the mapped box")
     ap.add_argument("--chunk-items", type=int, default=8, help="items in flight at once (memory bound)")
+    ap.add_argument("--images-kb", type=int, default=IMAGE_KB,
+                    help="KiB of JPEG thumbnails (item frames, then crops) kept in OUT/images for "
+                         f"`python -m trainer view`, over the whole run; 0 = none (default: {IMAGE_KB})")
     ap.add_argument("--out", default="", help="output folder (default: runs/eval-<time>)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. rollout.max_new_tokens_per_turn=64")
     return ap.parse_intermixed_args(argv)
@@ -99,7 +104,7 @@ def check_files(found: list[tuple[str, Any]]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.eval.harness import EvalCluster, run_items, table, write_json
+    from trainer.eval.harness import EvalCluster, ItemsWriter, run_items, table, write_json
     from trainer.eval.protocol import MODES, summarize
 
     out = Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}").expanduser().resolve()
@@ -133,10 +138,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         handle, judge = cluster.start()
         greedy = args.temperature <= 0
-        with (out / "items.jsonl").open("w") as f:
-            def write(record: dict[str, Any], traj: Any) -> None:
-                f.write(json.dumps(record, default=str) + "\n")
-
+        with ItemsWriter(out, args.images_kb) as write:
             for bench, items in found:
                 tb = time.perf_counter()
                 outcomes = run_items(handle, judge, items(), k=args.k, modes=modes, seed=args.seed, greedy=greedy,
@@ -144,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
                                      map_crops=not args.no_map_crops, min_pixels=cfg.model.min_pixels,
                                      max_pixels=cfg.model.max_pixels, shuffle=not args.no_shuffle,
                                      chunk_items=args.chunk_items, tag=bench, on_record=write)
-                f.flush()
+                write.flush()
                 results[bench] = {m: summarize([o for o in outcomes if o.mode == m], args.k) for m in modes}
                 for m in modes:
                     results[bench][m]["wall_s"] = round(time.perf_counter() - tb, 1)
