@@ -5,6 +5,11 @@ next refresh: `metrics.jsonl` for the step figures, `trajectories/step_NNNNNN.js
 thumbnails for the episodes (trainer/metrics.py writes both). A JSONL line that does not parse
 (the writer's half-written last line) is left out, never an error.
 
+An evaluation folder (`python -m trainer eval --out DIR`: eval.json, items.jsonl, images/,
+plots/; no metrics.jsonl) opens in the same page: its benchmarks and modes with their headline
+figures (eval.json's; while the harness is still running, computed from the items.jsonl lines
+so far by the protocol's own summarize), and per benchmark its episodes.
+
 For trusted networks only: no authentication, bound to 127.0.0.1 unless told otherwise. Files are
 served from inside the run folder only: a path that resolves outside it (`..`, absolute, a
 symlink leading out) or to anything but a regular file is a 404.
@@ -88,10 +93,56 @@ class RunFolder:
         """The saved episodes of `step` (image names relative to trajectories/)."""
         return read_jsonl(self.trajectories / f"step_{step:06d}.jsonl")
 
+    def is_eval(self) -> bool:
+        """An evaluation harness's folder: eval.json or items.jsonl, and no training metrics."""
+        return (not (self.root / "metrics.jsonl").exists()
+                and ((self.root / "eval.json").is_file() or (self.root / "items.jsonl").is_file()))
+
+    def eval_items(self, benchmark: str | None = None) -> list[dict[str, Any]]:
+        """items.jsonl's records (one per episode), those of `benchmark` only when named."""
+        records = [r for r in read_jsonl(self.root / "items.jsonl") if isinstance(r, dict)]
+        return records if benchmark is None else [r for r in records if r.get("benchmark") == benchmark]
+
+    def eval_summary(self) -> dict[str, Any]:
+        """Per benchmark and mode: the headline figures and how many episodes items.jsonl holds."""
+        from trainer.eval.protocol import Outcome, summarize
+
+        try:
+            done = json.loads((self.root / "eval.json").read_text())
+        except (FileNotFoundError, ValueError):
+            done = {}
+        figures = done.get("benchmarks") if isinstance(done.get("benchmarks"), dict) else {}
+        records = self.eval_items()
+        grouped: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        for r in records:
+            grouped.setdefault(str(r.get("benchmark")), {}).setdefault(str(r.get("mode")), []).append(r)
+        k = (done.get("protocol") or {}).get("k") or max((int(r.get("sample", 0)) + 1 for r in records), default=1)
+        benchmarks = []
+        for bench in list(figures) + [b for b in grouped if b not in figures]:
+            modes = []
+            for mode in list(figures.get(bench, {})) + [m for m in grouped.get(bench, {}) if m not in figures.get(bench, {})]:
+                eps = grouped.get(bench, {}).get(mode, [])
+                s = figures.get(bench, {}).get(mode)
+                final = s is not None
+                if s is None:  # the harness is still on it: the figures of the episodes so far
+                    s = summarize([Outcome(item=str(r.get("item")), category=str(r.get("category")), mode=mode,
+                                           sample=int(r.get("sample", 0)), correct=bool(r.get("correct")),
+                                           scored_by=str(r.get("scored_by")),
+                                           tool_calls=sum(1 for c in r.get("tool_calls") or [] if c.get("executed")),
+                                           answered=r.get("answer") is not None) for r in eps], k)
+                modes.append({"mode": mode, "final": final, "saved": len(eps), **s})
+            plot = f"plots/{bench}.png"
+            benchmarks.append({"benchmark": bench, "modes": modes,
+                               "plot": "files/" + plot if self.file(plot) else None})
+        return {"benchmarks": benchmarks, "protocol": done.get("protocol"), "model": done.get("model"),
+                "wall_s": done.get("wall_s"), "finished": bool(done)}
+
     def summary(self) -> dict[str, Any]:
-        extras = {name: "files/" + name for name in ("config.yaml", "summary.json", "plots/curves.png")
+        extras = {name: "files/" + name for name in ("config.yaml", "summary.json", "plots/curves.png", "eval.json")
                   if (self.root / name).is_file()}
-        return {"run_dir": str(self.root), "steps": self.steps(), "links": extras}
+        if self.is_eval():
+            return {"kind": "eval", "run_dir": str(self.root), "links": extras, "eval": self.eval_summary()}
+        return {"kind": "train", "run_dir": str(self.root), "steps": self.steps(), "links": extras}
 
 
 def build_app(run_dir: str | Path) -> FastAPI:
@@ -117,6 +168,11 @@ def build_app(run_dir: str | Path) -> FastAPI:
     @app.get("/api/steps/{step}")
     def step_episodes(step: int) -> JSONResponse:
         return JSONResponse(json_safe(run.episodes(step)), headers={"Cache-Control": "no-store"})
+
+    @app.get("/api/eval/{benchmark}")
+    def eval_episodes(benchmark: str) -> JSONResponse:
+        """The items.jsonl records of one benchmark (a name looked up among them, never a path)."""
+        return JSONResponse(json_safe(run.eval_items(benchmark)), headers={"Cache-Control": "no-store"})
 
     @app.get("/files/{relative:path}")
     def run_file(relative: str) -> FileResponse:

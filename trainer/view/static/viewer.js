@@ -2,6 +2,7 @@
 // Plain DOM, no library, nothing fetched from elsewhere: the page works offline. The state lives in
 // the URL hash (#step=3&outcome=correct&tool=1&view=groups), so a view can be linked to. The run
 // is read again every REFRESH_MS: a run still being written shows its new steps as they land.
+// An evaluation folder (api/run's kind "eval") is shown by eval.js with the helpers defined here.
 "use strict";
 
 const REFRESH_MS = 5000;
@@ -82,6 +83,11 @@ async function refresh() {
     $("#run-dir").textContent = run.run_dir;
     $("#links").replaceChildren(...Object.entries(run.links).map(
       ([name, url]) => el("a", { href: url, target: "_blank" }, name)));
+    if (run.kind === "eval") {  // an evaluation harness's folder: eval.js shows it
+      document.body.classList.add("eval");
+      await evalRefresh(run.eval);
+      return;
+    }
     steps = run.steps;
     if (!steps.some((s) => s.step === state.step)) {  // the latest step with episodes
       const saved = steps.filter((s) => s.saved > 0);
@@ -264,6 +270,7 @@ $("#controls").addEventListener("change", (ev) => {
   renderEpisodes();
 });
 window.addEventListener("hashchange", () => {
+  if (document.body.classList.contains("eval")) return evalHashChange();
   const before = state.step;
   readHash();
   if (state.step !== before) selectStep(state.step); else renderEpisodes();
