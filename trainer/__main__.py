@@ -41,9 +41,12 @@ def main(argv: list[str] | None = None) -> int:
             prog="python -m trainer view",
             description="serve a web page of a run folder: per step the reward, accuracy and tool-call "
                         "figures and the saved episodes (image with the requested boxes, crops, each "
-                        "turn's text, reward parts, GRPO advantage), filters and a group view; reads the "
+                        "turn's text, reward parts, GRPO advantage), filters and a group view; or of an "
+                        "evaluation folder (python -m trainer eval --out): per benchmark and mode the "
+                        "figures, the chart and each item's samples with and without the tool; reads the "
                         "folder on every request, so a run still being written can be watched")
-        ap.add_argument("run_dir", help="run folder (holds metrics.jsonl and trajectories/)")
+        ap.add_argument("run_dir", help="run folder (metrics.jsonl, trajectories/) or evaluation folder "
+                                        "(eval.json, items.jsonl)")
         ap.add_argument("--port", type=int, default=8080, help="port to listen on (default: 8080)")
         ap.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: 127.0.0.1; no authentication: trusted networks only)")
@@ -54,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         if not run_dir.is_dir():
             print(f"view: {run_dir} is not a folder: give a run folder (trainer.run_dir of a run)", file=sys.stderr)
             return 2
-        if not (run_dir / "metrics.jsonl").exists() and not (run_dir / "trajectories").is_dir():
-            print(f"view: {run_dir} has no metrics.jsonl or trajectories/ yet: showing it as it fills",
-                  file=sys.stderr)
+        if not any((run_dir / name).exists() for name in ("metrics.jsonl", "trajectories", "eval.json", "items.jsonl")):
+            print(f"view: {run_dir} has no metrics.jsonl, trajectories/, eval.json or items.jsonl yet: showing it "
+                  f"as it fills", file=sys.stderr)
         serve(run_dir, args.host, args.port)
         return 0
     ap = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
