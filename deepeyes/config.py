@@ -158,6 +158,9 @@ class RolloutConfig:
     max_batch_size: int = _f(32, "hf engine: sequences batched into one forward at most")
     batch_wait_ms: float = _f(5.0, "hf engine: how long a request waits for others to batch with")
     seed: int = _f(0, "sampling seed (per episode: seed + episode index)")
+    partial: bool = _f(False, "partial rollouts: a replica may load a newer policy between the turns of an "
+                       "episode in flight (the trajectory records each turn's version); false = a load "
+                       "waits for the episodes in flight, so each runs on one version")
     gpu_memory_utilization: float = _f(0.6, "vllm: share of the device's memory for weights + KV cache "
                                              "(on CPU vLLM reads it as a share of RAM); unused when "
                                              "kv_cache_gb > 0")

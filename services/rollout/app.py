@@ -233,6 +233,9 @@ class RolloutWorker:
         device = "cuda" if cfg.serve.rollout.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.engine, self.policy_io = build_engine(cfg, device)
         self._load_lock = asyncio.Lock()
+        self._gate = asyncio.Condition()  # episodes in flight vs weight loads (run_episode)
+        self._running = 0
+        self._loading = False
         self._token = bearer_token(cfg.serve.auth_token_env)
         self._tools = serve.get_deployment_handle(DEPLOYMENT_NAMES["tools"], app_name=APP_NAMES["tools"])
         self._judge: DeploymentHandle | None = None
@@ -260,12 +263,41 @@ class RolloutWorker:
     # -- the handle API -----------------------------------------------------------------------
 
     async def run_episode(self, request: EpisodeRequest) -> Trajectory:
-        """Run one episode on a policy of version >= request.min_version."""
-        await self._ensure_version(max(request.min_version, self._start_version))
-        traj = await run_episode(request, policy_io=self.policy_io, generate=self.engine.generate,
-                                 call_tool=self._tool_fn(), score=await self._score_fn(),
-                                 cfg=self.cfg.rollout, tools_cfg=self.cfg.tools,
-                                 policy_version=self.engine.version)
+        """Run one episode on a policy of version >= request.min_version.
+
+        Unless rollout.partial, an episode runs every turn on the version it started with: a load
+        that a newer request needs waits for the episodes in flight to end, and no episode starts
+        while a load waits or runs. With rollout.partial the load goes ahead between turns, and
+        `extra["turn_versions"]` records the version of each assistant turn.
+        """
+        need = max(request.min_version, self._start_version)
+        async with self._gate:
+            await self._gate.wait_for(lambda: not self._loading)
+            if self.engine.version < need:
+                self._loading = True
+                try:
+                    if not self.cfg.rollout.partial:
+                        await self._gate.wait_for(lambda: self._running == 0)
+                    await self._ensure_version(need)
+                finally:
+                    self._loading = False
+                    self._gate.notify_all()
+            self._running += 1
+        turn_versions: list[int] = []
+
+        async def generate(ids: list[int], images: list[Any], sp: Any) -> Any:
+            turn_versions.append(self.engine.version)
+            return await self.engine.generate(ids, images, sp)
+
+        try:
+            traj = await self._agent_loop(request, generate, self.engine.version)
+        finally:
+            async with self._gate:
+                self._running -= 1
+                self._gate.notify_all()
+        traj.extra["turn_versions"] = turn_versions
+        if turn_versions:  # the oldest policy that sampled any of it is the one its staleness counts
+            traj.policy_version = min(turn_versions)
         self.episodes += 1
         self._metrics.record(traj)
         return traj
@@ -329,6 +361,11 @@ class RolloutWorker:
         return {"ok": True, "version": self.engine.version}
 
     # -- internals ----------------------------------------------------------------------------
+
+    async def _agent_loop(self, request: EpisodeRequest, generate: Any, version: int) -> Trajectory:
+        return await run_episode(request, policy_io=self.policy_io, generate=generate, call_tool=self._tool_fn(),
+                                 score=await self._score_fn(), cfg=self.cfg.rollout, tools_cfg=self.cfg.tools,
+                                 policy_version=version)
 
     async def _ensure_version(self, min_version: int) -> None:
         if self.engine.version >= min_version:
