@@ -185,17 +185,7 @@ class GRPORecipe:
 
     # ------------------------------------------------------------------ cleanup
     def cleanup(self) -> None:
-        import ray
-        from ray import serve
-
-        if not ray.is_initialized():
-            return
-        if self.started_ray:
-            serve.shutdown()
-            ray.shutdown()
-        else:  # a shared cluster: remove only what this run deployed
-            for name in self.deployed:
-                serve.delete(name)
+        release_cluster(self.started_ray, self.deployed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,6 +252,21 @@ def trainer_without_pg_cleaner(base: type) -> type:
 
     Trainer.__name__ = Trainer.__qualname__ = base.__name__
     return Trainer
+
+
+def release_cluster(started_ray: bool, deployed: list[str]) -> None:
+    """Stop the cluster this process started, or on a shared cluster delete only the apps it deployed."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        return
+    if started_ray:
+        serve.shutdown()
+        ray.shutdown()
+    else:
+        for name in deployed:
+            serve.delete(name)
 
 
 def connect_ray(cfg: Config) -> bool:

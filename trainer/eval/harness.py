@@ -157,17 +157,9 @@ class EvalCluster:
         return handle, judge
 
     def stop(self) -> None:
-        import ray
-        from ray import serve
+        from trainer.driver import release_cluster
 
-        if not ray.is_initialized():
-            return
-        if self.started_ray:
-            serve.shutdown()
-            ray.shutdown()
-        else:
-            for name in self.deployed:
-                serve.delete(name)
+        release_cluster(self.started_ray, self.deployed)
 
 
 # ---------------------------------------------------------------------------------------------
