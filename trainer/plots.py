@@ -71,7 +71,17 @@ def render_plots(run_dir: str | os.PathLike[str]) -> list[Path]:
     ax.set_xlabel("step")
     ax.set_ylabel("seconds")
     ax.set_title("time per step by phase")
-    ax.legend()
+    ax.legend(loc="upper left")
+    shares = [(key, label) for key, label in [("timing/trainer_idle_share", "trainer idle share"),
+                                              ("async/staleness_mean", "staleness (versions)")]
+              if any(key in r for r in steps)]
+    if shares:  # how much of the step the trainer waits, and how old the trained episodes were
+        ax2 = ax.twinx()
+        for key, label in shares:
+            ax2.plot([r["step"] for r in steps], [r.get(key, 0.0) for r in steps], marker="o", ms=3, lw=1.2,
+                     label=label)
+        ax2.set_ylim(bottom=0)
+        ax2.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     timing = out / "timing.png"
     fig.savefig(timing, dpi=90)
