@@ -412,6 +412,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics = step_metrics(gathered, timings, version, optimizer.param_groups[0]["lr"], cfg.trainer.kl_coef > 0)
         if rank == 0:
             sink.write(step, metrics)
+            sink.observe_staleness([x for g in gathered for x in g["staleness"]])
             write_trajectories(traj_dir / f"step_{step:06d}.jsonl", trajs, advantages, cfg.logging.save_trajectories,
                                lambda ids: policy.tokenizer.decode(ids, skip_special_tokens=True),
                                cfg.logging.trajectory_images_kb)

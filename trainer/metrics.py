@@ -36,6 +36,7 @@ STEP_EXTRAS = ("rollout/failed_episodes", "rollout/dropped_groups", "rollout/log
                "timing/trainer_idle_share")
 VALIDATION = ("val/acc", "val/score", "val/tool_use", "val/grounding_iou", "val/box_holds_target",
               "val/episodes", "val/failed", "val/judge_failures")
+STALENESS_BOUNDS = (0.5, 1.5, 2.5, 4.5, 8.5)  # buckets 0, 1, 2, 3-4, 5-8, more
 KNOWN = frozenset(VOCABULARY + STEP_EXTRAS + VALIDATION)
 
 
@@ -259,6 +260,7 @@ class MetricsSink:
 
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
         self.gauges: dict[str, Any] = {}
+        self._staleness: Any = None
         self.ray_metrics = ray_metrics
 
     def _gauge(self, name: str) -> Any:
@@ -286,6 +288,20 @@ class MetricsSink:
                 self._gauge(k).set(float(v), tags={"app": "trainer", "phase": phase})
         if self.tb is not None:
             self.tb.flush()
+
+    def observe_staleness(self, staleness: Sequence[int]) -> None:
+        """Each trained episode's staleness (versions behind the policy it trained) into the Ray
+        histogram `deepeyes_async_staleness` (the dashboard's staleness histogram)."""
+        if not self.ray_metrics or not staleness:
+            return
+        if self._staleness is None:
+            from ray.util.metrics import Histogram
+
+            self._staleness = Histogram("deepeyes_async_staleness", boundaries=list(STALENESS_BOUNDS),
+                                        description="deepeyes async/staleness: versions between an episode's "
+                                                    "policy and the one it trained", tag_keys=("app",))
+        for x in staleness:
+            self._staleness.observe(float(x), tags={"app": "trainer"})
 
     def close(self) -> None:
         if self.tb is not None:

@@ -167,13 +167,16 @@ class _Metrics:
         self.tool_errors = metrics.Counter("rollout_tool_errors", description="rollout/tool_errors", tag_keys=keys)
         self.episodes = metrics.Counter("rollout_episodes", description="episodes served", tag_keys=keys)
         self.version = metrics.Gauge("sync_version", description="sync/version", tag_keys=keys)
+        self.idle = metrics.Gauge("rollout_idle_share", tag_keys=keys,
+                                  description="timing/rollout_idle_share: share of the last few seconds "
+                                              "this replica's engine had nothing to generate")
         self.sync_s = metrics.Histogram("sync_seconds", description="sync/seconds", tag_keys=keys,
                                         boundaries=[0.01, 0.1, 1, 10, 60])
         self.batch_size = metrics.Histogram("rollout_engine_batch_size", tag_keys=keys,
                                             description="sequences per batched engine forward",
                                             boundaries=[1, 2, 4, 8, 16, 32, 64])
         for m in [*self.hist.values(), self.tool_errors, self.episodes, self.version, self.sync_s,
-                  self.batch_size]:
+                  self.batch_size, self.idle]:
             m.set_default_tags(self.tags)
 
     def record(self, t: Trajectory) -> None:
@@ -256,7 +259,16 @@ class RolloutWorker:
         self._metrics = _Metrics(_replica_tag())
         # Ray exports a gauge only in the report window after a set(): set it again every few
         # seconds so sync_version stays on the metrics endpoint between weight syncs.
-        keep_gauge_fresh(lambda: self._metrics.version.set(self.engine.version))
+        busy = [time.monotonic(), float(getattr(self.engine, "busy_s", 0.0))]
+
+        def refresh() -> None:
+            self._metrics.version.set(self.engine.version)
+            now, b = time.monotonic(), float(getattr(self.engine, "busy_s", 0.0))
+            if now > busy[0]:  # the engine's idle share since the last refresh (a decode counts when it ends)
+                self._metrics.idle.set(min(1.0, max(0.0, 1.0 - (b - busy[1]) / (now - busy[0]))))
+            busy[:] = [now, b]
+
+        keep_gauge_fresh(refresh)
         if hasattr(self.engine, "on_batch"):  # the HF engine reports each batched forward's size
             self.engine.on_batch = lambda n: self._metrics.batch_size.observe(float(n))
 

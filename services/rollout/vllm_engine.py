@@ -200,9 +200,13 @@ class WeightLoaderExtension:
 class VLLMEngine:
     """vLLM AsyncLLM behind the Engine interface.
 
-    Invariant: a weight load and generation never overlap (a load closes the gate to new
-    requests, waits for in-flight ones, pauses the scheduler, loads, resets the encoder and prefix
-    caches, resumes), so every sequence is sampled by one policy version.
+    Invariant: a load closes the gate to new requests for as long as it runs. By default it then
+    waits for the sequences in flight, pauses the scheduler, loads, resets the encoder and prefix
+    caches and resumes, so every sequence is sampled by one policy version. With rollout.partial
+    it freezes the sequences in flight instead (vLLM's pause_generation(mode="keep")), loads, and
+    resets the prefix cache with reset_running_requests: the frozen sequences are preempted and
+    recompute their KV cache with the new weights when generation resumes (a partial rollout:
+    their tokens after the load come from the new version).
     """
 
     def __init__(self, folder: Any, model_cfg: Any, rollout_cfg: Any, version: int = 0) -> None:
@@ -210,6 +214,7 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.version = version
+        self.partial = bool(getattr(rollout_cfg, "partial", False))
         self.image_pad_id = _image_pad_id(folder)
         t0 = time.perf_counter()
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(folder, model_cfg, rollout_cfg)))
@@ -251,12 +256,13 @@ class VLLMEngine:
                 self._idle.set()
 
     async def load_weights(self, state_dict: dict[str, Any], version: int) -> None:
-        self._open.clear()
+        self._open.clear()  # nothing new is admitted while a load runs
         try:
-            await self._idle.wait()
+            if not self.partial:
+                await self._idle.wait()
             t0 = time.perf_counter()
             split = {"pack_s": 0.0, "stage_s": 0.0}
-            await self.engine.pause_generation(mode="wait", clear_cache=True)
+            await self.engine.pause_generation(mode="keep" if self.partial else "wait", clear_cache=not self.partial)
             try:
                 paths: list[str] = []
                 try:
@@ -276,7 +282,7 @@ class VLLMEngine:
                 # Vision features computed by the old weights must go before any prefix reuse.
                 t = time.perf_counter()
                 await self.engine.reset_encoder_cache()
-                await self.engine.reset_prefix_cache()
+                await self.engine.reset_prefix_cache(reset_running_requests=self.partial)
                 split["reset_s"] = time.perf_counter() - t
             finally:
                 await self.engine.resume_generation()

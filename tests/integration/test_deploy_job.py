@@ -29,7 +29,7 @@ TRAINER_METRICS = ["reward/score", "reward/acc", "reward/format", "reward/tool",
                    "rollout/tool_calls", "judge/latency_s", "judge/failures", "timing/rollout_s",
                    "timing/update_s", "timing/step_s", "perf/tokens_per_s"]
 SERVICE_METRICS = ["ray_rollout_num_turns_count", "ray_timing_episode_s_count", "ray_judge_cache_hit_rate",
-                   "ray_rollout_episodes_total", "ray_rollout_engine_batch_size_count"]
+                   "ray_rollout_episodes_total", "ray_rollout_engine_batch_size_count", "ray_rollout_idle_share"]
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 
 
@@ -78,7 +78,8 @@ def test_serve_deploy_job_submit_metrics_rescale(tmp_path: Path) -> None:
             "--runtime-env", "deploy/job-runtime-env.yaml", "--no-wait", "--",
             "python", "-m", "trainer", f"trainer.run_dir={run_dir}", *TINY_RUN)
         seen: dict[str, list[tuple[str, float]]] = {}
-        wanted = [f"ray_{prometheus_name(m)}" for m in TRAINER_METRICS] + SERVICE_METRICS
+        wanted = [f"ray_{prometheus_name(m)}" for m in TRAINER_METRICS] + SERVICE_METRICS + [
+            "ray_deepeyes_async_staleness_count"]
         scaled = edited_serve_config(REPO / "deploy/serve.yaml", tmp_path / "serve-2.yaml", http_port,
                                      replicas={"RolloutWorker": 2})
         rescaled_while = ""
@@ -123,6 +124,14 @@ def test_serve_deploy_job_submit_metrics_rescale(tmp_path: Path) -> None:
         assert sum(v for _, v in seen["ray_rollout_num_turns_count"]) >= 8
         assert sum(v for _, v in seen["ray_rollout_episodes_total"]) >= 8
         assert sum(v for _, v in seen["ray_rollout_engine_batch_size_count"]) >= 1  # one per batched forward
+        assert all(0.0 <= v <= 1.0 for _, v in seen["ray_rollout_idle_share"])
+        # the staleness histogram: every episode of both steps observed once (on-policy here: bucket 0)
+        episodes = sum(r["rollout/episodes"] for r in train_records)
+        until = time.time() + 30  # the count of the last step may still be on its way to the exporter
+        while time.time() < until and sum(v for _, v in seen["ray_deepeyes_async_staleness_count"]) < episodes:
+            seen.update(scrape(metrics_port))
+            time.sleep(1)
+        assert sum(v for _, v in seen["ray_deepeyes_async_staleness_count"]) == episodes
         # deploy/grafana/deepeyes.json selects runs by this label
         assert all('SessionName="' in labels for labels, _ in seen["ray_deepeyes_reward_score"])
 

@@ -10,6 +10,7 @@ versions inside one sequence.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -180,3 +181,35 @@ def test_a_load_racing_with_requests_never_mixes_versions(engine, policy, cfg, l
     assert ref_a.token_ids != ref_b.token_ids
     assert all(r.token_ids == ref_a.token_ids for r in early)   # finished on version a
     assert all(r.token_ids == ref_b.token_ids for r in late)    # waited for the load, ran on b
+
+
+def test_a_partial_load_lands_in_the_middle_of_a_sequence(engine, policy, cfg, loop):
+    """rollout.partial on vLLM (issue 17): the load freezes the sequences in flight
+    (pause_generation(mode="keep")), admits nothing new, and the frozen ones recompute their KV
+    cache and finish on the new weights: they start like version a and end unlike it."""
+    ids, imgs = episode_prompt(policy, cfg, "teal", (240, 180), 3)
+    sp = SamplingParams(200, 0.0, banned_token_ids=banned(policy))
+    a = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    b = {k: v * 1.3 if k.startswith("model.language_model") else v for k, v in a.items()}
+
+    async def scenario():
+        await engine.load_weights(a, engine.version + 1)
+        t = time.perf_counter()
+        ref_a = await engine.generate(ids, imgs, sp)
+        ref_s = time.perf_counter() - t
+        engine.partial = True
+        try:
+            early = asyncio.ensure_future(engine.generate(ids, imgs, sp))
+            await asyncio.sleep(ref_s / 4)  # about a quarter of the sequence is out, on version a
+            await engine.load_weights(b, engine.version + 1)
+            load_done_first = not early.done()
+            got = await early
+        finally:
+            engine.partial = False
+            await engine.load_weights(a, engine.version + 1)
+        return ref_a, got, load_done_first
+
+    ref_a, got, load_done_first = loop.run_until_complete(scenario())
+    assert load_done_first  # the load did not wait for the sequence (the default would have)
+    assert len(got.token_ids) == 200 and got.token_ids[0] == ref_a.token_ids[0]
+    assert got.token_ids != ref_a.token_ids  # its later tokens came from version b

@@ -10,7 +10,7 @@ import json
 import re
 
 from deepeyes.config import REPO_ROOT
-from trainer.metrics import VOCABULARY, prometheus_name
+from trainer.metrics import KNOWN, VOCABULARY, prometheus_name
 
 DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "deepeyes.json"
 SERIES = re.compile(r"\bray_[a-zA-Z0-9_]+")
@@ -34,7 +34,8 @@ def service_metric_objects() -> list:
 def exported_names() -> set[str]:
     from ray.util import metrics
 
-    names = {f"ray_{prometheus_name(m)}" for m in VOCABULARY}  # trainer gauges
+    names = {f"ray_{prometheus_name(m)}" for m in KNOWN}  # trainer gauges: every name MetricsSink takes
+    names |= {f"ray_deepeyes_async_staleness{s}" for s in ("_bucket", "_sum", "_count")}  # its histogram
     for m in service_metric_objects():
         base = f"ray_{m._name}"
         if isinstance(m, metrics.Histogram):
