@@ -37,7 +37,8 @@ from trainer.distributed import (all_gather_objects, all_max, all_reduce_grads, 
                                  shard_fsdp2, use_fsdp2, world)
 from trainer.evaluate import validate
 from trainer.grpo import clipped_policy_loss, group_advantages, zero_variance_groups
-from trainer.metrics import MetricsSink, UpdateStats, episode_summary, step_metrics, write_trajectories
+from trainer.metrics import (MetricsSink, UpdateStats, engine_stamps, episode_summary, rollout_idle_share, step_metrics,
+                             write_trajectories)
 from trainer.packing import Example, make_example, pack, packed_forward, plan_micro_batches
 from trainer.rollouts import Rollouts, dynamic_sampling
 
@@ -305,6 +306,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         log.info("resumed from %s at step %d (policy version %d)", resume_from, state["step"], version)
     stream = RowStream(train, cfg.trainer.seed, cfg.data.shuffle, cfg.data.shuffle_buffer_rows, epoch, pos)
     ahead: tuple[list[Any], Any] | None = None  # the next step's rows and their episodes in flight
+    engine_seen: dict[str, tuple[float, float]] = {}  # replica -> (wall, engine busy s) last stamped
     # Replicas may hold other weights than ours (the raw folder of a `serve deploy`ed app, a
     # checkpoint's, an earlier job's): publish what we hold now under a version newer than any
     # they have seen, and ask for it from the first request on.
@@ -406,10 +408,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "judge_failures": rollouts.judge_failures, "dropped_groups": dropped_groups,
             "stats": stats.__dict__, "mismatch": mismatch, "tokens": sum(len(t.response_ids) for t in trajs),
             "asked": rollouts.asked, "groups": len({t.group_id for t in trajs}),
-            "stale_dropped": rollouts.stale_dropped, "staleness": rollouts.staleness,
+            "stale_dropped": rollouts.stale_dropped, "staleness": rollouts.staleness, "stamps": engine_stamps(trajs),
             "data_skipped": sum(train.skipped.counts.values()), "data_epoch": stream.epoch + stream.pos / len(train),
             "flat_groups": len(zero_variance_groups([t.reward.score for t in trajs], [t.group_id for t in trajs]))})
         metrics = step_metrics(gathered, timings, version, optimizer.param_groups[0]["lr"], cfg.trainer.kl_coef > 0)
+        stamps: dict[str, tuple[float, float]] = {}
+        for g in gathered:  # every rank's latest stamp per replica: the newest wins
+            for replica, st in g["stamps"].items():
+                if replica not in stamps or st[0] > stamps[replica][0]:
+                    stamps[replica] = st
+        idle = rollout_idle_share(engine_seen, stamps)
+        if idle is not None:
+            metrics["timing/rollout_idle_share"] = idle
         if rank == 0:
             sink.write(step, metrics)
             sink.observe_staleness([x for g in gathered for x in g["staleness"]])

@@ -33,7 +33,7 @@ VOCABULARY = REWARD + ROLLOUT + JUDGE + ACTOR + SYNC + tuple(f"timing/{p}_s" for
 STEP_EXTRAS = ("rollout/failed_episodes", "rollout/dropped_groups", "rollout/logprob_mismatch",
                "rollout/episodes", "actor/kl", "data/skipped_rows", "data/epoch",
                "async/stale_dropped", "async/staleness_mean", "async/staleness_max", "async/fresh_share",
-               "timing/trainer_idle_share")
+               "timing/trainer_idle_share", "timing/rollout_idle_share")
 VALIDATION = ("val/acc", "val/score", "val/tool_use", "val/grounding_iou", "val/box_holds_target",
               "val/episodes", "val/failed", "val/judge_failures")
 STALENESS_BOUNDS = (0.5, 1.5, 2.5, 4.5, 8.5)  # buckets 0, 1, 2, 3-4, 5-8, more
@@ -98,6 +98,30 @@ def stats_world(gathered: list[dict[str, Any]]) -> UpdateStats:
             setattr(total, k, getattr(total, k) + s[k])
         total.grad_norm = s["grad_norm"]  # identical on every rank after the all-reduce
     return total
+
+
+def engine_stamps(trajs: Iterable[Any]) -> dict[str, tuple[float, float]]:
+    """The latest (wall time, engine busy seconds) each rollout replica stamped on these episodes."""
+    out: dict[str, tuple[float, float]] = {}
+    for t in trajs:
+        stamp = t.extra.get("engine_stamp")
+        if stamp and (stamp[0] not in out or stamp[1] > out[stamp[0]][0]):
+            out[stamp[0]] = (float(stamp[1]), float(stamp[2]))
+    return out
+
+
+def rollout_idle_share(seen: dict[str, tuple[float, float]], stamps: dict[str, tuple[float, float]]) -> float | None:
+    """Mean over replicas of 1 - (busy seconds / wall seconds) between the stamp last seen and the
+    new one (replicas seen for the first time only start their count); updates `seen`. None when no
+    replica has two stamps yet. A decode's seconds count when it ends, so short windows are rough."""
+    shares = []
+    for replica, (wall, busy) in stamps.items():
+        prev = seen.get(replica)
+        if prev is not None and wall > prev[0]:
+            shares.append(min(1.0, max(0.0, 1.0 - (busy - prev[1]) / (wall - prev[0]))))
+        if prev is None or wall > prev[0]:
+            seen[replica] = (wall, busy)
+    return sum(shares) / len(shares) if shares else None
 
 
 def step_metrics(gathered: list[dict[str, Any]], timings: dict[str, float], version: int, lr: float,

@@ -73,6 +73,7 @@ def render_plots(run_dir: str | os.PathLike[str]) -> list[Path]:
     ax.set_title("time per step by phase")
     ax.legend(loc="upper left")
     shares = [(key, label) for key, label in [("timing/trainer_idle_share", "trainer idle share"),
+                                              ("timing/rollout_idle_share", "rollout idle share"),
                                               ("async/staleness_mean", "staleness (versions)")]
               if any(key in r for r in steps)]
     if shares:  # how much of the step the trainer waits, and how old the trained episodes were

@@ -308,6 +308,8 @@ class RolloutWorker:
                 self._running -= 1
                 self._gate.notify_all()
         traj.extra["turn_versions"] = turn_versions
+        # the engine's busy-seconds counter as this episode ends: the trainer's rollout idle share
+        traj.extra["engine_stamp"] = (self._metrics.tags["replica"], time.time(), float(getattr(self.engine, "busy_s", 0.0)))
         if turn_versions:  # the oldest policy that sampled any of it is the one its staleness counts
             traj.policy_version = min(turn_versions)
         self.episodes += 1

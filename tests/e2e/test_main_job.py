@@ -128,6 +128,7 @@ def test_async_one_version_stale_then_resume(tmp_path, tiny_policy_dir):
     assert train_rows[1]["async/staleness_max"] == 0 and train_rows[3]["async/staleness_max"] == 0
     assert train_rows[2]["async/staleness_max"] == 1 and train_rows[2]["async/stale_dropped"] == 0
     assert all(r["rollout/episodes"] == 4 for r in train_rows.values())
+    assert 0.0 <= train_rows[2]["timing/rollout_idle_share"] <= 1.0  # from the replica's stamps of steps 1 and 2
     expected = _stream_batches(run_dir, 3)
     for step in (1, 2, 3):
         saved = _saved(run_dir, step)

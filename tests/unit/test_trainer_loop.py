@@ -200,3 +200,23 @@ def test_episodes_older_than_max_staleness_are_dropped_and_counted():
         assert sorted(t.policy_version for t in kept) == kept_versions
         assert r.stale_dropped == dropped and r.asked == 6
         assert sorted(r.staleness) == sorted(5 - v for v in kept_versions) and max(r.staleness) <= k
+
+
+def test_rollout_idle_share_from_the_replicas_stamps_by_hand():
+    """timing/rollout_idle_share (issue 17): per replica, 1 - engine busy seconds / wall seconds
+    between the stamps its episodes carried at two steps; the mean over replicas."""
+    from trainer.metrics import engine_stamps, rollout_idle_share
+
+    def stamped(replica, wall, busy):
+        t = _traj("g", 0.0)
+        t.extra["engine_stamp"] = (replica, wall, busy)
+        return t
+
+    seen: dict = {}
+    first = engine_stamps([stamped("a", 100.0, 5.0), stamped("a", 101.0, 5.5), stamped("b", 100.5, 1.0)])
+    assert first == {"a": (101.0, 5.5), "b": (100.5, 1.0)}  # the latest stamp of each replica
+    assert rollout_idle_share(seen, first) is None  # one stamp per replica: no interval yet
+    # a: 4 s of wall, 3 s busy -> idle 0.25; b: 2 s of wall, 0.5 s busy -> idle 0.75
+    assert rollout_idle_share(seen, {"a": (105.0, 8.5), "b": (102.5, 1.5)}) == pytest.approx(0.5)
+    assert rollout_idle_share(seen, {"a": (105.0, 8.5)}) is None  # nothing newer than what was seen
+    assert rollout_idle_share(seen, {"c": (110.0, 1.0)}) is None and "c" in seen
