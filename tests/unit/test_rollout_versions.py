@@ -46,7 +46,7 @@ def _replica(partial: bool):
 
     w._ensure_version = ensure
     w._agent_loop = _two_turn_loop
-    w._metrics = type("M", (), {"record": lambda self, t: None})()
+    w._metrics = type("M", (), {"record": lambda self, t: None, "tags": {"replica": "r0"}})()
     return w
 
 
@@ -76,3 +76,4 @@ def test_a_newer_version_waits_for_the_episodes_in_flight_unless_partial(partial
         assert all(t.extra["turn_versions"] == [1, 1] and t.policy_version == 1 for t in old)
         assert late_old.extra["turn_versions"] == [2, 2]  # it asked for >= 1 and got the new policy
     assert w._running == 0 and not w._loading
+    assert all(t.extra["engine_stamp"][0] == "r0" for t in [*old, new, late_old])  # for the rollout idle share
