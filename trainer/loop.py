@@ -37,8 +37,8 @@ from trainer.distributed import (all_gather_objects, all_max, all_reduce_grads, 
                                  shard_fsdp2, use_fsdp2, world)
 from trainer.evaluate import validate
 from trainer.grpo import clipped_policy_loss, group_advantages, zero_variance_groups
-from trainer.metrics import (MetricsSink, UpdateStats, engine_stamps, episode_summary, rollout_idle_share, step_metrics,
-                             write_trajectories)
+from trainer.metrics import (MetricsSink, UpdateStats, engine_stamps, episode_summary, latest_stamps,
+                             rollout_idle_share, step_metrics, write_trajectories)
 from trainer.packing import Example, make_example, pack, packed_forward, plan_micro_batches
 from trainer.rollouts import Rollouts, dynamic_sampling
 
@@ -412,11 +412,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "data_skipped": sum(train.skipped.counts.values()), "data_epoch": stream.epoch + stream.pos / len(train),
             "flat_groups": len(zero_variance_groups([t.reward.score for t in trajs], [t.group_id for t in trajs]))})
         metrics = step_metrics(gathered, timings, version, optimizer.param_groups[0]["lr"], cfg.trainer.kl_coef > 0)
-        stamps: dict[str, tuple[float, float]] = {}
-        for g in gathered:  # every rank's latest stamp per replica: the newest wins
-            for replica, st in g["stamps"].items():
-                if replica not in stamps or st[0] > stamps[replica][0]:
-                    stamps[replica] = st
+        stamps = latest_stamps((r, wall, busy) for g in gathered for r, (wall, busy) in g["stamps"].items())
         idle = rollout_idle_share(engine_seen, stamps)
         if idle is not None:
             metrics["timing/rollout_idle_share"] = idle

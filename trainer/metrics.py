@@ -100,14 +100,18 @@ def stats_world(gathered: list[dict[str, Any]]) -> UpdateStats:
     return total
 
 
-def engine_stamps(trajs: Iterable[Any]) -> dict[str, tuple[float, float]]:
-    """The latest (wall time, engine busy seconds) each rollout replica stamped on these episodes."""
+def latest_stamps(stamps: Iterable[tuple[str, float, float]]) -> dict[str, tuple[float, float]]:
+    """The latest (wall time, engine busy seconds) of each rollout replica among (replica, wall, busy) stamps."""
     out: dict[str, tuple[float, float]] = {}
-    for t in trajs:
-        stamp = t.extra.get("engine_stamp")
-        if stamp and (stamp[0] not in out or stamp[1] > out[stamp[0]][0]):
-            out[stamp[0]] = (float(stamp[1]), float(stamp[2]))
+    for replica, wall, busy in stamps:
+        if replica not in out or wall > out[replica][0]:
+            out[replica] = (float(wall), float(busy))
     return out
+
+
+def engine_stamps(trajs: Iterable[Any]) -> dict[str, tuple[float, float]]:
+    """The latest stamp each rollout replica put on these episodes (RolloutWorker.run_episode)."""
+    return latest_stamps(t.extra["engine_stamp"] for t in trajs if t.extra.get("engine_stamp"))
 
 
 def rollout_idle_share(seen: dict[str, tuple[float, float]], stamps: dict[str, tuple[float, float]]) -> float | None:
