@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     if args.out:
         cfg = load_config().model
-        path = build_tiny_policy(args.out, seed=args.seed, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+        path = build_tiny_policy(args.out, seed=args.seed, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                                 vision=cfg.tiny_vision)
     else:
         cfg = load_config(overrides=[f"model.seed={args.seed}"]).model
         path = resolve_policy_path(cfg)

@@ -137,3 +137,9 @@ QWEN_ADDED_TOKENS: list[tuple[str, bool]] = [
     ("<|repo_name|>", False),
     ("<|file_sep|>", False),
 ]
+
+
+# What the cold-start SFT conversations think (trainer.sft); the tiny tokenizer learns these words.
+THOUGHT_DIRECT = "I can read this directly."
+THOUGHT_ZOOM = "The detail is too small here. I zoom in on it."
+THOUGHT_ANSWER = "Now the detail is clear."

@@ -53,6 +53,9 @@ class ModelConfig:
     max_pixels: int = _f(DEFAULT_MAX_PIXELS, "image processor max_pixels: largest image area after smart-resize "
                                 "(the frame the model sees and the crop tool's coordinates)")
     seed: int = _f(0, "seed of the tiny model's random init")
+    tiny_vision: Literal["random", "oriented"] = _f(
+        "random", "the tiny model's patch embedding: random init, or 16 of its 64 channels set to oriented "
+                  "gratings (deepeyes.policy.oriented_filter_bank), a stand-in for a trained encoder's first layer")
 
 
 @dataclass
@@ -65,6 +68,9 @@ class DataConfig:
     synthetic_train_rows: int = _f(64, "rows of the synthetic training set when train_files is empty")
     synthetic_val_rows: int = _f(16, "rows of the synthetic validation set when val_files is empty")
     synthetic_seed: int = _f(1234, "seed of the synthetic generator")
+    synthetic_task: Literal["suite", "zoom"] = _f(
+        "suite", "synthetic data: 'suite' = the dataset's three-file layout (V*-like, ThinkLite, Chart); "
+                 "'zoom' = the embedded demo's task (stripes in a red frame, readable only in a crop)")
     max_image_pixels: int = _f(64_000_000, "pixel cap checked from the header before decoding; rows "
                                            "with larger images are skipped and counted")
     max_image_bytes: int = _f(64 * 1024 * 1024, "encoded size cap of one image; larger rows are skipped")
@@ -80,6 +86,10 @@ class ToolsConfig:
     min_side_policy: Literal["expand", "reject30"] = _f(
         "expand", "boxes under 28 px: expand about the centre (default) or reject sides <= 30 px "
                   "(the DeepEyes original)")
+    crop_from: Literal["frame", "original"] = _f(
+        "frame", "what training zooms cut: the model-frame image (the verl port) or the original at the "
+                 "box mapped from the frame, so a crop shows detail the downscaled frame lost (DeepEyes' "
+                 "high-resolution point; the embedded demo needs it; evaluation always maps)")
     enabled: list[str] = _f(["image_zoom_in_tool"], "tools declared to the policy, by registry name")
     timeout_s: float = _f(10.0, "per-call timeout of a tool call from the rollout; on expiry the "
                                 "episode gets an error text")
@@ -218,10 +228,22 @@ class TrainerConfig:
                                  "many steps in a row (0 = never)")
     test_every: int = _f(0, "validate every N steps (0 = only at the end)")
     val_rows: int = _f(16, "validation rows per evaluation (0 = all)")
+    val_before_train: bool = _f(False, "validate the starting policy (step 0: the SFT warm start) with the "
+                                       "full validation, before the first update")
+    final_val_rows: int = _f(0, "rows of the full validations (the start, the end): 0 = val_rows")
+    final_val_k: int = _f(1, "samples per row in the full validations (Avg@k; each sample its own option order)")
+    final_val_no_tool: bool = _f(False, "the full validations also run without the tool (val/acc_no_tool)")
     resume: str = _f("", "'auto' = continue from the latest checkpoint of run_dir; a path = that one")
     run_dir: str = _f("runs/latest", "run folder: config, metrics, events, trajectories, checkpoints, plots")
     sft_steps: int = _f(200, "steps of the cold-start SFT warm start (used when model.warm_start is true)")
     sft_lr: float = _f(3e-3, "cold-start SFT learning rate")
+    sft_rows: int = _f(128, "synthetic conversations the cold-start SFT trains on")
+    sft_box_grid: int = _f(0, "cold-start zoom boxes: 0 = the target grown by a quarter on each side; N = "
+                              "also at least sft_box_min px, centred on the target's centre snapped to N px")
+    sft_box_min: int = _f(32, "with sft_box_grid: the smallest side of a cold-start zoom box, in frame px")
+    sft_answers: Literal["random", "truth"] = _f(
+        "random", "answers in the cold-start conversations: 'random' options (teaches the tool call and "
+                  "the format, not the task: GRPO must learn to read the crop) or the ground truth")
 
 
 @dataclass

@@ -749,7 +749,74 @@ def _chart(rng: np.random.Generator) -> dict[str, Any]:
             "ability": "chart", "env": TOOL_ENV}
 
 
-_MAKERS = {"vstar": _vstar, "thinklite_eureka": _thinklite, "chart": _chart}
+# The embedded demo's task (data.synthetic_task=zoom): what the stripes inside the red frame do.
+ZOOM_ORIENTATIONS = ("horizontal", "vertical", "rising", "falling")
+ZOOM_TARGET = "red"
+ZOOM_DISTRACTORS = ("blue", "green")
+ZOOM_DARK, ZOOM_LIGHT = 30, 226  # stripe levels: every orientation has the same mean (128)
+
+
+def zoom_stripes(orientation: str, w: int, h: int, fade: int = 0) -> Image.Image:
+    """Dark/light stripes of 2 px bands (period 4 px across for the axis-aligned ones, 4.2 px for
+    the diagonals): the same mean for every orientation, and far finer than the model frame's
+    pixel (6-8 native px), so the frame shows one flat grey whatever the orientation. The contrast
+    ramps to zero over `fade` px at the edges: a band cut by the edge would otherwise tint the
+    frame's edge pixels by orientation (measured: up to 15 levels without the ramp)."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    phase = {"horizontal": yy // 2, "vertical": xx // 2, "rising": (xx + yy) // 3,
+             "falling": (xx - yy + 3 * h) // 3}[orientation]
+    sign = np.where(phase % 2 == 0, -1.0, 1.0)
+    edge = np.minimum(np.minimum(xx, w - 1 - xx), np.minimum(yy, h - 1 - yy)).astype(np.float64)
+    envelope = np.clip((edge + 0.5) / fade, 0.0, 1.0) if fade > 0 else 1.0
+    mid, half = (ZOOM_DARK + ZOOM_LIGHT) / 2, (ZOOM_LIGHT - ZOOM_DARK) / 2
+    return Image.fromarray(np.round(mid + half * sign * envelope).astype(np.uint8), "L").convert("RGB")
+
+
+def zoom_question(colour: str, options: list[str]) -> str:
+    listing = " ".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options))
+    return (f"Which way do the stripes run inside the {colour} frame?\nOptions: {listing}\n"
+            "Answer with the option's word.")
+
+
+ZOOM_SCENE = 1568     # native px: the model frame is exactly 224 x 224 (7 native px per frame px)
+ZOOM_SIDE = (14.0, 20.0)  # frame px: the frames' outer side
+ZOOM_SLOTS = 2        # frames sit in a ZOOM_SLOTS x ZOOM_SLOTS grid of slots (one frame per slot)
+
+
+def _zoom_task(rng: np.random.Generator) -> dict[str, Any]:
+    """The embedded demo: a red-framed striped square and 1-2 other-colour frames (distractors)
+    in a 1568 px scene, one frame per cell of a 2x2 grid, each nudged by up to 2 frame px. The
+    frames are 14-20 px wide in the 224 px model frame, easy to find; the stripes inside average to
+    flat grey there, so which way they run is readable only in a crop cut from the original.
+    Orientations, slots, nudges, sizes and distractor counts are uniform."""
+    w = h = ZOOM_SCENE
+    scale = math.sqrt(w * h / DEFAULT_MAX_PIXELS)  # native px per model-frame px (7)
+    image = _clutter(rng, w, h)
+    draw = ImageDraw.Draw(image)
+    colours = [ZOOM_TARGET] + [str(c) for c in rng.permutation(ZOOM_DISTRACTORS)[: int(rng.integers(1, 3))]]
+    slots = rng.permutation(ZOOM_SLOTS * ZOOM_SLOTS)[: len(colours)]
+    answer = str(rng.choice(ZOOM_ORIENTATIONS))
+    boxes = []
+    cell = w / ZOOM_SLOTS
+    for colour, slot in zip(colours, slots):
+        side = int(rng.uniform(*ZOOM_SIDE) * scale)
+        ring = max(3, int(2.5 * scale))
+        cx = (int(slot) % ZOOM_SLOTS + 0.5) * cell + rng.uniform(-2, 2) * scale
+        cy = (int(slot) // ZOOM_SLOTS + 0.5) * cell + rng.uniform(-2, 2) * scale
+        x, y = int(cx - side / 2), int(cy - side / 2)
+        orientation = answer if colour == ZOOM_TARGET else str(rng.choice(ZOOM_ORIENTATIONS))
+        draw.rectangle([x, y, x + side - 1, y + side - 1], fill=TARGET_COLOURS[colour])
+        inner = side - 2 * ring
+        image.paste(zoom_stripes(orientation, inner, inner, fade=round(2 * scale)), (x + ring, y + ring))
+        boxes.append([x, y, x + side, y + side])
+    options = [str(o) for o in rng.permutation(ZOOM_ORIENTATIONS)]
+    question = zoom_question(ZOOM_TARGET, options)
+    return {"image": image, "question": question, "answer": answer, "options": options,
+            "kind": "zoom_stripes", "attribute": "stripe orientation", "bbox": boxes[0], "style": "model",
+            "ability": "visual_search", "env": TOOL_ENV}
+
+
+_MAKERS = {"vstar": _vstar, "thinklite_eureka": _thinklite, "chart": _chart, "zoom": _zoom_task}
 
 
 def mix_counts(rows: int, mix: dict[str, float]) -> dict[str, int]:

@@ -215,11 +215,16 @@ def prepare_data(cfg: Config, run_dir: Path) -> tuple[list[str], list[str]]:
     data_dir = run_dir / "data"
     if not train:
         (data_dir / "train").mkdir(parents=True, exist_ok=True)
-        train = write_synthetic_suite(str(data_dir / "train"), cfg.data.synthetic_train_rows,
-                                      cfg.data.synthetic_seed, split="train")
+        zoom = cfg.data.synthetic_task == "zoom"
+        if zoom:
+            train = [write_synthetic(str(data_dir / "train" / "zoom.parquet"), cfg.data.synthetic_train_rows,
+                                     cfg.data.synthetic_seed, mix={"zoom": 1.0}, split="train")]
+        else:
+            train = write_synthetic_suite(str(data_dir / "train"), cfg.data.synthetic_train_rows,
+                                          cfg.data.synthetic_seed, split="train")
         if not val and cfg.data.synthetic_val_rows > 0:
             val = [write_synthetic(str(data_dir / "val.parquet"), cfg.data.synthetic_val_rows,
-                                   cfg.data.synthetic_seed, mix={"vstar": 1.0}, split="val")]
+                                   cfg.data.synthetic_seed, mix={"zoom" if zoom else "vstar": 1.0}, split="val")]
     for f in train + val:
         if not Path(f).exists():
             raise ConfigError(f"data file {f} does not exist (data.train_files / data.val_files)")

@@ -39,13 +39,20 @@ def grounding(t: Trajectory) -> tuple[float, float] | None:
     return 0.0, 0.0
 
 
-def validate(cfg: Config, handle: Any, judge_handle: Any, val: Any, step: int, version: int) -> dict[str, float]:
-    """Validation metrics at `step`: the evaluation harness's protocol on the held-out rows (one
-    sample per row, options shuffled by rollout.seed (the same orders every step), rule matcher first, the judge
-    for answers naming no option), greedy unless rollout.val_temperature > 0.
+def validate(cfg: Config, handle: Any, judge_handle: Any, val: Any, step: int, version: int,
+             full: bool = False) -> dict[str, float]:
+    """Validation metrics at `step`: the evaluation harness's protocol on the held-out rows (options
+    shuffled by rollout.seed, the same orders every step; rule matcher first, the judge for answers
+    naming no option), greedy unless rollout.val_temperature > 0.
+
+    A periodic validation (`full` false) runs the first trainer.val_rows rows once each, with the
+    tool. The full one (the SFT start with trainer.val_before_train, and the end of the run) runs
+    trainer.final_val_rows rows (0 = val_rows) with trainer.final_val_k samples each, also without
+    the tool when trainer.final_val_no_tool (`val/acc_no_tool`: the zoom's share of the accuracy).
 
     The rows are taken one chunk at a time (`for row in val`), so their images are decoded per
-    chunk. The crop is cut from the model frame, as in training (eval maps it to the original).
+    chunk. The crop is cut as training cuts it: from the model frame, or (tools.crop_from=original)
+    from the original at the mapped box.
     """
     from trainer.eval.harness import run_items
     from trainer.eval.items import item_from_row, limit
@@ -54,9 +61,13 @@ def validate(cfg: Config, handle: Any, judge_handle: Any, val: Any, step: int, v
     greedy = cfg.rollout.val_temperature <= 0
     ground: list[tuple[float, float]] = []
     scores: list[float] = []
+    tr = cfg.trainer
+    n_rows = (tr.final_val_rows or tr.val_rows) if full else tr.val_rows
+    k = tr.final_val_k if full else 1
+    modes = ("tool", "no_tool") if full and tr.final_val_no_tool else ("tool",)
 
     def keep(record: dict[str, Any], traj: Any) -> None:
-        if traj is None:
+        if traj is None or record.get("mode") != "tool":
             return
         g = grounding(traj)
         if g is not None:
@@ -65,18 +76,29 @@ def validate(cfg: Config, handle: Any, judge_handle: Any, val: Any, step: int, v
             scores.append(traj.reward.score)
 
     rows = val.iter_rows() if hasattr(val, "iter_rows") else iter(val)  # a row stream or a DataSet
-    items = limit((item_from_row(row, "val") for row in rows), cfg.trainer.val_rows)
-    outcomes = run_items(handle, judge_handle, items, k=1, modes=("tool",), seed=cfg.rollout.seed,
+    items = limit((item_from_row(row, "val") for row in rows), n_rows)
+    outcomes = run_items(handle, judge_handle, items, k=k, modes=modes, seed=cfg.rollout.seed,
                          greedy=greedy, temperature=None if greedy else cfg.rollout.val_temperature,
-                         map_crops=False, min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels,
-                         min_version=version, tag=f"v{step}", on_record=keep)
-    s = summarize(outcomes, 1)
-    return {
+                         map_crops=cfg.tools.crop_from == "original", min_pixels=cfg.model.min_pixels,
+                         max_pixels=cfg.model.max_pixels, min_version=version, tag=f"v{step}", on_record=keep)
+    tool = [o for o in outcomes if o.mode == "tool"]
+    s = summarize(tool, k)
+    n = max(len(tool), 1)
+    out = {
         "val/acc": s["avg@k"],
         "val/score": sum(scores) / len(scores) if scores else 0.0,
-        "val/tool_use": sum(1.0 for o in outcomes if o.crops > 0) / max(len(outcomes), 1),
+        "val/tool_use": sum(1.0 for o in tool if o.crops > 0) / n,  # valid calls: a crop came back
+        "val/calls_per_episode": s["calls_per_episode"],
+        "val/tool_error_rate": s["error_turn_rate"],
+        "val/answered": s["answered"],
         "val/grounding_iou": sum(g[0] for g in ground) / len(ground) if ground else 0.0,
         "val/box_holds_target": sum(g[1] for g in ground) / len(ground) if ground else 0.0,
+        "val/items": float(s["items"]), "val/k": float(k),
         "val/episodes": float(s["episodes"] - s["failed"]), "val/failed": float(s["failed"]),
         "val/judge_failures": float(s["judge_failures"]),
     }
+    if "no_tool" in modes:
+        nt = summarize([o for o in outcomes if o.mode == "no_tool"], k)
+        out["val/acc_no_tool"] = nt["avg@k"]
+        out["val/failed"] += float(nt["failed"])
+    return out

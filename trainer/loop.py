@@ -328,6 +328,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         (run_dir / STARTUP_FILE).write_text(json.dumps({
             "train_workers_s": t_entry - loop_config["fit_wall"], "worker_setup_s": now - t_entry,
             "first_request_s": now - loop_config["t0_wall"]}))
+    # VALIDATE the starting policy (the SFT warm start): the full validation, as at the end
+    if val is not None and cfg.trainer.val_before_train and start_step == 1:
+        if rank == 0:
+            sink.write(0, validate(cfg, handle, judge_handle, val, 0, version, full=True))
+        if world_size > 1:
+            dist.barrier()
     for step in range(start_step, steps + 1):
         t_step = time.perf_counter()
         timings: dict[str, float] = {}
@@ -435,7 +441,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if ahead is not None:  # validation asks for the new version: let the episodes ahead finish on theirs
                 ahead[1].wait()
             if rank == 0:
-                vm = validate(cfg, handle, judge_handle, val, step, version)
+                vm = validate(cfg, handle, judge_handle, val, step, version, full=step == steps)
                 sink.write(step, vm)  # the driver prints it (a worker's print reached the log twice)
             if world_size > 1:
                 dist.barrier()

@@ -34,8 +34,9 @@ STEP_EXTRAS = ("rollout/failed_episodes", "rollout/dropped_groups", "rollout/log
                "rollout/episodes", "actor/kl", "data/skipped_rows", "data/epoch",
                "async/stale_dropped", "async/staleness_mean", "async/staleness_max", "async/fresh_share",
                "timing/trainer_idle_share", "timing/rollout_idle_share")
-VALIDATION = ("val/acc", "val/score", "val/tool_use", "val/grounding_iou", "val/box_holds_target",
-              "val/episodes", "val/failed", "val/judge_failures")
+VALIDATION = ("val/acc", "val/acc_no_tool", "val/score", "val/tool_use", "val/calls_per_episode",
+              "val/tool_error_rate", "val/answered", "val/grounding_iou", "val/box_holds_target",
+              "val/items", "val/k", "val/episodes", "val/failed", "val/judge_failures")
 STALENESS_BOUNDS = (0.5, 1.5, 2.5, 4.5, 8.5)  # buckets 0, 1, 2, 3-4, 5-8, more
 KNOWN = frozenset(VOCABULARY + STEP_EXTRAS + VALIDATION)
 

@@ -13,7 +13,7 @@ PANELS = [
     ("num_turns", ["rollout/num_turns"]),
     ("tool_calls", ["rollout/tool_calls", "rollout/tool_errors"]),
     ("response_length", ["rollout/response_tokens"]),
-    ("validation", ["val/acc", "val/tool_use", "val/box_holds_target", "val/grounding_iou"]),
+    ("validation", ["val/acc", "val/acc_no_tool", "val/tool_use", "val/box_holds_target", "val/grounding_iou"]),
 ]
 
 

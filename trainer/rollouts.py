@@ -33,12 +33,15 @@ def episode_requests(cfg: Config, rows: Sequence[Any], row_ids: Sequence[int], s
 
     Images go out already in the model frame: the rollout would bring them there itself (its
     resize is the identity on such images), but a DeepEyes original is several megapixels and
-    each of the n requests carries its own copy, so the trainer sends the smaller frame.
+    each of the n requests carries its own copy, so the trainer sends the smaller frame. With
+    `tools.crop_from=original` the first image's encoded bytes go along too (one shared object:
+    the n requests pickle the same bytes), and zooms are cut from them at the mapped box.
     """
     reqs = []
     for rid in row_ids:
         row = rows[rid]
         frames = [resize_for_model(im, cfg.model.min_pixels, cfg.model.max_pixels) for im in row.images]
+        source = row.image_bytes[0] if cfg.tools.crop_from == "original" and row.image_bytes else None
         # target_bbox is in the stored image's pixels (before any upscale of tiny images)
         extra = dict(row.extra, orig_size=list(row.image_sizes[0]) if row.image_sizes else None)
         for k in range(n):
@@ -46,7 +49,7 @@ def episode_requests(cfg: Config, rows: Sequence[Any], row_ids: Sequence[int], s
                 uid=f"{tag}{step}-{row.index}-{k}", group_id=f"{tag}{step}-{row.index}",
                 messages=row.messages, images=frames, ground_truth=row.ground_truth,
                 question=row.question, data_source=row.data_source, extra=extra,
-                min_version=version, greedy=greedy, temperature=temperature,
+                min_version=version, greedy=greedy, temperature=temperature, crop_source=source,
                 seed=(cfg.rollout.seed * 1_000_003 + step * 10_007 + rid * 101 + k) % (2**31)))
     return reqs
 

@@ -13,10 +13,13 @@ tiny policy and prints its valid tool-call rate under sampling. The main job use
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
+import math
 import logging
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -27,7 +30,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from deepeyes.chat import CHAT_TEMPLATE
+from deepeyes.chat import CHAT_TEMPLATE, THOUGHT_ANSWER, THOUGHT_DIRECT, THOUGHT_ZOOM
 from deepeyes.config import Config, load_config
 from deepeyes.policy import (Policy, build_cached, encode_text_with_images, load_policy, process_images,
                              resize_for_model)
@@ -37,35 +40,63 @@ from trainer.packing import make_example, pack, packed_forward, plan_micro_batch
 log = logging.getLogger("deepeyes.sft")
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
 END = "<|im_end|>"
-SFT_VERSION = "sft-v1"
+SFT_VERSION = "sft-v2"
 
 
 def frame_box(target_bbox: Sequence[float], orig_size: tuple[int, int], frame_size: tuple[int, int],
-              margin: float = 0.25) -> list[int]:
-    """The target box mapped into the model's frame, grown by `margin` of its size on each side."""
+              margin: float = 0.25, grid: int = 0, min_side: int = 32) -> list[int]:
+    """The zoom box the cold start teaches: the target box mapped into the model's frame, grown by
+    `margin` of its size on each side. With `grid` > 0 the box is also grown to `min_side` px and
+    centred on the target's centre snapped to `grid` px: then a coordinate takes a few values,
+    which a tiny policy can learn to write (on the zoom task, valid calls under sampling after 150
+    steps: 17% with pixel-exact boxes, 58% with grid 8)."""
     sx, sy = frame_size[0] / orig_size[0], frame_size[1] / orig_size[1]
     x1, y1, x2, y2 = target_bbox
     w, h = (x2 - x1) * sx, (y2 - y1) * sy
-    box = [x1 * sx - margin * w, y1 * sy - margin * h, x2 * sx + margin * w, y2 * sy + margin * h]
-    return [max(0, round(box[0])), max(0, round(box[1])),
-            min(frame_size[0], round(box[2])), min(frame_size[1], round(box[3]))]
+    if grid <= 0:
+        box = [x1 * sx - margin * w, y1 * sy - margin * h, x2 * sx + margin * w, y2 * sy + margin * h]
+        return [max(0, round(box[0])), max(0, round(box[1])),
+                min(frame_size[0], round(box[2])), min(frame_size[1], round(box[3]))]
+    w, h = max(w * (1 + 2 * margin), min_side), max(h * (1 + 2 * margin), min_side)
+    cx, cy = round((x1 + x2) / 2 * sx / grid) * grid, round((y1 + y2) / 2 * sy / grid) * grid
+    w, h = math.ceil(w / 2 / grid) * 2 * grid, math.ceil(h / 2 / grid) * 2 * grid
+    return [max(0, cx - w // 2), max(0, cy - h // 2), min(frame_size[0], cx + w // 2), min(frame_size[1], cy + h // 2)]
 
 
-def tool_conversation(row: Any, cfg: Config) -> tuple[list[dict[str, Any]], list[Image.Image]]:
-    """The conversation DeepEyes teaches for one data row, and its images in the model frame."""
+def sft_answer(row: Any, policy: str, rng: random.Random) -> str:
+    """The answer a cold-start conversation ends with: the truth, or (`random`) an option drawn
+    uniformly (the truth for rows without options), so SFT teaches the format, not the task."""
+    options = list(row.extra.get("options") or [])
+    return rng.choice(options) if policy == "random" and options else str(row.ground_truth)
+
+
+def tool_conversation(row: Any, cfg: Config, answer_text: str | None = None
+                      ) -> tuple[list[dict[str, Any]], list[Image.Image]]:
+    """The conversation DeepEyes teaches for one data row, and its images in the model frame.
+
+    The crop is cut as training cuts it (`tools.crop_from`): from the frame, or from the original
+    at the box mapped from the frame. `answer_text` replaces the ground truth in the answer."""
     original = row.images[0]  # decodes: read once
     frame = resize_for_model(original, cfg.model.min_pixels, cfg.model.max_pixels)
     messages = [dict(m) for m in row.messages]
     images = [frame]
-    answer = f"<answer>{row.ground_truth}</answer>"
+    answer = f"<answer>{row.ground_truth if answer_text is None else answer_text}</answer>"
     target = row.extra.get("target_bbox")
     if target is None:  # no box to zoom on (e.g. math rows): answer directly
-        messages.append({"role": "assistant", "content": "<think>I can read this directly.</think>" + answer})
+        messages.append({"role": "assistant", "content": f"<think>{THOUGHT_DIRECT}</think>" + answer})
         return messages, images
-    bbox = frame_box(target, row.image_sizes[0], frame.size)  # the box is in the stored image's pixels
+    bbox = frame_box(target, row.image_sizes[0], frame.size,  # the box is in the stored image's pixels
+                     grid=cfg.trainer.sft_box_grid, min_side=cfg.trainer.sft_box_min)
     arguments = {"bbox_2d": bbox, "label": "target"}
-    result = execute_tool("image_zoom_in_tool", frame, arguments, min_side_policy=cfg.tools.min_side_policy)
-    messages.append({"role": "assistant", "content": "<think>The detail is too small here. I zoom in on it.</think>",
+    if cfg.tools.crop_from == "original":
+        result = execute_tool("image_zoom_in_tool", original, arguments, min_side_policy=cfg.tools.min_side_policy,
+                              frame_size=frame.size)
+    else:
+        result = execute_tool("image_zoom_in_tool", frame, arguments, min_side_policy=cfg.tools.min_side_policy)
+    if result.ok:  # the trajectory holds crops in the model frame (the agent loop resizes them too)
+        result = dataclasses.replace(result, image=resize_for_model(result.image, cfg.model.min_pixels,
+                                                                     cfg.model.max_pixels))
+    messages.append({"role": "assistant", "content": f"<think>{THOUGHT_ZOOM}</think>",
                      "tool_calls": [{"type": "function", "function": {"name": "image_zoom_in_tool",
                                                                       "arguments": arguments}}]})
     if result.ok:
@@ -73,7 +104,7 @@ def tool_conversation(row: Any, cfg: Config) -> tuple[list[dict[str, Any]], list
         images.append(result.image)
     else:
         messages.append({"role": "tool", "content": result.text})
-    messages.append({"role": "assistant", "content": "<think>Now the detail is clear.</think>" + answer})
+    messages.append({"role": "assistant", "content": f"<think>{THOUGHT_ANSWER}</think>" + answer})
     return messages, images
 
 
@@ -115,8 +146,9 @@ def train_sft(policy: Policy, rows: Sequence[Any], cfg: Config, steps: int, lr: 
     """Supervised steps (token-mean NLL over assistant tokens); returns the loss per step."""
     tools = tool_schemas(cfg.tools.enabled)
     examples = []
+    pick = random.Random(seed)
     for row in rows:
-        messages, images = tool_conversation(row, cfg)
+        messages, images = tool_conversation(row, cfg, sft_answer(row, cfg.trainer.sft_answers, pick))
         ids, mask, pv, grid = conversation_tokens(policy, messages, images, tools)
         examples.append(make_example(policy.model, ids, mask, 1.0, pv, grid))
     model = policy.model
@@ -164,13 +196,14 @@ def tool_call_rate(policy: Policy, rows: Sequence[Any], cfg: Config, seed: int =
     engine = HFEngine(policy, max_batch_size=cfg.rollout.max_batch_size, batch_wait_ms=cfg.rollout.batch_wait_ms)
     io = PolicyIO.from_policy(policy)
 
-    async def call_tool(name: str, image: Any, args: Any) -> Any:
-        return execute_tool(name, image, args, min_side_policy=cfg.tools.min_side_policy)
+    async def call_tool(name: str, image: Any, args: Any, frame_size: Any = None) -> Any:
+        return execute_tool(name, image, args, min_side_policy=cfg.tools.min_side_policy, frame_size=frame_size)
 
     async def run_all() -> list[Any]:
         reqs = [EpisodeRequest(uid=f"eval-{i}", group_id=f"eval-{i}", messages=r.messages, images=r.images,
                                ground_truth=r.ground_truth, question=r.question, data_source=r.data_source,
-                               extra=r.extra, seed=seed + i) for i, r in enumerate(rows)]
+                               extra=r.extra, seed=seed + i,
+                               crop_source=r.images[0] if cfg.tools.crop_from == "original" else None) for i, r in enumerate(rows)]
         return await asyncio.gather(*(run_episode(q, policy_io=io, generate=engine.generate, call_tool=call_tool,
                                                   score=None, cfg=cfg.rollout, tools_cfg=cfg.tools) for q in reqs))
 
@@ -186,7 +219,8 @@ def _sft_rows(cfg: Config, rows: int, seed: int) -> list[Any]:
     from deepeyes.data import read_deepeyes, write_synthetic
 
     with tempfile.TemporaryDirectory() as d:
-        path = write_synthetic(os.path.join(d, "sft.parquet"), rows=rows, seed=seed)
+        mix = {"zoom": 1.0} if cfg.data.synthetic_task == "zoom" else None  # the run's own task
+        path = write_synthetic(os.path.join(d, "sft.parquet"), rows=rows, seed=seed, mix=mix)
         return read_deepeyes([path], cfg.data).rows
 
 
@@ -194,7 +228,9 @@ def warm_start_key(base: Path, cfg: Config) -> str:
     h = hashlib.sha1()
     h.update((base / "model.safetensors").read_bytes())
     h.update(json.dumps([SFT_VERSION, cfg.trainer.sft_steps, cfg.trainer.sft_lr, cfg.model.min_pixels,
-                         cfg.model.max_pixels, cfg.tools.enabled]).encode())
+                         cfg.model.max_pixels, cfg.tools.enabled, cfg.trainer.sft_rows, cfg.trainer.sft_answers,
+                         cfg.data.synthetic_task, cfg.tools.crop_from, cfg.trainer.seed, cfg.trainer.sft_box_grid,
+                         cfg.trainer.sft_box_min]).encode())
     return h.hexdigest()[:12]
 
 
@@ -205,7 +241,7 @@ def warm_started_policy_path(cfg: Config, base: Path, progress: bool = True) -> 
         t0 = time.perf_counter()
         policy = load_policy(base, min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels, trainable=True)
         torch.manual_seed(cfg.trainer.seed)
-        rows = _sft_rows(cfg, rows=128, seed=cfg.data.synthetic_seed + 7919)
+        rows = _sft_rows(cfg, rows=cfg.trainer.sft_rows, seed=cfg.data.synthetic_seed + 7919)
         losses = train_sft(policy, rows, cfg, steps=cfg.trainer.sft_steps, lr=cfg.trainer.sft_lr, progress=progress)
         train_s = time.perf_counter() - t0
         held_out = [r for r in _sft_rows(cfg, rows=24, seed=cfg.data.synthetic_seed + 104729) if r.extra.get("target_bbox")]

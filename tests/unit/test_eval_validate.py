@@ -45,7 +45,7 @@ def test_validate_keeps_its_signature_and_metric_names(val):
     cfg.trainer.val_rows = 8
     handle = FakeHandle(answer_reference=True)
     m = validate(cfg, handle, None, rows, step=3, version=2)
-    assert set(m) == set(VALIDATION)
+    assert set(m) == set(VALIDATION) - {"val/acc_no_tool"}  # the ablation runs in full validations only
     assert len(handle.requests) == 8 and all(r.min_version == 2 and r.greedy for r in handle.requests)
     assert m["val/acc"] == 1.0 and m["val/episodes"] == 8 and m["val/failed"] == 0
     # the options were shuffled, and multiple-choice rows list them again in the row's own style
@@ -61,3 +61,26 @@ def test_validate_always_a_is_not_rewarded_for_the_letter(val):
     m = validate(cfg, FakeHandle(answer_reference=False), None, iter(rows), step=1, version=0)
     # "A" is right only where the shuffle put the answer first (free-form rows: the judge says no)
     assert m["val/acc"] < 0.5
+
+
+def test_full_validation_runs_k_samples_with_and_without_the_tool(val):
+    """The start/end validation: final_val_rows rows, final_val_k samples each, both modes; the
+    no-tool episodes declare no tool, and crops come from the original with tools.crop_from."""
+    rows, _, cfg = val
+    cfg.trainer.val_rows, cfg.trainer.final_val_rows, cfg.trainer.final_val_k = 2, 5, 3
+    cfg.trainer.final_val_no_tool = True
+    cfg.tools.crop_from = "original"
+    handle = FakeHandle(answer_reference=True)
+    m = validate(cfg, handle, None, rows, step=0, version=0, full=True)
+    assert set(m) == set(VALIDATION)
+    assert len(handle.requests) == 5 * 3 * 2
+    tool = [r for r in handle.requests if r.use_tools]
+    no_tool = [r for r in handle.requests if not r.use_tools]
+    assert len(tool) == len(no_tool) == 15
+    assert all(r.crop_source is not None for r in tool) and all(r.crop_source is None for r in no_tool)
+    assert m["val/acc"] == m["val/acc_no_tool"] == 1.0 and m["val/k"] == 3 and m["val/items"] == 5
+    # the periodic validation of the same config: val_rows rows, once, with the tool only
+    handle = FakeHandle(answer_reference=True)
+    m = validate(cfg, handle, None, rows, step=10, version=0)
+    assert len(handle.requests) == 2 and all(r.use_tools for r in handle.requests)
+    assert "val/acc_no_tool" not in m
