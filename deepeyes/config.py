@@ -242,8 +242,8 @@ class TrainerConfig:
                               "also at least sft_box_min px, centred on the target's centre snapped to N px")
     sft_box_min: int = _f(32, "with sft_box_grid: the smallest side of a cold-start zoom box, in frame px")
     sft_answers: Literal["random", "truth"] = _f(
-        "random", "answers in the cold-start conversations: 'random' options (teaches the tool call and "
-                  "the format, not the task: GRPO must learn to read the crop) or the ground truth")
+        "truth", "answers in the cold-start conversations: the ground truth, or 'random' options (teaches "
+                 "the tool call and the format, not the task: GRPO must learn to read the crop)")
 
 
 @dataclass
