@@ -19,7 +19,9 @@ schema, deterministically (same seed, same bytes):
   coloured sign, or a striped square in a coloured frame) whose asked attribute (shape / word /
   stripe orientation) is below 6 px in the model's 224x224-ish frame but plain in a native crop;
 - `thinklite_eureka`: 8-27 px images of 1-3 dark dots and an arithmetic question (number answer);
-- `chart`: 3000-4096 px flat-colour bar charts with small value labels to read.
+- `chart`: 3000-4096 px flat-colour bar charts with small value labels to read;
+- `zoom` (not in the suite; `data.synthetic_task=zoom`): the embedded demo's task, which way the
+  stripes inside a red frame run, readable only in a crop cut from the original (`_zoom_task`).
 
 Answer convention: `reward_model.ground_truth` is the answer WORD (or number), never an option
 letter; multiple-choice questions list `(A) word (B) word ...` and `extra_info.options` keeps the
@@ -761,7 +763,8 @@ def zoom_stripes(orientation: str, w: int, h: int, fade: int = 0) -> Image.Image
     the diagonals): the same mean for every orientation, and far finer than the model frame's
     pixel (6-8 native px), so the frame shows one flat grey whatever the orientation. The contrast
     ramps to zero over `fade` px at the edges: a band cut by the edge would otherwise tint the
-    frame's edge pixels by orientation (measured: up to 15 levels without the ramp)."""
+    frame's edge pixels by orientation (measured: 15-22 levels without the ramp, 2 with it;
+    bench/zoom_learnability.py)."""
     yy, xx = np.mgrid[0:h, 0:w]
     phase = {"horizontal": yy // 2, "vertical": xx // 2, "rising": (xx + yy) // 3,
              "falling": (xx - yy + 3 * h) // 3}[orientation]

@@ -16,8 +16,8 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import logging
+import math
 import os
 import random
 import shutil
