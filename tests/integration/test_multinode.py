@@ -29,9 +29,15 @@ def test_services_and_train_workers_spread_over_two_nodes(tmp_path: Path) -> Non
     try:
         wait_http(f"{dashboard}/api/version", 120)
         nodes.append(RayNode(worker_args(f"127.0.0.1:{gcs_port}", 3, NODE), tmp_path / "worker.log"))
-        deadline = time.time() + 90
+        deadline, starts = time.time() + 150, 1
         while len(alive_nodes(dashboard)) < 2:
-            assert time.time() < deadline, "the second node did not join"
+            assert time.time() < deadline, f"the second node did not join ({starts} starts; see {tmp_path}/worker*.log)"
+            if nodes[-1].proc.poll() is not None and starts < 3:
+                # `ray start` gives up after 30 s without the GCS's node info (seen once on a busy
+                # 2-core machine: "Deadline Exceeded"); an operator would start it again, so do we
+                nodes[-1].stop()
+                starts += 1
+                nodes.append(RayNode(worker_args(f"127.0.0.1:{gcs_port}", 3, NODE), tmp_path / f"worker{starts}.log"))
             time.sleep(2)
 
         # Both nodes share one loopback here, so only the head runs an HTTP proxy (one port).
