@@ -38,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deepeyes.config import load_config  # noqa: E402
 from deepeyes.data import ZOOM_ORIENTATIONS, read_deepeyes, write_synthetic, zoom_stripes  # noqa: E402
-from deepeyes.policy import (build_tiny_policy, load_policy, process_images, resize_for_model)  # noqa: E402
-from services.tools.registry import execute_tool, tool_schemas  # noqa: E402
+from deepeyes.policy import build_tiny_policy, load_policy, process_images, resize_for_model  # noqa: E402
+from services.tools.registry import tool_schemas  # noqa: E402
 from trainer.packing import make_example, pack, packed_forward, plan_micro_batches  # noqa: E402
-from trainer.sft import conversation_tokens, frame_box, sft_answer, tool_conversation  # noqa: E402
+from trainer.sft import conversation_tokens, sft_answer, tool_conversation  # noqa: E402
 
 
 def invisibility() -> dict[str, float]:
@@ -65,21 +65,12 @@ def invisibility() -> dict[str, float]:
     return out
 
 
-def crop_of(row, cfg):
-    original = row.images[0]
-    frame = resize_for_model(original, cfg.model.min_pixels, cfg.model.max_pixels)
-    box = frame_box(row.extra["target_bbox"], row.image_sizes[0], frame.size,
-                    grid=cfg.trainer.sft_box_grid, min_side=cfg.trainer.sft_box_min)
-    crop = execute_tool("image_zoom_in_tool", original, {"bbox_2d": box}, frame_size=frame.size).image
-    return frame, resize_for_model(crop, cfg.model.min_pixels, cfg.model.max_pixels)
-
-
 def probe(policy, train, test, cfg) -> dict[str, float]:
     """Linear-probe test accuracy on mean-pooled vision features of the crops and of the frames."""
     def feats(rows):
         xs, fs, ys = [], [], []
         for r in rows:
-            frame, crop = crop_of(r, cfg)
+            frame, crop = tool_conversation(r, cfg)[1]  # the model frame and the cold start's crop
             for im, acc in ((crop, xs), (frame, fs)):
                 pv, g = process_images(policy, [im])
                 with torch.no_grad():

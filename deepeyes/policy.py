@@ -23,8 +23,8 @@ from typing import Any, Callable, Sequence
 import torch
 from PIL import Image
 
-from deepeyes.chat import (CHAT_TEMPLATE, THOUGHT_ANSWER, THOUGHT_DIRECT, THOUGHT_ZOOM, QWEN_ADDED_TOKENS, SYSTEM_PROMPT, TOOLS_HEAD, TOOLS_TAIL,
-                          ZOOM_IN_SCHEMA)
+from deepeyes.chat import (CHAT_TEMPLATE, QWEN_ADDED_TOKENS, SYSTEM_PROMPT, THOUGHT_ANSWER, THOUGHT_DIRECT,
+                           THOUGHT_ZOOM, TOOLS_HEAD, TOOLS_TAIL, ZOOM_IN_SCHEMA)
 from deepeyes.config import DEFAULT_CACHE_DIR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from deepeyes.images import to_rgb
 
@@ -372,7 +372,7 @@ def resolve_policy_path(model_cfg: Any) -> Path:
     """model.path -> a folder: 'tiny' builds/uses the cached tiny model; else the path itself."""
     if model_cfg.path == "tiny":
         return tiny_policy_path(model_cfg.cache_dir, model_cfg.seed, model_cfg.min_pixels, model_cfg.max_pixels,
-                                getattr(model_cfg, "tiny_vision", "random"))
+                                model_cfg.tiny_vision)
     return Path(os.path.expanduser(model_cfg.path))
 
 

@@ -88,11 +88,9 @@ def tool_conversation(row: Any, cfg: Config, answer_text: str | None = None
     bbox = frame_box(target, row.image_sizes[0], frame.size,  # the box is in the stored image's pixels
                      grid=cfg.trainer.sft_box_grid, min_side=cfg.trainer.sft_box_min)
     arguments = {"bbox_2d": bbox, "label": "target"}
-    if cfg.tools.crop_from == "original":
-        result = execute_tool("image_zoom_in_tool", original, arguments, min_side_policy=cfg.tools.min_side_policy,
-                              frame_size=frame.size)
-    else:
-        result = execute_tool("image_zoom_in_tool", frame, arguments, min_side_policy=cfg.tools.min_side_policy)
+    from_original = cfg.tools.crop_from == "original"
+    result = execute_tool("image_zoom_in_tool", original if from_original else frame, arguments,
+                          min_side_policy=cfg.tools.min_side_policy, frame_size=frame.size if from_original else None)
     if result.ok:  # the trajectory holds crops in the model frame (the agent loop resizes them too)
         result = dataclasses.replace(result, image=resize_for_model(result.image, cfg.model.min_pixels,
                                                                      cfg.model.max_pixels))
@@ -203,7 +201,7 @@ def tool_call_rate(policy: Policy, rows: Sequence[Any], cfg: Config, seed: int =
         reqs = [EpisodeRequest(uid=f"eval-{i}", group_id=f"eval-{i}", messages=r.messages, images=r.images,
                                ground_truth=r.ground_truth, question=r.question, data_source=r.data_source,
                                extra=r.extra, seed=seed + i,
-                               crop_source=r.images[0] if cfg.tools.crop_from == "original" else None) for i, r in enumerate(rows)]
+                               crop_source=r.image_bytes[0] if cfg.tools.crop_from == "original" else None) for i, r in enumerate(rows)]
         return await asyncio.gather(*(run_episode(q, policy_io=io, generate=engine.generate, call_tool=call_tool,
                                                   score=None, cfg=cfg.rollout, tools_cfg=cfg.tools) for q in reqs))
 
