@@ -1,4 +1,4 @@
-"""What stands between the tiny policy and issue 16's zoom demo, measured piece by piece.
+"""What stands between the tiny policy and the zoom demo (issues 16, 25), measured piece by piece.
 
 The demo task (`data.synthetic_task=zoom`, deploy/configs/tiny-zoom.yaml): which way do the stripes
 inside the red frame run? A policy must (1) find the red frame in the 224 px model frame and write
@@ -13,7 +13,9 @@ its own, on the same rows the scenario writes:
 3. reading: supervised steps on the whole cold-start conversation with the loss on the answer
    word only, held-out accuracy of that word (an upper bound on what GRPO can learn per sample);
 4. finding: supervised steps with the loss on the box's x1 and y1 only (the target's grid cell),
-   held-out accuracy of both (chance 1/4).
+   held-out accuracy of both (chance 1/4), on the cued task (`zoom`: the question names the
+   frame's quarter and the cold-start thought repeats it right before the call) and on the uncued
+   one (`zoom_find`: find the frame by sight).
 
   python bench/zoom_learnability.py [--rows 256] [--read-steps 100] [--find-steps 200]
 
@@ -179,6 +181,11 @@ def main() -> None:
                               cfg.data).rows
         test = read_deepeyes([write_synthetic(os.path.join(d, "te.parquet"), max(args.rows // 4, 16), 11,
                                               mix={"zoom": 1.0}, split="test")], cfg.data).rows
+        # the uncued task: the same scenes (same streams), no place in the question
+        train_find = read_deepeyes([write_synthetic(os.path.join(d, "trf.parquet"), args.rows, 11,
+                                                    mix={"zoom_find": 1.0})], cfg.data).rows
+        test_find = read_deepeyes([write_synthetic(os.path.join(d, "tef.parquet"), max(args.rows // 4, 16), 11,
+                                                   mix={"zoom_find": 1.0}, split="test")], cfg.data).rows
         folders = {v: build_tiny_policy(Path(d) / v, vision=v) for v in ("random", "oriented")}
 
         def fresh(v):
@@ -189,6 +196,7 @@ def main() -> None:
         probes = {v: probe(fresh(v), train, test, cfg) for v in folders}
         reading = {v: supervised(fresh(v), train, test, cfg, args.read_steps, "answer") for v in folders}
         finding = supervised(fresh("oriented"), train, test, cfg, args.find_steps, "box")
+        finding_uncued = supervised(fresh("oriented"), train_find, test_find, cfg, args.find_steps, "box")
     print(f"rows: {len(train)} train, {len(test)} held out; {time.perf_counter() - t0:.0f} s\n")
     print(f"{'measure':<58} {'random':>8} {'oriented':>9}")
     print("-" * 77)
@@ -200,13 +208,14 @@ def main() -> None:
               f"{probes['random'][part]:>8.3f} {probes['oriented'][part]:>9.3f}")
     for (s, a), (_, b) in zip(reading["random"], reading["oriented"]):
         print(f"{f'answer word from the crop, step {s} (chance 0.25)':<58} {a:>8.3f} {b:>9.3f}")
-    for s, b in finding:
-        print(f"{f'box on the target cell (x1 and y1), step {s} (chance 0.25)':<58} {'':>8} {b:>9.3f}")
+    for (s, b), (_, u) in zip(finding, finding_uncued):
+        print(f"{f'box cell (x1, y1), question names the quarter, step {s}':<58} {'':>8} {b:>9.3f}")
+        print(f"{f'box cell (x1, y1), found by sight (zoom_find), step {s}':<58} {'':>8} {u:>9.3f}")
     print(json.dumps({"frame_diff_levels": inv["frame_fade14"], "crop_diff_levels": inv["crop"],
                       "probe_crop_random": probes["random"]["crop"], "probe_crop_oriented": probes["oriented"]["crop"],
                       "probe_frame_oriented": probes["oriented"]["frame"],
                       "read_acc_oriented": reading["oriented"][-1][1], "read_acc_random": reading["random"][-1][1],
-                      "find_acc": finding[-1][1], "read_steps": args.read_steps, "find_steps": args.find_steps}))
+                      "find_acc_cued": finding[-1][1], "find_acc_by_sight": finding_uncued[-1][1], "read_steps": args.read_steps, "find_steps": args.find_steps}))
 
 
 if __name__ == "__main__":

@@ -143,3 +143,6 @@ QWEN_ADDED_TOKENS: list[tuple[str, bool]] = [
 THOUGHT_DIRECT = "I can read this directly."
 THOUGHT_ZOOM = "The detail is too small here. I zoom in on it."
 THOUGHT_ANSWER = "Now the detail is clear."
+# Where the question names the target's place (the zoom task), the zoom thought says it first: the
+# box is then written right after the words that decide it.
+THOUGHT_ZOOM_AT = "The target is in the {place} quarter. I zoom in on it."

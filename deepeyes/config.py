@@ -56,6 +56,9 @@ class ModelConfig:
     tiny_vision: Literal["random", "oriented"] = _f(
         "random", "the tiny model's patch embedding: random init, or 16 of its 64 channels set to oriented "
                   "gratings (deepeyes.policy.oriented_filter_bank), a stand-in for a trained encoder's first layer")
+    tiny_perception_steps: int = _f(0, "with path=tiny: supervised steps reading stripes in close-ups before the "
+                                       "cold start (trainer.perception: the stand-in for what pre-training "
+                                       "gives a real checkpoint; built once, cached); 0 = none")
 
 
 @dataclass
@@ -68,9 +71,10 @@ class DataConfig:
     synthetic_train_rows: int = _f(64, "rows of the synthetic training set when train_files is empty")
     synthetic_val_rows: int = _f(16, "rows of the synthetic validation set when val_files is empty")
     synthetic_seed: int = _f(1234, "seed of the synthetic generator")
-    synthetic_task: Literal["suite", "zoom"] = _f(
+    synthetic_task: Literal["suite", "zoom", "zoom_find"] = _f(
         "suite", "synthetic data: 'suite' = the dataset's three-file layout (V*-like, ThinkLite, Chart); "
-                 "'zoom' = the embedded demo's task (stripes in a red frame, readable only in a crop)")
+                 "'zoom' = the main job's task (stripes in a red frame, readable only in a crop; the question "
+                 "names the frame's quarter); 'zoom_find' = the same with no place named (find it by sight)")
     max_image_pixels: int = _f(64_000_000, "pixel cap checked from the header before decoding; rows "
                                            "with larger images are skipped and counted")
     max_image_bytes: int = _f(64 * 1024 * 1024, "encoded size cap of one image; larger rows are skipped")
@@ -241,9 +245,12 @@ class TrainerConfig:
     sft_box_grid: int = _f(0, "cold-start zoom boxes: 0 = the target grown by a quarter on each side; N = "
                               "also at least sft_box_min px, centred on the target's centre snapped to N px")
     sft_box_min: int = _f(32, "with sft_box_grid: the smallest side of a cold-start zoom box, in frame px")
-    sft_answers: Literal["random", "truth"] = _f(
-        "truth", "answers in the cold-start conversations: the ground truth, or 'random' options (teaches "
-                 "the tool call and the format, not the task: GRPO must learn to read the crop)")
+    sft_answers: Literal["random", "truth", "seen"] = _f(
+        "truth", "answers in the cold-start conversations: the ground truth; 'random' options (teaches "
+                 "the tool call and the format, not the task: GRPO must learn to read the crop); 'seen' = "
+                 "the truth after a zoom (the crop shows it), a random option when answering at once")
+    sft_zoom_share: float = _f(1.0, "share of cold-start conversations that zoom before answering; the "
+                                    "others answer at once (GRPO must learn that zooming pays)")
 
 
 @dataclass

@@ -20,8 +20,9 @@ schema, deterministically (same seed, same bytes):
   stripe orientation) is below 6 px in the model's 224x224-ish frame but plain in a native crop;
 - `thinklite_eureka`: 8-27 px images of 1-3 dark dots and an arithmetic question (number answer);
 - `chart`: 3000-4096 px flat-colour bar charts with small value labels to read;
-- `zoom` (not in the suite; `data.synthetic_task=zoom`): the embedded demo's task, which way the
-  stripes inside a red frame run, readable only in a crop cut from the original (`_zoom_task`).
+- `zoom` (not in the suite; `data.synthetic_task=zoom`): the main job's task, which way the
+  stripes inside a red frame run, readable only in a crop cut from the original (`_zoom_task`);
+  the question names the frame's quarter. `zoom_find` is the same scene with no place named.
 
 Answer convention: `reward_model.ground_truth` is the answer WORD (or number), never an option
 letter; multiple-choice questions list `(A) word (B) word ...` and `extra_info.options` keeps the
@@ -775,9 +776,18 @@ def zoom_stripes(orientation: str, w: int, h: int, fade: int = 0) -> Image.Image
     return Image.fromarray(np.round(mid + half * sign * envelope).astype(np.uint8), "L").convert("RGB")
 
 
-def zoom_question(colour: str, options: list[str]) -> str:
+# The cued task names the target's grid cell in the question (slot order: row by row), in compass
+# words: "top", "left", "right" and "bottom" also stand in every prompt's tool schema ("the top-left
+# corner"), so a tiny policy attending to them cannot tell the cue from the schema; each compass
+# word is one token of the tiny vocabulary and appears nowhere else.
+ZOOM_PLACES = ("northwest", "northeast", "southwest", "southeast")
+
+
+def zoom_question(colour: str, options: list[str], place: str | None = None) -> str:
+    """The zoom task's question; `place` (one of ZOOM_PLACES) names the frame's quarter."""
     listing = " ".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options))
-    return (f"Which way do the stripes run inside the {colour} frame?\nOptions: {listing}\n"
+    where = f" in the {place} quarter" if place else ""
+    return (f"Which way do the stripes run inside the {colour} frame{where}?\nOptions: {listing}\n"
             "Answer with the option's word.")
 
 
@@ -786,17 +796,23 @@ ZOOM_SIDE = (14.0, 20.0)  # frame px: the frames' outer side
 ZOOM_SLOTS = 2        # frames sit in a ZOOM_SLOTS x ZOOM_SLOTS grid of slots (one frame per slot)
 
 
-def _zoom_task(rng: np.random.Generator) -> dict[str, Any]:
+def _zoom_task(rng: np.random.Generator, cued: bool = True, target: str = ZOOM_TARGET) -> dict[str, Any]:
     """The embedded demo: a red-framed striped square and 1-2 other-colour frames (distractors)
     in a 1568 px scene, one frame per cell of a 2x2 grid, each nudged by up to 2 frame px. The
-    frames are 14-20 px wide in the 224 px model frame, easy to find; the stripes inside average to
-    flat grey there, so which way they run is readable only in a crop cut from the original.
-    Orientations, slots, nudges, sizes and distractor counts are uniform."""
+    frames are 14-20 px wide in the 224 px model frame; the stripes inside average to flat grey
+    there, so which way they run is readable only in a crop cut from the original. Orientations,
+    slots, nudges, sizes and distractor counts are uniform.
+
+    `cued` (task `zoom`) names the red frame's quarter in the question: the words stand in for the
+    grounding a real checkpoint brings from pre-training, which the tiny random model lacks (it
+    never learned to find the frame by sight: docs/design.md, "The zoom demo"). The uncued
+    variant (`zoom_find`) draws the same scene from the same stream, only the question differs."""
     w = h = ZOOM_SCENE
     scale = math.sqrt(w * h / DEFAULT_MAX_PIXELS)  # native px per model-frame px (7)
     image = _clutter(rng, w, h)
     draw = ImageDraw.Draw(image)
-    colours = [ZOOM_TARGET] + [str(c) for c in rng.permutation(ZOOM_DISTRACTORS)[: int(rng.integers(1, 3))]]
+    others = ZOOM_DISTRACTORS if target == ZOOM_TARGET else tuple(c for c in TARGET_COLOURS if c != target)
+    colours = [target] + [str(c) for c in rng.permutation(others)[: int(rng.integers(1, 3))]]
     slots = rng.permutation(ZOOM_SLOTS * ZOOM_SLOTS)[: len(colours)]
     answer = str(rng.choice(ZOOM_ORIENTATIONS))
     boxes = []
@@ -807,19 +823,21 @@ def _zoom_task(rng: np.random.Generator) -> dict[str, Any]:
         cx = (int(slot) % ZOOM_SLOTS + 0.5) * cell + rng.uniform(-2, 2) * scale
         cy = (int(slot) // ZOOM_SLOTS + 0.5) * cell + rng.uniform(-2, 2) * scale
         x, y = int(cx - side / 2), int(cy - side / 2)
-        orientation = answer if colour == ZOOM_TARGET else str(rng.choice(ZOOM_ORIENTATIONS))
+        orientation = answer if colour == target else str(rng.choice(ZOOM_ORIENTATIONS))
         draw.rectangle([x, y, x + side - 1, y + side - 1], fill=TARGET_COLOURS[colour])
         inner = side - 2 * ring
         image.paste(zoom_stripes(orientation, inner, inner, fade=round(2 * scale)), (x + ring, y + ring))
         boxes.append([x, y, x + side, y + side])
     options = [str(o) for o in rng.permutation(ZOOM_ORIENTATIONS)]
-    question = zoom_question(ZOOM_TARGET, options)
+    question = zoom_question(target, options, ZOOM_PLACES[int(slots[0])] if cued else None)
     return {"image": image, "question": question, "answer": answer, "options": options,
             "kind": "zoom_stripes", "attribute": "stripe orientation", "bbox": boxes[0], "style": "model",
             "ability": "visual_search", "env": TOOL_ENV}
 
 
-_MAKERS = {"vstar": _vstar, "thinklite_eureka": _thinklite, "chart": _chart, "zoom": _zoom_task}
+_MAKERS = {"vstar": _vstar, "thinklite_eureka": _thinklite, "chart": _chart, "zoom": _zoom_task,
+           "zoom_find": lambda rng: _zoom_task(rng, cued=False)}
+ZOOM_TASKS = ("zoom", "zoom_find")  # data.synthetic_task values that write one file of that maker
 
 
 def mix_counts(rows: int, mix: dict[str, float]) -> dict[str, int]:

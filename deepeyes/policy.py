@@ -24,11 +24,11 @@ import torch
 from PIL import Image
 
 from deepeyes.chat import (CHAT_TEMPLATE, QWEN_ADDED_TOKENS, SYSTEM_PROMPT, THOUGHT_ANSWER, THOUGHT_DIRECT,
-                           THOUGHT_ZOOM, TOOLS_HEAD, TOOLS_TAIL, ZOOM_IN_SCHEMA)
+                           THOUGHT_ZOOM, THOUGHT_ZOOM_AT, TOOLS_HEAD, TOOLS_TAIL, ZOOM_IN_SCHEMA)
 from deepeyes.config import DEFAULT_CACHE_DIR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from deepeyes.images import to_rgb
 
-TINY_VERSION = "tiny-qwen2.5-vl-v4"
+TINY_VERSION = "tiny-qwen2.5-vl-v5"
 PATCH = 14
 MERGE = 2
 FACTOR = PATCH * MERGE  # 28: the smart-resize grid
@@ -106,13 +106,14 @@ def _corpus(seed: int) -> list[str]:
     lines = [SYSTEM_PROMPT, TOOLS_HEAD + TOOLS_TAIL, json.dumps(ZOOM_IN_SCHEMA)] * 40
     lines += [" ".join(str(n) for n in range(k, 1000, 7)) for k in range(7)] * 6  # every number < 1000
     # The embedded demo's question and answers (data.synthetic_task=zoom): one token per option word.
-    from deepeyes.data import ZOOM_ORIENTATIONS, ZOOM_TARGET, zoom_question
+    from deepeyes.data import ZOOM_ORIENTATIONS, ZOOM_PLACES, ZOOM_TARGET, zoom_question
 
     for k in range(len(ZOOM_ORIENTATIONS)):
         order = ZOOM_ORIENTATIONS[k:] + ZOOM_ORIENTATIONS[:k]
-        lines += [zoom_question(ZOOM_TARGET, list(order))] * 10
+        lines += [zoom_question(ZOOM_TARGET, list(order), place) for place in (None,) + ZOOM_PLACES] * 10
         lines += [f"<think>{t}</think><answer>{order[0]}</answer>" for t in (THOUGHT_ANSWER, THOUGHT_DIRECT)] * 10
         lines += [f"<think>{THOUGHT_ZOOM}</think>"] * 10
+        lines += [f"<think>{THOUGHT_ZOOM_AT.format(place=place)}</think>" for place in ZOOM_PLACES] * 10
     for _ in range(3000):
         kind = rng.random()
         if kind < 0.3:

@@ -198,6 +198,11 @@ def prepare_policy(cfg: Config) -> Path:
     base = resolve_policy_path(cfg.model)
     if not (base / "config.json").exists():
         raise ConfigError(f"model.path={cfg.model.path}: no model folder at {base} (config.json missing)")
+    if cfg.model.path == "tiny" and cfg.model.tiny_perception_steps > 0:
+        from trainer.perception import perceiving_policy_path
+
+        log.info("perception pre-stage of the tiny policy (cached after the first run)...")
+        base = perceiving_policy_path(cfg, base, progress=cfg.logging.progress)
     if cfg.model.path == "tiny" and cfg.model.warm_start:
         from trainer.sft import warm_started_policy_path
 
@@ -208,23 +213,24 @@ def prepare_policy(cfg: Config) -> Path:
 
 def prepare_data(cfg: Config, run_dir: Path) -> tuple[list[str], list[str]]:
     """Parquet files to train and validate on (synthetic ones written into the run folder)."""
-    from deepeyes.data import write_synthetic, write_synthetic_suite
+    from deepeyes.data import ZOOM_TASKS, write_synthetic, write_synthetic_suite
 
     train = list(cfg.data.train_files)
     val = list(cfg.data.val_files)
     data_dir = run_dir / "data"
     if not train:
         (data_dir / "train").mkdir(parents=True, exist_ok=True)
-        zoom = cfg.data.synthetic_task == "zoom"
+        task = cfg.data.synthetic_task
+        zoom = task in ZOOM_TASKS
         if zoom:
-            train = [write_synthetic(str(data_dir / "train" / "zoom.parquet"), cfg.data.synthetic_train_rows,
-                                     cfg.data.synthetic_seed, mix={"zoom": 1.0}, split="train")]
+            train = [write_synthetic(str(data_dir / "train" / f"{task}.parquet"), cfg.data.synthetic_train_rows,
+                                     cfg.data.synthetic_seed, mix={task: 1.0}, split="train")]
         else:
             train = write_synthetic_suite(str(data_dir / "train"), cfg.data.synthetic_train_rows,
                                           cfg.data.synthetic_seed, split="train")
         if not val and cfg.data.synthetic_val_rows > 0:
             val = [write_synthetic(str(data_dir / "val.parquet"), cfg.data.synthetic_val_rows,
-                                   cfg.data.synthetic_seed, mix={"zoom" if zoom else "vstar": 1.0}, split="val")]
+                                   cfg.data.synthetic_seed, mix={task if zoom else "vstar": 1.0}, split="val")]
     for f in train + val:
         if not Path(f).exists():
             raise ConfigError(f"data file {f} does not exist (data.train_files / data.val_files)")

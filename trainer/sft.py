@@ -30,8 +30,9 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from deepeyes.chat import CHAT_TEMPLATE, THOUGHT_ANSWER, THOUGHT_DIRECT, THOUGHT_ZOOM
+from deepeyes.chat import CHAT_TEMPLATE, THOUGHT_ANSWER, THOUGHT_DIRECT, THOUGHT_ZOOM, THOUGHT_ZOOM_AT
 from deepeyes.config import Config, load_config
+from deepeyes.data import ZOOM_PLACES
 from deepeyes.policy import (Policy, build_cached, encode_text_with_images, load_policy, process_images,
                              resize_for_model)
 from services.tools.registry import execute_tool, tool_schemas
@@ -63,26 +64,31 @@ def frame_box(target_bbox: Sequence[float], orig_size: tuple[int, int], frame_si
     return [max(0, cx - w // 2), max(0, cy - h // 2), min(frame_size[0], cx + w // 2), min(frame_size[1], cy + h // 2)]
 
 
-def sft_answer(row: Any, policy: str, rng: random.Random) -> str:
-    """The answer a cold-start conversation ends with: the truth, or (`random`) an option drawn
-    uniformly (the truth for rows without options), so SFT teaches the format, not the task."""
+def sft_answer(row: Any, policy: str, rng: random.Random, zooms: bool = True) -> str:
+    """The answer a cold-start conversation ends with: the truth, an option drawn uniformly
+    (`random`: the SFT teaches the format, not the task), or (`seen`) the truth where the
+    conversation zoomed (the crop shows it) and a random option where it answers at once (the
+    frame does not). Rows without options always get the truth."""
     options = list(row.extra.get("options") or [])
-    return rng.choice(options) if policy == "random" and options else str(row.ground_truth)
+    if not options or policy == "truth" or (policy == "seen" and zooms):
+        return str(row.ground_truth)
+    return rng.choice(options)
 
 
-def tool_conversation(row: Any, cfg: Config, answer_text: str | None = None
+def tool_conversation(row: Any, cfg: Config, answer_text: str | None = None, zoom: bool = True
                       ) -> tuple[list[dict[str, Any]], list[Image.Image]]:
     """The conversation DeepEyes teaches for one data row, and its images in the model frame.
 
     The crop is cut as training cuts it (`tools.crop_from`): from the frame, or from the original
-    at the box mapped from the frame. `answer_text` replaces the ground truth in the answer."""
+    at the box mapped from the frame. `answer_text` replaces the ground truth in the answer.
+    `zoom` false (or a row with no target box) answers at once, without the tool."""
     original = row.images[0]  # decodes: read once
     frame = resize_for_model(original, cfg.model.min_pixels, cfg.model.max_pixels)
     messages = [dict(m) for m in row.messages]
     images = [frame]
     answer = f"<answer>{row.ground_truth if answer_text is None else answer_text}</answer>"
     target = row.extra.get("target_bbox")
-    if target is None:  # no box to zoom on (e.g. math rows): answer directly
+    if target is None or not zoom:  # no box to zoom on (e.g. math rows), or a direct answer
         messages.append({"role": "assistant", "content": f"<think>{THOUGHT_DIRECT}</think>" + answer})
         return messages, images
     bbox = frame_box(target, row.image_sizes[0], frame.size,  # the box is in the stored image's pixels
@@ -94,7 +100,9 @@ def tool_conversation(row: Any, cfg: Config, answer_text: str | None = None
     if result.ok:  # the trajectory holds crops in the model frame (the agent loop resizes them too)
         result = dataclasses.replace(result, image=resize_for_model(result.image, cfg.model.min_pixels,
                                                                      cfg.model.max_pixels))
-    messages.append({"role": "assistant", "content": f"<think>{THOUGHT_ZOOM}</think>",
+    place = next((p for p in ZOOM_PLACES if f" {p} quarter" in str(row.extra.get("question", ""))), None)
+    thought = THOUGHT_ZOOM_AT.format(place=place) if place else THOUGHT_ZOOM
+    messages.append({"role": "assistant", "content": f"<think>{thought}</think>",
                      "tool_calls": [{"type": "function", "function": {"name": "image_zoom_in_tool",
                                                                       "arguments": arguments}}]})
     if result.ok:
@@ -146,7 +154,8 @@ def train_sft(policy: Policy, rows: Sequence[Any], cfg: Config, steps: int, lr: 
     examples = []
     pick = random.Random(seed)
     for row in rows:
-        messages, images = tool_conversation(row, cfg, sft_answer(row, cfg.trainer.sft_answers, pick))
+        zoom = cfg.trainer.sft_zoom_share >= 1 or pick.random() < cfg.trainer.sft_zoom_share
+        messages, images = tool_conversation(row, cfg, sft_answer(row, cfg.trainer.sft_answers, pick, zoom), zoom)
         ids, mask, pv, grid = conversation_tokens(policy, messages, images, tools)
         examples.append(make_example(policy.model, ids, mask, 1.0, pv, grid))
     model = policy.model
@@ -187,6 +196,7 @@ def tool_call_rate(policy: Policy, rows: Sequence[Any], cfg: Config, seed: int =
     """
     import asyncio
 
+    from deepeyes.images import decode_image
     from services.rollout.agent_loop import run_episode
     from services.rollout.engines import HFEngine
     from services.rollout.types import EpisodeRequest, PolicyIO
@@ -195,6 +205,8 @@ def tool_call_rate(policy: Policy, rows: Sequence[Any], cfg: Config, seed: int =
     io = PolicyIO.from_policy(policy)
 
     async def call_tool(name: str, image: Any, args: Any, frame_size: Any = None) -> Any:
+        if isinstance(image, bytes):  # crop_from=original: the encoded original, as the tool service gets it
+            image = decode_image(image, max_pixels=cfg.data.max_image_pixels)
         return execute_tool(name, image, args, min_side_policy=cfg.tools.min_side_policy, frame_size=frame_size)
 
     async def run_all() -> list[Any]:
@@ -214,10 +226,11 @@ def tool_call_rate(policy: Policy, rows: Sequence[Any], cfg: Config, seed: int =
 
 
 def _sft_rows(cfg: Config, rows: int, seed: int) -> list[Any]:
-    from deepeyes.data import read_deepeyes, write_synthetic
+    from deepeyes.data import ZOOM_TASKS, read_deepeyes, write_synthetic
 
     with tempfile.TemporaryDirectory() as d:
-        mix = {"zoom": 1.0} if cfg.data.synthetic_task == "zoom" else None  # the run's own task
+        task = cfg.data.synthetic_task
+        mix = {task: 1.0} if task in ZOOM_TASKS else None  # the run's own task
         path = write_synthetic(os.path.join(d, "sft.parquet"), rows=rows, seed=seed, mix=mix)
         return read_deepeyes([path], cfg.data).rows
 
@@ -228,7 +241,7 @@ def warm_start_key(base: Path, cfg: Config) -> str:
     h.update(json.dumps([SFT_VERSION, cfg.trainer.sft_steps, cfg.trainer.sft_lr, cfg.model.min_pixels,
                          cfg.model.max_pixels, cfg.tools.enabled, cfg.trainer.sft_rows, cfg.trainer.sft_answers,
                          cfg.data.synthetic_task, cfg.tools.crop_from, cfg.trainer.seed, cfg.trainer.sft_box_grid,
-                         cfg.trainer.sft_box_min]).encode())
+                         cfg.trainer.sft_box_min, cfg.trainer.sft_zoom_share]).encode())
     return h.hexdigest()[:12]
 
 
@@ -269,7 +282,12 @@ def main(argv: list[str] | None = None) -> None:
     from deepeyes.policy import resolve_policy_path
 
     t0 = time.perf_counter()
-    path = warm_started_policy_path(cfg, resolve_policy_path(cfg.model))
+    base = resolve_policy_path(cfg.model)
+    if cfg.model.path == "tiny" and cfg.model.tiny_perception_steps > 0:  # as trainer.driver.prepare_policy
+        from trainer.perception import perceiving_policy_path
+
+        base = perceiving_policy_path(cfg, base)
+    path = warm_started_policy_path(cfg, base)
     print(f"warm-started policy at {path} ({time.perf_counter() - t0:.1f} s)")
     print((path / "warm_start.json").read_text())
 

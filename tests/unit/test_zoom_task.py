@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from deepeyes.config import load_config
-from deepeyes.data import (TARGET_COLOURS, ZOOM_ORIENTATIONS, ZOOM_TARGET, read_deepeyes, write_synthetic,
-                           zoom_stripes)
+from deepeyes.data import (TARGET_COLOURS, ZOOM_ORIENTATIONS, ZOOM_PLACES, ZOOM_TARGET, read_deepeyes,
+                           write_synthetic, zoom_stripes)
 from deepeyes.policy import oriented_filter_bank, resize_for_model
 from trainer.rollouts import episode_requests
 from trainer.sft import frame_box, sft_answer, tool_conversation
@@ -131,3 +131,33 @@ def test_oriented_filter_bank_prefers_its_own_orientation():
         assert int(np.argmax(energies)) == o
     with pytest.raises(ValueError, match="channels"):
         oriented_filter_bank(torch.zeros(4, 3, 2, 14, 14))
+
+
+def test_the_cued_task_names_the_target_quarter_and_zoom_find_draws_the_same_scene(tmp_path):
+    cfg = load_config(overrides=["data.synthetic_task=zoom"])
+    cued = read_deepeyes([write_synthetic(str(tmp_path / "c.parquet"), 24, 5, mix={"zoom": 1.0})], cfg.data).rows
+    plain = read_deepeyes([write_synthetic(str(tmp_path / "f.parquet"), 24, 5, mix={"zoom_find": 1.0})], cfg.data).rows
+    for c, f in zip(cued, plain):
+        x1, y1, x2, y2 = c.extra["target_bbox"]
+        # the quarter that holds the red frame's centre, named independently of the generator's slot
+        place = ("north" if (y1 + y2) / 2 < 784 else "south") + ("west" if (x1 + x2) / 2 < 784 else "east")
+        assert f" {place} quarter?" in c.question and sum(p in c.question for p in ZOOM_PLACES) == 1
+        assert not any(p in f.question for p in ZOOM_PLACES)  # zoom_find: find it by sight
+        assert f.extra["target_bbox"] == c.extra["target_bbox"] and f.ground_truth == c.ground_truth
+        assert c.image_bytes[0] == f.image_bytes[0]  # same stream, same pixels: only the question differs
+        assert c.ground_truth not in c.question.split("?")[0]  # the cue says where, never what
+
+
+def test_cold_start_mixes_direct_and_zoom_conversations_with_seen_answers(zoom_rows):
+    pick = random.Random(0)
+    row = zoom_rows[0]
+    cfg = load_config(overrides=["data.synthetic_task=zoom", "tools.crop_from=original", "trainer.sft_box_grid=8"])
+    # 'seen': the truth after a zoom (the crop shows it), a uniform option when answering at once
+    assert all(sft_answer(row, "seen", pick, zooms=True) == row.ground_truth for _ in range(20))
+    drawn = collections.Counter(sft_answer(row, "seen", pick, zooms=False) for _ in range(400))
+    assert set(drawn) == set(ORIENTATIONS) and min(drawn.values()) > 60
+    messages, images = tool_conversation(row, cfg, "vertical", zoom=False)
+    assert len(images) == 1 and "tool_calls" not in messages[-1]
+    messages, images = tool_conversation(row, cfg, "vertical", zoom=True)
+    place = next(p for p in ZOOM_PLACES if f" {p} quarter" in row.question)
+    assert len(images) == 2 and f"the {place} quarter" in messages[-3]["content"]  # the thought says where
