@@ -805,7 +805,7 @@ def _zoom_task(rng: np.random.Generator, cued: bool = True, target: str = ZOOM_T
 
     `cued` (task `zoom`) names the red frame's quarter in the question: the words stand in for the
     grounding a real checkpoint brings from pre-training, which the tiny random model lacks (it
-    never learned to find the frame by sight: docs/design.md, "The zoom demo"). The uncued
+    never learned to find the frame by sight: the README's "The zoom demo"). The uncued
     variant (`zoom_find`) draws the same scene from the same stream, only the question differs."""
     w = h = ZOOM_SCENE
     scale = math.sqrt(w * h / DEFAULT_MAX_PIXELS)  # native px per model-frame px (7)

@@ -9,7 +9,7 @@ any colour in clutter, cut from the 1568 px original at a box around the frame, 
 asked on its own: "Which way do the stripes run inside the blue frame?", answered with the word.
 Scenes come from their own seed stream, never the task's training or held-out rows. The whole-scene
 question, where the frame is, and the tool call are not taught here (the cold start and GRPO do
-that). Built once per model and settings and cached like the model (`model.tiny_perception`).
+that). Built once per model and settings and cached like the model (`model.tiny_perception_steps`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,11 +29,18 @@ from deepeyes.config import Config
 from deepeyes.data import TARGET_COLOURS, ZOOM_ORIENTATIONS, _zoom_task, zoom_question
 from deepeyes.policy import Policy, build_cached, load_policy, resize_for_model
 from services.tools.registry import execute_tool
-from trainer.packing import make_example, pack, packed_forward, plan_micro_batches
+from trainer.packing import make_example, pack
+from trainer.sft import conversation_tokens, save_trained_copy, supervised_steps
 
 log = logging.getLogger("deepeyes.perception")
 PERCEPTION_VERSION = "read-v1"
 SEED_STREAM = 424_243  # the scenes' own stream: disjoint from every split of deepeyes.data
+
+# Measured on 64 held-out close-ups (one run each): 150 steps at lr 1e-3 on 256 rows read 0.875 (40 s);
+# 200 steps on 384 rows 0.89 (53 s); lr 2e-3 0.69; lr 3e-3 stayed at chance.
+PERCEPTION_ROWS = 256
+PERCEPTION_HELD_OUT = 64
+PERCEPTION_LR = 1e-3
 
 
 def closeup(rng: np.random.Generator, cfg: Config) -> tuple[Image.Image, str, str]:
@@ -64,8 +69,6 @@ def closeup(rng: np.random.Generator, cfg: Config) -> tuple[Image.Image, str, st
 
 def closeup_example(policy: Policy, crop: Image.Image, question: str, answer: str) -> Any:
     """The packed training example of one close-up: loss on the assistant's answer only."""
-    from trainer.sft import conversation_tokens
-
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
                 {"role": "assistant", "content": f"<answer>{answer}</answer>"}]
     ids, mask, pv, grid = conversation_tokens(policy, messages, [crop], tools=[])
@@ -99,40 +102,9 @@ def train_reading(policy: Policy, cfg: Config, steps: int, rows: int, lr: float,
     examples = [closeup_example(policy, *m) for m in made]
     train, held = examples[:rows], examples[rows:]
     held_answers = [m[2] for m in made[rows:]]
-    model = policy.model
-    model.train()
-    model.requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    from tqdm import tqdm
-
-    bar = tqdm(range(steps), desc="perception pre-stage", disable=not progress, file=sys.stderr)
-    for _ in bar:
-        batch = [train[i] for i in torch.randperm(len(train), generator=gen)[:batch_size].tolist()]
-        total = sum(float(e.loss_mask[1:].sum()) for e in batch)
-        opt.zero_grad(set_to_none=True)
-        value = 0.0
-        for mb in plan_micro_batches([len(e) for e in batch], cfg.trainer.micro_batch_tokens):
-            pk = pack([batch[i] for i in mb])
-            logp, _ = packed_forward(model, pk)
-            loss = -(logp * pk.target_mask).sum() / total
-            loss.backward()
-            value += loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(value)
-        bar.set_postfix(loss=f"{value:.3f}")
-    model.eval()
-    model.requires_grad_(False)
+    losses = supervised_steps(policy.model, train, cfg, steps, lr, batch_size, seed, "perception pre-stage",
+                              progress)
     return {"losses": losses, "held_out_acc": reading_accuracy(policy, held, held_answers)}
-
-
-# Measured on 64 held-out close-ups (one run each): 150 steps at lr 1e-3 on 256 rows read 0.875 (40 s);
-# 200 steps on 384 rows 0.89 (53 s); lr 2e-3 0.69; lr 3e-3 stayed at chance.
-PERCEPTION_ROWS = 256
-PERCEPTION_HELD_OUT = 64
-PERCEPTION_LR = 1e-3
 
 
 def perception_key(base: Path, cfg: Config) -> str:
@@ -155,10 +127,7 @@ def perceiving_policy_path(cfg: Config, base: Path, progress: bool = True) -> Pa
         losses = out["losses"]
         log.info("perception pre-stage: %d steps in %.1f s, loss %.3f -> %.3f, held-out close-ups read %.3f",
                  len(losses), time.perf_counter() - t0, losses[0], losses[-1], out["held_out_acc"])
-        for f in base.iterdir():
-            if f.name != "model.safetensors":
-                shutil.copy2(f, tmp / f.name)
-        policy.model.save_pretrained(tmp)
+        save_trained_copy(policy, base, tmp)
         (tmp / "perception.json").write_text(json.dumps(
             {"base": str(base), "steps": len(losses), "rows": PERCEPTION_ROWS, "lr": PERCEPTION_LR,
              "first_loss": losses[0], "last_loss": losses[-1], "held_out_read_acc": out["held_out_acc"],

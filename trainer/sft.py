@@ -158,7 +158,13 @@ def train_sft(policy: Policy, rows: Sequence[Any], cfg: Config, steps: int, lr: 
         messages, images = tool_conversation(row, cfg, sft_answer(row, cfg.trainer.sft_answers, pick, zoom), zoom)
         ids, mask, pv, grid = conversation_tokens(policy, messages, images, tools)
         examples.append(make_example(policy.model, ids, mask, 1.0, pv, grid))
-    model = policy.model
+    return supervised_steps(policy.model, examples, cfg, steps, lr, batch_size, seed, "sft warm start", progress)
+
+
+def supervised_steps(model: Any, examples: Sequence[Any], cfg: Config, steps: int, lr: float, batch_size: int,
+                     seed: int, desc: str, progress: bool = True) -> list[float]:
+    """AdamW steps on random batches of packed examples (token-mean NLL over their loss masks, grad
+    norm clipped at 1.0); the model is left in eval mode, frozen. Returns the loss per step."""
     model.train()
     model.requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -166,7 +172,7 @@ def train_sft(policy: Policy, rows: Sequence[Any], cfg: Config, steps: int, lr: 
     losses: list[float] = []
     from tqdm import tqdm
 
-    bar = tqdm(range(steps), desc="sft warm start", disable=not progress, file=sys.stderr)
+    bar = tqdm(range(steps), desc=desc, disable=not progress, file=sys.stderr)
     for _ in bar:
         idx = torch.randperm(len(examples), generator=gen)[:batch_size].tolist()
         batch = [examples[i] for i in idx]
@@ -186,6 +192,14 @@ def train_sft(policy: Policy, rows: Sequence[Any], cfg: Config, steps: int, lr: 
     model.eval()
     model.requires_grad_(False)
     return losses
+
+
+def save_trained_copy(policy: Policy, base: Path, folder: Path) -> None:
+    """`base`'s folder (tokenizer, processor, template) with `policy`'s weights, written to `folder`."""
+    for f in base.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy2(f, folder / f.name)
+    policy.model.save_pretrained(folder)
 
 
 def tool_call_rate(policy: Policy, rows: Sequence[Any], cfg: Config, seed: int = 0) -> dict[str, float]:
@@ -259,10 +273,7 @@ def warm_started_policy_path(cfg: Config, base: Path, progress: bool = True) -> 
         rates = tool_call_rate(policy, held_out, cfg, seed=cfg.trainer.seed)
         log.info("warm start: %d steps in %.1f s, loss %.3f -> %.3f, %s", cfg.trainer.sft_steps, train_s,
                  losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"), rates)
-        for f in base.iterdir():
-            if f.name != "model.safetensors":
-                shutil.copy2(f, tmp / f.name)
-        policy.model.save_pretrained(tmp)
+        save_trained_copy(policy, base, tmp)
         (tmp / "warm_start.json").write_text(json.dumps(
             {"base": str(base), "steps": cfg.trainer.sft_steps, "lr": cfg.trainer.sft_lr,
              "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
