@@ -37,7 +37,7 @@ PERCEPTION_VERSION = "read-v1"
 SEED_STREAM = 424_243  # the scenes' own stream: disjoint from every split of deepeyes.data
 
 # Measured on 64 held-out close-ups (one run each): 150 steps at lr 1e-3 on 256 rows read 0.859 (42 s);
-# 200 steps on 384 rows 0.89 (53 s); lr 2e-3 0.69; lr 3e-3 stayed at chance.
+# probe runs (not in the repo): 200 steps on 384 rows 0.89 (53 s); lr 2e-3 0.69.
 PERCEPTION_ROWS = 256
 PERCEPTION_HELD_OUT = 64
 PERCEPTION_LR = 1e-3
