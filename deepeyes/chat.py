@@ -35,7 +35,7 @@ TOOLS_TAIL = ("\n</tools>\n\nFor each function call, return a json object with f
               "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
               '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
 
-# The schema of `image_zoom_in_tool` (DESIGN section 3), the tool SYSTEM_PROMPT tells the model to
+# The schema of `image_zoom_in_tool` (docs/design.md, "Chat format"), the tool SYSTEM_PROMPT tells the model to
 # use. It lives here, not in services/tools/zoom.py, because deepeyes is the base every package
 # imports and imports none of them: the tiny tokenizer (deepeyes.policy) is trained on this text,
 # and the tool (services.tools.zoom) registers it.

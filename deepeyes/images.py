@@ -4,12 +4,14 @@
 Qwen's own `qwen_vl_utils.to_rgb` does (a plain `convert("RGB")` drops alpha and shows the stored
 colour, often black). `decode_image` checks the byte size, then the pixel count read from the header, before a single
 pixel is decoded, so a decompression bomb costs a header read. Its callers: the tool service's
-HTTP route and byte arguments (`services.tools.image_io`), and the data rows (`deepeyes.data.Row`).
+HTTP route and byte arguments (`decode_base64_image`), and the data rows (`deepeyes.data.Row`).
 Pure Python, PIL only.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ctypes
 import ctypes.util
 import hashlib
@@ -105,3 +107,24 @@ def trim_freed_memory() -> None:
 def image_key(image: Image.Image) -> tuple[Any, ...]:
     """Equal for two images with the same size, mode and pixels (a 128-bit digest of the pixels)."""
     return image.size, image.mode, hashlib.blake2b(image.tobytes(), digest_size=16).digest()
+
+
+def decode_base64_image(text: str, *, max_pixels: int, max_bytes: int | None = None,
+                        cap_key: str = "tools.max_image_pixels") -> Image.Image:
+    """A base64 string (optionally a `data:image/...;base64,` URL) -> RGB PIL image; see decode_image."""
+    if not isinstance(text, str):
+        raise ImageDecodeError(f"image must be a base64 string, got {type(text).__name__}")
+    if text.startswith("data:"):
+        text = text.split(",", 1)[-1]
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageDecodeError("image is not valid base64 (standard alphabet, padded)") from None
+    return decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes, cap_key=cap_key)
+
+
+def encode_png(image: Image.Image) -> bytes:
+    """A PIL image -> PNG bytes (lossless; what the HTTP route returns)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)  # speed over size: crops are small
+    return buf.getvalue()

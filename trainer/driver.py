@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -25,19 +24,14 @@ from typing import Any
 import yaml
 
 from deepeyes.config import Config, ConfigError, to_dict
-from deepeyes.serving import APP_NAMES, ROUTE_PREFIXES
-from trainer.checkpoint import STARTUP_FILE, STATE_FILE, STOPPED_FILE
-from trainer.metrics import STEP_PHASES
+from deepeyes.data import ZOOM_TASKS, ParquetRows, write_synthetic, write_synthetic_suite
+from trainer.checkpoint import STARTUP_FILE, STATE_FILE, STOPPED_FILE, latest_checkpoint
+from trainer.cluster import connect_ray, deploy_services, release_cluster, trainer_without_pg_cleaner
+from trainer.loop import total_steps, train_loop_per_worker
+from trainer.metrics import STEP_PHASES, read_metrics
+from trainer.sft import prepared_policy_path
 
 log = logging.getLogger("deepeyes.driver")
-
-# Ray Train's controller polls workers every 2 s by default: each report() would wait that long.
-TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "TOKENIZERS_PARALLELISM": "false",
-             # Serve probes each new replica's queue length with a 0.1 s deadline that backs off
-             # to 1 s; a replica still starting on a busy 2-core node misses it and each miss is a
-             # warning ("Failed to get queue length from Replica", 22 in one rescale).
-             "RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "1.0",
-             "RAY_SERVE_MAX_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "5.0"}
 
 
 class GRPORecipe:
@@ -55,8 +49,6 @@ class GRPORecipe:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
-        from trainer.checkpoint import latest_checkpoint
-
         self.resume_from = None
         if cfg.trainer.resume:
             self.resume_from = latest_checkpoint(self.run_dir) if cfg.trainer.resume == "auto" else Path(cfg.trainer.resume)
@@ -71,13 +63,10 @@ class GRPORecipe:
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
         t = time.perf_counter()
-        self.policy_dir = prepare_policy(cfg)
+        self.policy_dir = prepared_policy_path(cfg, progress=cfg.logging.progress)
         self.timings["policy_s"] = time.perf_counter() - t
         t = time.perf_counter()
         self.train_files, self.val_files = prepare_data(cfg, self.run_dir)
-        from deepeyes.data import ParquetRows
-        from trainer.loop import total_steps
-
         # Check, do not read: every file's schema (metadata) and a bounded sample of rows; the
         # Train workers stream the rows themselves, so start-up does not grow with the data.
         # Local paths go out absolute (workers may run elsewhere; the files must be readable there).
@@ -109,8 +98,6 @@ class GRPORecipe:
     def train(self) -> None:
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
-
-        from trainer.loop import train_loop_per_worker
 
         cfg = self.cfg
         loop_config = {
@@ -152,8 +139,6 @@ class GRPORecipe:
 
     # ------------------------------------------------------------------ summary
     def summary(self) -> dict[str, Any]:
-        from trainer.metrics import read_metrics
-
         rows = [r for r in read_metrics(self.run_dir) if "reward/score" in r]
         val = [r for r in read_metrics(self.run_dir) if "val/acc" in r]
         out: dict[str, Any] = {"run_dir": str(self.run_dir), "steps": len(rows),
@@ -191,30 +176,8 @@ class GRPORecipe:
 # ---------------------------------------------------------------------------------------------
 
 
-def prepare_policy(cfg: Config) -> Path:
-    """The policy folder the rollout replicas and Train workers load (tiny: built + warm start)."""
-    from deepeyes.policy import resolve_policy_path
-
-    base = resolve_policy_path(cfg.model)
-    if not (base / "config.json").exists():
-        raise ConfigError(f"model.path={cfg.model.path}: no model folder at {base} (config.json missing)")
-    if cfg.model.path == "tiny" and cfg.model.tiny_perception_steps > 0:
-        from trainer.perception import perceiving_policy_path
-
-        log.info("perception pre-stage of the tiny policy (cached after the first run)...")
-        base = perceiving_policy_path(cfg, base, progress=cfg.logging.progress)
-    if cfg.model.path == "tiny" and cfg.model.warm_start:
-        from trainer.sft import warm_started_policy_path
-
-        log.info("cold-start SFT of the tiny policy (cached after the first run)...")
-        return warm_started_policy_path(cfg, base, progress=cfg.logging.progress)
-    return base
-
-
 def prepare_data(cfg: Config, run_dir: Path) -> tuple[list[str], list[str]]:
     """Parquet files to train and validate on (synthetic ones written into the run folder)."""
-    from deepeyes.data import ZOOM_TASKS, write_synthetic, write_synthetic_suite
-
     train = list(cfg.data.train_files)
     val = list(cfg.data.val_files)
     data_dir = run_dir / "data"
@@ -241,112 +204,6 @@ class RunStopped(RuntimeError):
     """The loop stopped early for a reason a user must act on (e.g. a judge that keeps failing)."""
 
 
-def exit_on_sigterm() -> None:
-    """SIGTERM (a job stop, a kill) unwinds like Ctrl-C, so cleanup stops what this run started.
-
-    ray.init installs its own SIGTERM handler (which aborts), so this runs again after it."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-
-
-def trainer_without_pg_cleaner(base: type) -> type:
-    """`base` (a Ray Train v2 trainer) without its placement-group cleaner.
-
-    The cleaner is a detached actor that asks the state API every second whether the controller
-    lives, to free its placement groups if the driver dies. The state API is served by the
-    dashboard: on a local cluster started without one, every ask fails and logs a warning (31-205
-    lines per run), and the cleaner protects nothing, since the cluster dies with this driver.
-    """
-    class Trainer(base):  # type: ignore[misc, valid-type]
-        def _create_default_callbacks(self):  # Ray 2.60's hook; absent elsewhere, then no change
-            return [c for c in super()._create_default_callbacks()
-                    if type(c).__name__ != "PlacementGroupCleanerCallback"]
-
-    Trainer.__name__ = Trainer.__qualname__ = base.__name__
-    return Trainer
-
-
-def release_cluster(started_ray: bool, deployed: list[str]) -> None:
-    """Stop the cluster this process started, or on a shared cluster delete only the apps it deployed."""
-    import ray
-    from ray import serve
-
-    if not ray.is_initialized():
-        return
-    if started_ray:
-        serve.shutdown()
-        ray.shutdown()
-    else:
-        for name in deployed:
-            serve.delete(name)
-
-
-def connect_ray(cfg: Config) -> bool:
-    """Join the cluster named by ray.address / RAY_ADDRESS, else start a local one. True if started."""
-    import ray
-
-    os.environ.update(TRAIN_ENV)
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
-    if address:  # `auto`, an address, or RAY_ADDRESS (set by `ray job submit`)
-        ray.init(address=address, log_to_driver=True)
-        exit_on_sigterm()
-        return False
-    # address="local": a fresh cluster even if `ray start` left one running on this machine.
-    kwargs: dict[str, Any] = {"address": "local", "include_dashboard": cfg.ray.include_dashboard,
-                              "runtime_env": {"env_vars": dict(TRAIN_ENV)}}
-    if cfg.ray.num_cpus:
-        kwargs["num_cpus"] = cfg.ray.num_cpus
-    if cfg.ray.temp_dir:
-        kwargs["_temp_dir"] = cfg.ray.temp_dir
-    ray.init(**kwargs)
-    exit_on_sigterm()
-    return True
-
-
-def deploy_services(cfg: Config, run_dir: Path, policy_dir: Path) -> list[str]:
-    """Deploy tools, judge and rollout (those not running) together; returns the ones deployed."""
-    from ray import serve
-
-    from services.judge.app import build_app as judge_app
-    from services.rollout.app import build_app as rollout_app
-    from services.tools.app import build_app as tools_app
-
-    # The judge app probes its judge once at start (judge.check_at_startup); an unreachable judge
-    # fails that deploy with a message naming the URL, which wait_for_apps reports.
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    # An app still DEPLOYING (a `serve deploy` just issued) is present too: wait, don't redeploy.
-    running = wait_for_apps({name for name, app in serve.status().applications.items()
-                             if str(app.status).rsplit(".", 1)[-1] in ("RUNNING", "DEPLOYING")})
-    args = {"config": str(run_dir / "config.yaml"), "overrides": [f"model.path={policy_dir}"]}
-    targets = []
-    for key, builder in (("tools", tools_app), ("judge", judge_app), ("rollout", rollout_app)):
-        name = APP_NAMES[key]
-        if name in running and cfg.serve.use_running:
-            log.info("using the running Serve app %r", name)
-            continue
-        targets.append(serve.RunTarget(builder(args), name=name, route_prefix=ROUTE_PREFIXES[key]))
-    if targets:  # one call: the replicas of all apps start side by side (13 s -> 9-10 s on 2 cores)
-        serve.run_many(targets, wait_for_applications_running=True)
-    return [t.name for t in targets]
-
-
-def wait_for_apps(names: set[str], timeout_s: float = 600.0) -> set[str]:
-    """Wait until these Serve apps are RUNNING; an app that fails is an error naming it."""
-    from ray import serve
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        apps = serve.status().applications
-        states = {n: str(apps[n].status).rsplit(".", 1)[-1] for n in names if n in apps}
-        failed = [n for n, st in states.items() if st in ("DEPLOY_FAILED", "UNHEALTHY")]
-        if failed:
-            raise RuntimeError(f"Serve app(s) {failed} are {[states[n] for n in failed]}: see `serve status`")
-        if all(st == "RUNNING" for st in states.values()):
-            return set(states)
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"Serve apps {states} not RUNNING after {timeout_s:.0f} s")
-        time.sleep(1.0)
-
-
 def follow_progress(run_dir: Path, worker: threading.Thread, enabled: bool, steps: int) -> None:
     """The one place that shows a run's progress, fed by metrics.jsonl while Ray Train runs: a bar
     (step, reward, tool calls, ETA) or, with the bar off, one line per step; one line per validation.
@@ -354,8 +211,6 @@ def follow_progress(run_dir: Path, worker: threading.Thread, enabled: bool, step
     The workers print nothing themselves: Ray forwarded each of their lines to the log twice.
     """
     from tqdm import tqdm
-
-    from trainer.metrics import read_metrics
 
     def rows_now() -> list[dict[str, float]]:
         try:

@@ -6,8 +6,12 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from deepeyes.boxes import scale_box
 from deepeyes.config import Config
 from services.rollout.trajectory import Trajectory
+from trainer.eval.harness import EvalPlan, run_items
+from trainer.eval.items import item_from_row, limit
+from trainer.eval.protocol import summarize
 
 
 def iou(a: Sequence[float], b: Sequence[float]) -> float:
@@ -27,9 +31,7 @@ def grounding(t: Trajectory) -> tuple[float, float] | None:
     target, orig = t.extra.get("target_bbox"), t.extra.get("orig_size")
     if not target or not orig or not t.images:
         return None
-    fw, fh = t.images[0].size
-    sx, sy = fw / orig[0], fh / orig[1]
-    tb = [target[0] * sx, target[1] * sy, target[2] * sx, target[3] * sy]
+    tb = scale_box(target, orig, t.images[0].size)
     cx, cy = (tb[0] + tb[2]) / 2, (tb[1] + tb[3]) / 2
     for c in t.tool_calls:
         box = (c.arguments or {}).get("bbox_2d") if isinstance(c.arguments, dict) else None
@@ -54,10 +56,6 @@ def validate(cfg: Config, handle: Any, judge_handle: Any, val: Any, step: int, v
     chunk. The crop is cut as training cuts it: from the model frame, or (tools.crop_from=original)
     from the original at the mapped box.
     """
-    from trainer.eval.harness import run_items
-    from trainer.eval.items import item_from_row, limit
-    from trainer.eval.protocol import summarize
-
     greedy = cfg.rollout.val_temperature <= 0
     ground: list[tuple[float, float]] = []
     scores: list[float] = []
@@ -77,10 +75,11 @@ def validate(cfg: Config, handle: Any, judge_handle: Any, val: Any, step: int, v
 
     rows = val.iter_rows() if hasattr(val, "iter_rows") else iter(val)  # a row stream or a DataSet
     items = limit((item_from_row(row, "val") for row in rows), n_rows)
-    outcomes = run_items(handle, judge_handle, items, k=k, modes=modes, seed=cfg.rollout.seed,
-                         greedy=greedy, temperature=None if greedy else cfg.rollout.val_temperature,
-                         map_crops=cfg.tools.crop_from == "original", min_pixels=cfg.model.min_pixels,
-                         max_pixels=cfg.model.max_pixels, min_version=version, tag=f"v{step}", on_record=keep)
+    plan = EvalPlan(k=k, modes=modes, seed=cfg.rollout.seed, greedy=greedy,
+                    temperature=None if greedy else cfg.rollout.val_temperature,
+                    map_crops=cfg.tools.crop_from == "original", min_pixels=cfg.model.min_pixels,
+                    max_pixels=cfg.model.max_pixels, min_version=version, tag=f"v{step}")
+    outcomes = run_items(handle, judge_handle, items, plan, on_record=keep)
     tool = [o for o in outcomes if o.mode == "tool"]
     s = summarize(tool, k)
     n = max(len(tool), 1)

@@ -1,4 +1,4 @@
-"""GRPO maths: group advantages and the clipped policy loss (DESIGN section 4).
+"""GRPO maths: group advantages and the clipped policy loss (docs/design.md, "GRPO").
 
 Pure torch, no Ray: the Train workers and the tests call these directly.
 """

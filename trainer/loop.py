@@ -19,7 +19,6 @@ import math
 import random
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -94,7 +93,7 @@ def build_examples(policy: Policy, trajs: Sequence[Trajectory], advantages: Sequ
     seen: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # the n samples of a prompt share its image
     for t, a in zip(trajs, advantages):
         pv, grid = processed_images(policy, t.images, seen)
-        # The rollout counted <|image_pad|> tokens against these grids (DESIGN section 3); the
+        # The rollout counted <|image_pad|> tokens against these grids (docs/design.md, "Chat format"); the
         # trainer's processor must see the same images the same way, or positions shift.
         if (grid.tolist() if grid is not None else []) != [list(g) for g in t.image_grid_thw]:
             raise ValueError(f"episode {t.uid}: the trainer's image grids {grid.tolist() if grid is not None else []} "

@@ -1,7 +1,7 @@
-"""The metric vocabulary (DESIGN section 8) and where metrics go: JSONL, TensorBoard, Ray metrics.
+"""The metric vocabulary (docs/design.md, "Metric names") and where metrics go: JSONL, TensorBoard, Ray metrics.
 
-Names are the DESIGN's (`reward/score`, `timing/rollout_s`, ...). Prometheus forbids '/', so the
-Ray metric of `reward/score` is `deepeyes_reward_score`; the description keeps the DESIGN name.
+Names are the design's (`reward/score`, `timing/rollout_s`, ...). Prometheus forbids '/', so the
+Ray metric of `reward/score` is `deepeyes_reward_score`; the description keeps the design's name.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
+from deepeyes.boxes import parse_box, scale_box
+from deepeyes.images import to_rgb
+
 REWARD = ("reward/score", "reward/acc", "reward/format", "reward/tool")
 ROLLOUT = ("rollout/num_turns", "rollout/tool_calls", "rollout/tool_errors", "rollout/response_tokens",
            "rollout/clip_ratio")
@@ -28,7 +31,7 @@ STEP_PHASES = ("rollout", "old_logprob", "update", "publish")  # the parts of a 
 PHASES = STEP_PHASES + ("step",)
 PERF = ("perf/tokens_per_s",)
 VOCABULARY = REWARD + ROLLOUT + JUDGE + ACTOR + SYNC + tuple(f"timing/{p}_s" for p in PHASES) + PERF
-# Beyond the DESIGN's vocabulary: counters of what a step lost, engine/trainer agreement, KL, and
+# Beyond the design's vocabulary: counters of what a step lost, engine/trainer agreement, KL, and
 # validation. MetricsSink refuses any other name, so a typo fails the run instead of a plot.
 STEP_EXTRAS = ("rollout/failed_episodes", "rollout/dropped_groups", "rollout/logprob_mismatch",
                "rollout/episodes", "actor/kl", "data/skipped_rows", "data/epoch",
@@ -169,25 +172,12 @@ THUMBNAIL_SIDE = 512  # longest side of a saved image; the 7B recipe's model fra
 JPEG_QUALITY = 85
 
 
-def _frame_box(arguments: Any) -> list[float] | None:
-    """The call's bbox_2d as 4 finite floats (model-frame pixels, as the model wrote it), else None."""
-    box = arguments.get("bbox_2d") if isinstance(arguments, dict) else None
-    if not isinstance(box, (list, tuple)) or len(box) != 4 or any(isinstance(v, bool) for v in box):
-        return None
-    try:
-        out = [float(v) for v in box]
-    except (TypeError, ValueError, OverflowError):
-        return None
-    return out if all(math.isfinite(v) for v in out) else None
-
-
-def _target_box(t: Any) -> list[float] | None:
+def target_box(t: Any) -> list[float] | None:
     """The data row's target box mapped into the model frame (stored pixels -> images[0])."""
     target, orig = t.extra.get("target_bbox"), t.extra.get("orig_size")
     if not target or not orig or not t.images:
         return None
-    sx, sy = t.images[0].width / orig[0], t.images[0].height / orig[1]
-    return [target[0] * sx, target[1] * sy, target[2] * sx, target[3] * sy]
+    return scale_box(target, orig, t.images[0].size)
 
 
 def _turns(t: Any, decode: Callable[[list[int]], str]) -> list[dict[str, Any]]:
@@ -201,9 +191,8 @@ def _turns(t: Any, decode: Callable[[list[int]], str]) -> list[dict[str, Any]]:
     return turns
 
 
-def _jpeg(image: Any) -> bytes:
-    from deepeyes.images import to_rgb
-
+def thumbnail_jpeg(image: Any) -> bytes:
+    """`image` as a JPEG thumbnail, longest side THUMBNAIL_SIDE (what people look at, not the model)."""
     im = to_rgb(image).copy()  # to_rgb hands an RGB image back as is; thumbnail() works in place
     im.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
     buf = io.BytesIO()
@@ -238,7 +227,7 @@ def write_trajectories(path: Path, trajs: Sequence[Any], advantages: Sequence[fl
     for i, k in wanted:  # originals of every episode first, then the crops, while the budget lasts
         if budget <= 0:
             break
-        data = _jpeg(kept[i][0].images[k])
+        data = thumbnail_jpeg(kept[i][0].images[k])
         if len(data) > budget:
             continue
         budget -= len(data)
@@ -261,13 +250,13 @@ def write_trajectories(path: Path, trajs: Sequence[Any], advantages: Sequence[fl
                 "policy_tokens": sum(t.loss_mask), "turns": _turns(t, decode),
                 "tool_calls": [{"turn": c.turn, "name": c.name, "arguments": c.arguments, "ok": c.ok, "text": c.text,
                                 "executed": c.executed, "appended": c.appended,
-                                "box": _frame_box(c.arguments),
+                                "box": parse_box(c.arguments),
                                 "image": files.get((i, crop_of[id(c)])) if id(c) in crop_of else None}
                                for c in t.tool_calls],
                 # sizes in the model frame: the boxes' coordinates; "file" is None past the image budget
                 "images": [{"file": files.get((i, k)), "width": im.width, "height": im.height}
                            for k, im in enumerate(t.images)],
-                "target_box": _target_box(t), "timings": t.timings,
+                "target_box": target_box(t), "timings": t.timings,
             }, default=str) + "\n")
     os.replace(tmp, path)
 

@@ -25,12 +25,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from deepeyes.boxes import box_scale
 from deepeyes.config import Config
-from deepeyes.data import TARGET_COLOURS, ZOOM_ORIENTATIONS, _zoom_task, zoom_question
+from deepeyes.data import TARGET_COLOURS, ZOOM_ORIENTATIONS, zoom_question, zoom_task
 from deepeyes.policy import Policy, build_cached, load_policy, resize_for_model
 from services.tools.registry import execute_tool
 from trainer.packing import make_example, pack
-from trainer.sft import conversation_tokens, save_trained_copy, supervised_steps
+from trainer.supervised import conversation_tokens, save_trained_copy, supervised_steps
 
 log = logging.getLogger("deepeyes.perception")
 PERCEPTION_VERSION = "read-v1"
@@ -50,10 +51,10 @@ def closeup(rng: np.random.Generator, cfg: Config) -> tuple[Image.Image, str, st
     at a box around a frame of a random colour: the frame's box in model-frame pixels, grown to
     24-40 px and shifted by up to 6 px, so the frame sits anywhere near the crop's middle."""
     colour = str(rng.choice(list(TARGET_COLOURS)))
-    made = _zoom_task(rng, cued=False, target=colour)
+    made = zoom_task(rng, cued=False, target=colour)
     original = made["image"]
     frame = resize_for_model(original, cfg.model.min_pixels, cfg.model.max_pixels)
-    sx, sy = frame.size[0] / original.size[0], frame.size[1] / original.size[1]
+    sx, sy = box_scale(original.size, frame.size)
     x1, y1, x2, y2 = made["bbox"]
     cx = (x1 + x2) / 2 * sx + rng.uniform(-6, 6)
     cy = (y1 + y2) / 2 * sy + rng.uniform(-6, 6)

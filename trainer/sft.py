@@ -20,8 +20,6 @@ import logging
 import math
 import os
 import random
-import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,17 +28,17 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from deepeyes.chat import CHAT_TEMPLATE, THOUGHT_ANSWER, THOUGHT_DIRECT, THOUGHT_ZOOM, THOUGHT_ZOOM_AT
-from deepeyes.config import Config, load_config
+from deepeyes.chat import THOUGHT_ANSWER, THOUGHT_DIRECT, THOUGHT_ZOOM, THOUGHT_ZOOM_AT
+from deepeyes.config import Config, ConfigError, load_config
 from deepeyes.data import ZOOM_PLACES
-from deepeyes.policy import (Policy, build_cached, encode_text_with_images, load_policy, process_images,
-                             resize_for_model)
+from deepeyes.boxes import box_scale
+from deepeyes.policy import Policy, build_cached, load_policy, resize_for_model, resolve_policy_path
 from services.tools.registry import execute_tool, tool_schemas
-from trainer.packing import make_example, pack, packed_forward, plan_micro_batches
+from trainer.packing import make_example
+from trainer.perception import perceiving_policy_path
+from trainer.supervised import conversation_tokens, save_trained_copy, supervised_steps
 
 log = logging.getLogger("deepeyes.sft")
-ASSISTANT_HEADER = "<|im_start|>assistant\n"
-END = "<|im_end|>"
 SFT_VERSION = "sft-v2"
 
 
@@ -51,7 +49,7 @@ def frame_box(target_bbox: Sequence[float], orig_size: tuple[int, int], frame_si
     centred on the target's centre snapped to `grid` px: then a coordinate takes a few values,
     which a tiny policy can learn to write (zoom task, valid calls under sampling: 17% after 120
     steps with pixel-exact boxes, 58% after 150 with grid 8; one probe run each)."""
-    sx, sy = frame_size[0] / orig_size[0], frame_size[1] / orig_size[1]
+    sx, sy = box_scale(orig_size, frame_size)
     x1, y1, x2, y2 = target_bbox
     w, h = (x2 - x1) * sx, (y2 - y1) * sy
     if grid <= 0:
@@ -114,39 +112,6 @@ def tool_conversation(row: Any, cfg: Config, answer_text: str | None = None, zoo
     return messages, images
 
 
-def conversation_tokens(policy: Policy, messages: list[dict[str, Any]], images: list[Image.Image],
-                        tools: list[dict[str, Any]]) -> tuple[list[int], list[int], Any, Any]:
-    """Token ids and loss mask (1 on assistant content through <|im_end|>), with image tensors.
-
-    The text is cut into the pieces the rollout produces (prompt through the assistant header,
-    assistant content through <|im_end|>, observation segments) and each piece is tokenized alone,
-    as the agent loop does: a BPE merge never crosses a turn boundary.
-    """
-    text = policy.tokenizer.apply_chat_template(messages, tools=tools, chat_template=CHAT_TEMPLATE,
-                                                tokenize=False)
-    pieces: list[tuple[str, int]] = []
-    pos = 0
-    while (start := text.find(ASSISTANT_HEADER, pos)) >= 0:
-        content_start = start + len(ASSISTANT_HEADER)
-        end = text.index(END, content_start) + len(END)
-        pieces.append((text[pos:content_start], 0))
-        pieces.append((text[content_start:end], 1))
-        pos = end
-    pieces.append((text[pos:], 0))
-    pixel_values, grids = process_images(policy, images)
-    grid_list = grids.tolist() if grids is not None else []
-    ids: list[int] = []
-    mask: list[int] = []
-    used = 0
-    for piece, m in pieces:
-        n_img = piece.count("<|image_pad|>")
-        piece_ids = encode_text_with_images(policy, piece, grid_list[used:used + n_img])
-        used += n_img
-        ids += piece_ids
-        mask += [m] * len(piece_ids)
-    return ids, mask, pixel_values, grids
-
-
 def train_sft(policy: Policy, rows: Sequence[Any], cfg: Config, steps: int, lr: float,
               batch_size: int = 8, seed: int = 0, progress: bool = True) -> list[float]:
     """Supervised steps (token-mean NLL over assistant tokens); returns the loss per step."""
@@ -159,47 +124,6 @@ def train_sft(policy: Policy, rows: Sequence[Any], cfg: Config, steps: int, lr: 
         ids, mask, pv, grid = conversation_tokens(policy, messages, images, tools)
         examples.append(make_example(policy.model, ids, mask, 1.0, pv, grid))
     return supervised_steps(policy.model, examples, cfg, steps, lr, batch_size, seed, "sft warm start", progress)
-
-
-def supervised_steps(model: Any, examples: Sequence[Any], cfg: Config, steps: int, lr: float, batch_size: int,
-                     seed: int, desc: str, progress: bool = True) -> list[float]:
-    """AdamW steps on random batches of packed examples (token-mean NLL over their loss masks, grad
-    norm clipped at 1.0); the model is left in eval mode, frozen. Returns the loss per step."""
-    model.train()
-    model.requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    from tqdm import tqdm
-
-    bar = tqdm(range(steps), desc=desc, disable=not progress, file=sys.stderr)
-    for _ in bar:
-        idx = torch.randperm(len(examples), generator=gen)[:batch_size].tolist()
-        batch = [examples[i] for i in idx]
-        total = sum(float(e.loss_mask[1:].sum()) for e in batch)
-        opt.zero_grad(set_to_none=True)
-        loss_value = 0.0
-        for mb in plan_micro_batches([len(e) for e in batch], cfg.trainer.micro_batch_tokens):
-            pk = pack([batch[i] for i in mb])
-            logp, _ = packed_forward(model, pk)
-            loss = -(logp * pk.target_mask).sum() / total
-            loss.backward()
-            loss_value += loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss_value)
-        bar.set_postfix(loss=f"{loss_value:.3f}")
-    model.eval()
-    model.requires_grad_(False)
-    return losses
-
-
-def save_trained_copy(policy: Policy, base: Path, folder: Path) -> None:
-    """`base`'s folder (tokenizer, processor, template) with `policy`'s weights, written to `folder`."""
-    for f in base.iterdir():
-        if f.name != "model.safetensors":
-            shutil.copy2(f, folder / f.name)
-    policy.model.save_pretrained(folder)
 
 
 def tool_call_rate(policy: Policy, rows: Sequence[Any], cfg: Config, seed: int = 0) -> dict[str, float]:
@@ -282,6 +206,27 @@ def warm_started_policy_path(cfg: Config, base: Path, progress: bool = True) -> 
     return build_cached(cfg.model.cache_dir, f"warm-{warm_start_key(base, cfg)}", build)
 
 
+def prepared_policy_path(cfg: Config, progress: bool = True) -> Path:
+    """The policy folder the rollout replicas and Train workers load: `model.path` as it is, or
+    for the tiny policy its cached perception pre-stage and cold start (each built on first use)."""
+    base = perceived_policy_path(cfg, progress)
+    if cfg.model.path == "tiny" and cfg.model.warm_start:
+        log.info("cold-start SFT of the tiny policy (cached after the first run)...")
+        return warm_started_policy_path(cfg, base, progress=progress)
+    return base
+
+
+def perceived_policy_path(cfg: Config, progress: bool = True) -> Path:
+    """`model.path`'s folder, after the tiny policy's perception pre-stage when it has one."""
+    base = resolve_policy_path(cfg.model)
+    if not (base / "config.json").exists():
+        raise ConfigError(f"model.path={cfg.model.path}: no model folder at {base} (config.json missing)")
+    if cfg.model.path == "tiny" and cfg.model.tiny_perception_steps > 0:
+        log.info("perception pre-stage of the tiny policy (cached after the first run)...")
+        return perceiving_policy_path(cfg, base, progress=progress)
+    return base
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m trainer.sft", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -290,15 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = load_config(args.config, args.overrides)
-    from deepeyes.policy import resolve_policy_path
-
     t0 = time.perf_counter()
-    base = resolve_policy_path(cfg.model)
-    if cfg.model.path == "tiny" and cfg.model.tiny_perception_steps > 0:  # as trainer.driver.prepare_policy
-        from trainer.perception import perceiving_policy_path
-
-        base = perceiving_policy_path(cfg, base)
-    path = warm_started_policy_path(cfg, base)
+    path = warm_started_policy_path(cfg, perceived_policy_path(cfg))
     print(f"warm-started policy at {path} ({time.perf_counter() - t0:.1f} s)")
     print((path / "warm_start.json").read_text())
 

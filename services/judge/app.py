@@ -34,7 +34,7 @@ from deepeyes.serving import (authorized, bearer_token, config_from_args, deploy
                               read_json_body)
 from services.judge.backends import check_reachable
 from services.judge.factory import make_judge
-from services.judge.hf import HFGenerator
+from services.judge.hf import HFGenerator, HFJudge
 from services.judge.reward import RewardResult, ScoreRequest
 from services.judge.scoring import (JudgeFailure, VerdictCache, apply_failure_policy, score as score_episode,
                                     stats as judge_stats)
@@ -120,7 +120,7 @@ class ScoreBody(BaseModel):
 
 class _Metrics:
     """Ray metrics of the judge. Prometheus names cannot hold '/': `judge/latency_s` is exported
-    as judge_latency_s, with the DESIGN name in the description."""
+    as judge_latency_s, with the metric's name (docs/design.md, "Metric names") in the description."""
 
     def __init__(self) -> None:
         self.latency = metrics.Histogram(
@@ -180,6 +180,8 @@ class JudgeService:
         self.cfg = cfg
         # No reachability probe here: build_app probes once per deploy (see there).
         self.judge = make_judge(cfg.judge, cache_dir=cfg.model.cache_dir)
+        # the local model behind the hf backend: the chat route, generate_calls, the health check
+        self.generator: HFGenerator | None = self.judge.generator if isinstance(self.judge, HFJudge) else None
         self.cache = VerdictCache(cfg.judge.cache_size)
         self.token = bearer_token(cfg.serve.auth_token_env)
         self.results = self.failed_results = 0
@@ -209,9 +211,8 @@ class JudgeService:
         """Counters: calls, retries, unparseable, failures, cache hits/misses/hit rate, results."""
         out = judge_stats(self.judge, self.cache)
         out.update(results=self.results, failed_results=self.failed_results, pid=os.getpid())
-        generator = getattr(self.judge, "generator", None)
-        if generator is not None:
-            out["generate_calls"] = generator.generate_calls
+        if self.generator is not None:
+            out["generate_calls"] = self.generator.generate_calls
         return out
 
     async def check(self) -> list[str]:
@@ -219,10 +220,9 @@ class JudgeService:
         return await check_reachable(self.cfg.judge)
 
     async def check_health(self) -> None:
-        generator = getattr(self.judge, "generator", None)
-        worker = getattr(generator, "_worker", None)
-        if worker is not None and worker.done() and not worker.cancelled() and worker.exception():
-            raise RuntimeError(f"hf judge batching worker died: {worker.exception()!r}")
+        error = self.generator.worker_error() if self.generator is not None else None
+        if error is not None:
+            raise RuntimeError(f"hf judge batching worker died: {error!r}")
 
     # -- HTTP -------------------------------------------------------------------------------
 
@@ -245,7 +245,7 @@ class JudgeService:
             raise HTTPException(503, str(e)) from None
 
     def _generator(self) -> HFGenerator:
-        generator = getattr(self.judge, "generator", None)
+        generator = self.generator
         if generator is None:
             raise OpenAIError(404, f"the chat route needs an LLM judge backend and fronts the hf one; "
                                    f"this service runs judge.backend={self.cfg.judge.backend}, which has "

@@ -48,7 +48,11 @@ class Verdict:
 
 
 class Judge(Protocol):
+    """A judge backend: a verdict per (question, reference, answer), and its counters."""
+
     async def judge(self, question: str, reference: str, answer: str) -> Verdict: ...
+
+    def stats(self) -> dict[str, Any]: ...  # calls, retries, unparseable, failures
 
 
 class JudgeUnavailable(RuntimeError):
@@ -110,8 +114,8 @@ _LINE_OPTION = re.compile(r"^\s*([A-Z])[.:)]\s+(.+?)\s*$", re.MULTILINE)
 
 
 def _unbox(s: str) -> str:
-    """`\\boxed{` up to the last `}` -> its content (what `\\boxed\{(.*)\}` replaced), in one pass;
-    the regular expression was quadratic on many unclosed `\\boxed{`."""
+    r"""`\boxed{` up to the last `}` -> its content (what `\boxed\{(.*)\}` replaced), in one pass;
+    the regular expression was quadratic on many unclosed `\boxed{`."""
     start, end = s.find("\\boxed{"), s.rfind("}")
     if start < 0 or end < start + len("\\boxed{"):
         return s

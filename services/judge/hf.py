@@ -94,6 +94,11 @@ class HFGenerator:
             results.append((text, prompt_tokens, int((new != self.tokenizer.pad_token_id).sum()), finish))
         return results
 
+    def worker_error(self) -> BaseException | None:
+        """The exception the batching worker died of (None while it runs, or before its start)."""
+        w = self._worker
+        return w.exception() if w is not None and w.done() and not w.cancelled() else None
+
     async def generate(self, messages: list[dict[str, str]], max_tokens: int,
                        temperature: float) -> tuple[str, int, int, str]:
         """-> (text, prompt tokens, completion tokens, finish reason: "stop" or "length")."""

@@ -21,54 +21,16 @@ counts, as the original does); an unclosed or unopened extra tag is one, because
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from deepeyes.config import JudgeConfig
+from deepeyes.contracts import RewardResult, ScoreRequest
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 # ChatML end markers may trail a decoded response; they are never part of an answer.
 _CHAT_MARKERS = re.compile(r"<\|im_end\|>|<\|endoftext\|>|<\|im_start\|>(assistant|user)?")
-
-
-@dataclass
-class ScoreRequest:
-    """One finished episode to score. `response_text` is the decoded response (all turns)."""
-
-    response_text: str
-    question: str
-    ground_truth: str
-    data_source: str = ""
-    tool_calls: int = 0
-    crops: int = 0
-
-
-@dataclass
-class RewardResult:
-    """The reward and its parts, as the judge service returns it and the Trajectory carries it.
-
-    judge_ok=False: no verdict could be had (see `failure`); it stays False after the failure
-    policy so the failure is counted in judge/failures. drop=True: judge.failure_policy=drop
-    applied, leave the episode out of the update; score/acc/tool are then NaN so that a caller
-    that ignores `drop` fails loudly instead of training on a silent zero.
-    """
-
-    score: float
-    acc: float
-    format: float
-    tool: float
-    judge_ok: bool = True
-    failure: str = ""
-    answer: str | None = None
-    cached: bool = False
-    judge_latency_s: float = 0.0
-    drop: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _after_last_think(text: str) -> str:

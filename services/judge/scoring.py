@@ -152,6 +152,6 @@ def apply_failure_policy(result: RewardResult, request: ScoreRequest, cfg: Judge
 
 def stats(judge: Judge, cache: VerdictCache | None) -> dict[str, Any]:
     """Counters of a judge and its cache: calls, retries, unparseable, failures, cache hits/misses."""
-    out: dict[str, Any] = dict(judge.stats()) if hasattr(judge, "stats") else {}
+    out: dict[str, Any] = dict(judge.stats())
     out.update(cache.stats() if cache is not None else VerdictCache(0).stats())
     return out

@@ -1,4 +1,4 @@
-"""The multi-turn agent loop (DESIGN sections 2-3): generate, call the zoom tool, observe, repeat.
+"""The multi-turn agent loop (docs/design.md, "Agent loop limits"): generate, call the zoom tool, observe, repeat.
 
 Pure: no Ray. The engine, the tool and the judge come in as callables, so the same loop runs in a
 Serve replica, in a unit test with scripted fakes, or in a notebook.
@@ -12,7 +12,7 @@ ends with the generation prompt "<|im_start|>assistant\\n".
 
 Decisions the design leaves open, made here:
 - num_turns = 1 (the prompt) + assistant turns + observation turns, as verl counts them; an
-  episode of k successful calls then an answer has 2k + 2 turns (DESIGN section 8).
+  episode of k successful calls then an answer has 2k + 2 turns (docs/design.md, "Metric names").
 - A turn that stops at its token cap without `<|im_end|>` ends the episode: its ids stay (loss
   mask 1, they were sampled) but it is not parsed for calls (a cut-off call has no valid JSON and
   appending an observation after a half turn would break the chat layout). finish_reason is
@@ -37,30 +37,22 @@ import asyncio
 import json
 import re
 import time
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable
 
 from PIL import Image
 
 from deepeyes.chat import CHAT_TEMPLATE
 from deepeyes.config import RolloutConfig, ToolsConfig
+from deepeyes.contracts import RewardResult, ScoreRequest, ToolResult
+from deepeyes.contracts import tool_schemas as registry_schemas
 from deepeyes.policy import encode_text_with_images, merged_patches
-from services.judge.reward import RewardResult, ScoreRequest
 from services.rollout.engines import GenerateResult, SamplingParams
 from services.rollout.trajectory import ToolCallRecord, Trajectory
 from services.rollout.types import EpisodeRequest, PolicyIO
-from services.tools.registry import tool_schemas as registry_schemas
-
-
-class ToolOutcome(Protocol):
-    """What a tool call returns (services.tools.registry.ToolResult has this shape)."""
-
-    ok: bool
-    text: str
-    image: Image.Image | None
 
 
 GenerateFn = Callable[[list[int], list[Image.Image], SamplingParams], Awaitable[GenerateResult]]
-ToolFn = Callable[[str, Image.Image | None, dict[str, Any]], Awaitable[ToolOutcome]]
+ToolFn = Callable[[str, Image.Image | None, dict[str, Any]], Awaitable[ToolResult]]
 ScoreFn = Callable[[ScoreRequest], Awaitable[RewardResult]]
 
 TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
@@ -79,7 +71,7 @@ CALL_SHAPE = 'Write <tool_call>{"name": "...", "arguments": {...}}</tool_call>.'
 
 
 def _load_call_json(text: str) -> tuple[Any, str | None]:
-    """json.loads that turns every failure into an error text (DESIGN section 3: an error turn).
+    """json.loads that turns every failure into an error text (docs/design.md, "Chat format": an error turn).
 
     Besides JSONDecodeError, json raises ValueError for an integer of more than 4,300 digits and
     RecursionError for deep nesting; text the model wrote must never fail the episode.
@@ -159,7 +151,7 @@ def observation_text(policy_io: PolicyIO, tool_messages: list[dict[str, Any]]) -
 
 
 def check_image_tokens(ids: list[int], grids: list[list[int]], pad_id: int) -> None:
-    """Number of <|image_pad|> ids == sum of merged patches over the images (DESIGN section 3)."""
+    """Number of <|image_pad|> ids == sum of merged patches over the images (docs/design.md, "Chat format")."""
     n_pad = sum(1 for t in ids if t == pad_id)
     expected = sum(merged_patches(g) for g in grids)
     if n_pad != expected:

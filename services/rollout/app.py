@@ -26,18 +26,16 @@ from ray.serve.handle import DeploymentHandle
 from ray.util import metrics
 
 from deepeyes.config import Config
-from deepeyes.images import ImageDecodeError, ImageTooLargeError, trim_freed_memory
+from deepeyes.contracts import RewardResult, ScoreRequest, ToolResult, image_arg
+from deepeyes.images import ImageDecodeError, ImageTooLargeError, decode_base64_image, trim_freed_memory
 from deepeyes.policy import resolve_policy_path
 from deepeyes.serving import (APP_NAMES, DEPLOYMENT_NAMES, authorized, bearer_token, config_from_args,
                               actor_threads, deployment_options, keep_gauge_fresh, read_json_body)
-from services.judge.reward import RewardResult, ScoreRequest
-from services.rollout.agent_loop import ScoreFn, ToolFn, ToolOutcome, run_episode
+from services.rollout.agent_loop import ScoreFn, ToolFn, run_episode
 from services.rollout.engines import Engine, check_sampling, load_hf_engine
 from services.rollout.trajectory import Trajectory
 from services.rollout.types import EPISODE_SEED_LIMIT, EpisodeRequest, PolicyIO
 from services.rollout.weights import fetch_weights, get_weight_store, unpack_state
-from services.tools.app import image_arg
-from services.tools.image_io import decode_base64_image
 
 WEIGHT_FETCH_TIMEOUT_S = 300.0   # fetching a published state dict from the object store
 JUDGE_PROBE_EVERY_S = 10.0       # how often a replica looks again for a judge app that is absent
@@ -138,7 +136,7 @@ def serve_tool_fn(tools_handle: DeploymentHandle) -> ToolFn:
     """
     cache: dict[int, ray.ObjectRef] = {}
 
-    async def call_tool(name: str, image: Any, arguments: dict[str, Any], **options: Any) -> ToolOutcome:
+    async def call_tool(name: str, image: Any, arguments: dict[str, Any], **options: Any) -> ToolResult:
         # image: the model-frame PIL image, or (EpisodeRequest.crop_source) the original as a PIL
         # image or encoded bytes; options: frame_size when it is the original
         if image is not None and id(image) not in cache:
@@ -150,7 +148,7 @@ def serve_tool_fn(tools_handle: DeploymentHandle) -> ToolFn:
 
 
 class _Metrics:
-    """Ray metrics of the replica (names of DESIGN section 8 with '/' -> '_' for Prometheus)."""
+    """Ray metrics of the replica (the names of docs/design.md, "Metric names", with '/' -> '_' for Prometheus)."""
 
     def __init__(self, replica: str) -> None:
         self.tags = {"app": "rollout", "replica": replica}
@@ -259,18 +257,18 @@ class RolloutWorker:
         self._metrics = _Metrics(_replica_tag())
         # Ray exports a gauge only in the report window after a set(): set it again every few
         # seconds so sync_version stays on the metrics endpoint between weight syncs.
-        busy = [time.monotonic(), float(getattr(self.engine, "busy_s", 0.0))]
+        busy = [time.monotonic(), self.engine.busy_s]
 
         def refresh() -> None:
             self._metrics.version.set(self.engine.version)
-            now, b = time.monotonic(), float(getattr(self.engine, "busy_s", 0.0))
+            now, b = time.monotonic(), self.engine.busy_s
             if now > busy[0]:  # the engine's idle share since the last refresh (a decode counts when it ends)
                 self._metrics.idle.set(min(1.0, max(0.0, 1.0 - (b - busy[1]) / (now - busy[0]))))
             busy[:] = [now, b]
 
         keep_gauge_fresh(refresh)
-        if hasattr(self.engine, "on_batch"):  # the HF engine reports each batched forward's size
-            self.engine.on_batch = lambda n: self._metrics.batch_size.observe(float(n))
+        # the HF engine reports each batched forward's size (vLLM batches inside, unseen)
+        self.engine.on_batch = lambda n: self._metrics.batch_size.observe(float(n))
 
     # -- the handle API -----------------------------------------------------------------------
 
@@ -309,7 +307,7 @@ class RolloutWorker:
                 self._gate.notify_all()
         traj.extra["turn_versions"] = turn_versions
         # the engine's busy-seconds counter as this episode ends: the trainer's rollout idle share
-        traj.extra["engine_stamp"] = (self._metrics.tags["replica"], time.time(), float(getattr(self.engine, "busy_s", 0.0)))
+        traj.extra["engine_stamp"] = (self._metrics.tags["replica"], time.time(), float(self.engine.busy_s))
         if turn_versions:  # the oldest policy that sampled any of it is the one its staleness counts
             traj.policy_version = min(turn_versions)
         self.episodes += 1
@@ -319,12 +317,10 @@ class RolloutWorker:
     async def stats(self) -> dict[str, Any]:
         """Version, episodes served, versions loaded, batch sizes the engine saw, tokens generated."""
         return {"version": self.engine.version, "episodes": self.episodes, "loads": list(self.loads),
-                "batch_sizes": dict(getattr(self.engine, "batch_sizes", {})),
-                "tokens_generated": getattr(self.engine, "tokens_generated", 0),
-                "joined": getattr(self.engine, "joined", 0),
-                "prefill_shared": getattr(self.engine, "prefill_shared", 0),
-                "decode_thread_cpu_s": getattr(self.engine, "decode_thread_cpu_s", 0.0),
-                "engine_busy_s": getattr(self.engine, "busy_s", 0.0), "replica": _replica_tag(),
+                "batch_sizes": dict(self.engine.batch_sizes), "tokens_generated": self.engine.tokens_generated,
+                "joined": self.engine.joined, "prefill_shared": self.engine.prefill_shared,
+                "decode_thread_cpu_s": self.engine.decode_thread_cpu_s,
+                "engine_busy_s": self.engine.busy_s, "replica": _replica_tag(),
                 "pid": os.getpid(), "torch_threads": torch.get_num_threads()}
 
     async def check_health(self) -> None:

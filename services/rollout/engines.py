@@ -73,9 +73,21 @@ class GenerateResult:
 
 
 class Engine(Protocol):
-    """What the rollout worker needs from a generation engine."""
+    """What the rollout worker needs from a generation engine, and the counters it reports.
+
+    The counters are read by the replica's `stats()` and metrics, and by the trainer through the
+    trajectories' `engine_stamp` (busy_s: the rollout idle share). An engine without batched
+    decodes keeps `batch_sizes`, `joined`, `prefill_shared` and `decode_thread_cpu_s` at zero.
+    """
 
     version: int
+    busy_s: float  # wall seconds spent generating
+    tokens_generated: int
+    batch_sizes: collections.Counter[int]  # peak rows per batched decode
+    joined: int  # requests admitted into a decode already running
+    prefill_shared: int  # rows whose prompt forward another row of the same prefill ran
+    decode_thread_cpu_s: float  # CPU seconds of the decoding thread
+    on_batch: Callable[[int], None] | None  # called with each batched decode's peak rows (metrics)
 
     async def generate(self, prompt_ids: list[int], images: list[Image.Image],
                        sampling: SamplingParams) -> GenerateResult: ...

@@ -1,9 +1,9 @@
 """The trajectory record: what one episode of the agent loop hands to the trainer.
 
-This is the contract between the rollout service and the GRPO driver (DESIGN section 2, step 3).
+This is the contract between the rollout service and the GRPO driver (docs/design.md, "Data flow of one GRPO step").
 Token lists are the exact ids the engine consumed and produced: never re-rendered from text.
 `image_grid_thw` is the engine's own grid of each image, so the trainer checks the pad invariant
-(DESIGN section 3) against it. `reward` is the judge service's RewardResult with
+(docs/design.md, "Reward") against it. `reward` is the judge service's RewardResult with
 judge.failure_policy already applied; None when the rollout did not score (rollout.reward=never,
 or no judge app under auto).
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from services.judge.reward import RewardResult, ScoreRequest
+from deepeyes.contracts import RewardResult, ScoreRequest
 
 
 @dataclass
@@ -45,7 +45,7 @@ class Trajectory:
     image_grid_thw: list[list[int]]  # (t, h, w) of each image as the engine saw it: what the pad count must match
     response_text: str             # decoded response (for logging and the judge)
     tool_calls: list[ToolCallRecord] = field(default_factory=list)
-    num_turns: int = 0             # 1 (prompt) + assistant turns + observation turns: 2 x calls + 2 (DESIGN 8)
+    num_turns: int = 0             # 1 (prompt) + assistant turns + observation turns: 2 x calls + 2 ("Metric names")
     policy_version: int = 0
     finish_reason: str = ""        # answer | turn_cap | budget | length | error
     reward: RewardResult | None = None  # failure policy applied (drop=True: leave out); None = not scored

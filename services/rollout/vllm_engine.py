@@ -34,10 +34,11 @@ Conversions, and why:
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import os
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from PIL import Image
 
@@ -214,7 +215,7 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.version = version
-        self.partial = bool(getattr(rollout_cfg, "partial", False))
+        self.partial = rollout_cfg.partial
         self.image_pad_id = _image_pad_id(folder)
         t0 = time.perf_counter()
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(folder, model_cfg, rollout_cfg)))
@@ -227,6 +228,11 @@ class VLLMEngine:
         self._open.set()
         self.tokens_generated = 0
         self.busy_s = 0.0  # wall time with at least one request in flight
+        # The Engine protocol's counters of batched decodes: vLLM batches inside, unseen here.
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+        self.joined = self.prefill_shared = 0
+        self.decode_thread_cpu_s = 0.0
+        self.on_batch: Callable[[int], None] | None = None  # never called: see batch_sizes
         self._busy_since = 0.0
         self.last_load_s = 0.0
         self.last_load_split: dict[str, float] = {}  # write / stage (rpc + load) / reload / reset seconds

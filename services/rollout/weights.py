@@ -1,6 +1,6 @@
 """Versioned policy weights in the Ray object store: the trainer publishes, rollout replicas pull.
 
-Pull by version (DESIGN section 2, step 5): the trainer puts one CPU state dict in the object store
+Pull by version (docs/design.md, "Weight sync"): the trainer puts one CPU state dict in the object store
 and records (version, ref) in a named actor; a replica that needs version >= v asks the actor for
 the latest and loads it. Publishing therefore never depends on how many replicas exist, and a
 replica that starts later (autoscaling, restart) finds the latest version on its own.

@@ -1,4 +1,4 @@
-"""The stateless tool service: image_zoom_in_tool (DESIGN section 3), image_rotate_tool, a registry.
+"""The stateless tool service: image_zoom_in_tool (docs/design.md, "Crop rules"), image_rotate_tool, a registry.
 
 Pure core (no Ray): `services.tools.zoom.crop_image`, `services.tools.registry.execute_tool`
 (never raises), `tool_schemas`, `ToolResult`. Serve adapter: `services.tools.app:build_app`

@@ -37,11 +37,11 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 
 from deepeyes.config import ToolsConfig
-from deepeyes.images import trim_freed_memory
+from deepeyes.contracts import ToolResult
+from deepeyes.images import (ImageDecodeError, ImageTooLargeError, decode_base64_image, decode_image, encode_png,
+                             trim_freed_memory)
 from deepeyes.serving import authorized, bearer_token, config_from_args, deployment_options, read_body_capped
-from services.tools.image_io import (ImageDecodeError, ImageTooLargeError, decode_base64_image,
-                                     decode_image, encode_png)
-from services.tools.registry import ToolResult, execute_tool, get_tool, tool_names
+from services.tools.registry import execute_tool, get_tool, tool_names
 
 
 class ResizeSpec(BaseModel):
@@ -65,11 +65,6 @@ class ToolResponse(BaseModel):
     ok: bool
     text: str
     image: str | None = None
-
-
-def image_arg(ref: ray.ObjectRef) -> list[ray.ObjectRef]:
-    """How in-cluster callers pass an image by reference to `ToolService.call` (kept unresolved)."""
-    return [ref]
 
 
 class ImageCache:

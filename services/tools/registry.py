@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import importlib
 import json
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from PIL import Image
+
+from deepeyes.contracts import ToolResult
 
 # One line per tool module; imported lazily on first lookup so that a tool module may import this
 # one at its top without a cycle.
@@ -21,21 +22,6 @@ TOOL_MODULES = (
     "services.tools.zoom",
     "services.tools.rotate",
 )
-
-
-@dataclass
-class ToolResult:
-    """What a tool call gives back to the episode.
-
-    Attributes:
-        ok: True when the tool produced its image; False for any error (the text says why).
-        text: one line for the `<tool_response>` turn: the success note or the error text.
-        image: the produced image at native size (None on error).
-    """
-
-    ok: bool
-    text: str
-    image: Image.Image | None = None
 
 
 class Tool:

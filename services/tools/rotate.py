@@ -15,27 +15,9 @@ from typing import Any
 
 from PIL import Image
 
-from services.tools.registry import Tool, ToolResult, register
+from deepeyes.contracts import ROTATE_SCHEMA, ToolResult
+from services.tools.registry import Tool, register
 from services.tools.zoom import parse_arguments
-
-ROTATE_SCHEMA: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "image_rotate_tool",
-        "description": ("Rotate the image counter-clockwise by the given angle in degrees, for "
-                        "example to read text that is sideways or upside down."),
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "angle": {
-                    "type": "number",
-                    "description": "Counter-clockwise rotation in degrees, e.g. 90, 180 or 270.",
-                },
-            },
-            "required": ["angle"],
-        },
-    },
-}
 
 MALFORMED_TEXT = "Error: angle parameter is missing or not a number (degrees, counter-clockwise)."
 SUCCESS_TEXT = "Rotated the image by {angle} degrees counter-clockwise."

@@ -1,4 +1,4 @@
-"""`image_zoom_in_tool`: the crop of DeepEyes, rule for rule (DESIGN section 3).
+"""`image_zoom_in_tool`: the crop of DeepEyes, rule for rule (docs/design.md, "Crop rules").
 
 The bbox is `[x1, y1, x2, y2]` in absolute pixels of the image as the model sees it (after Qwen
 smart-resize; the caller passes that image, `deepeyes.policy.resize_for_model`). Every crop is cut
@@ -33,7 +33,9 @@ from typing import Any
 from PIL import Image
 
 from deepeyes.chat import ZOOM_IN_SCHEMA  # the schema's one home (the tiny tokenizer reads it too)
-from services.tools.registry import Tool, ToolResult, register
+from deepeyes.boxes import scale_box
+from deepeyes.contracts import ToolResult
+from services.tools.registry import Tool, register
 
 MIN_SIDE = 28            # the Qwen2.5-VL patch grid (14 px patches, 2x2 merge)
 MAX_ASPECT = 100         # rule 2; the image processor itself rejects aspect ratios >= 200
@@ -160,10 +162,9 @@ def map_box(box: tuple[int, int, int, int], frame_size: tuple[int, int],
             image_size: tuple[int, int]) -> tuple[int, int, int, int]:
     """A box in the model frame (`frame_size` = (w, h)) -> the same region on an image of
     `image_size`: each side scaled by image/frame, left/top floored, right/bottom ceiled, clamped."""
-    (fw, fh), (W, H) = frame_size, image_size
-    sx, sy = W / fw, H / fh
-    return (max(0, math.floor(box[0] * sx)), max(0, math.floor(box[1] * sy)),
-            min(W, math.ceil(box[2] * sx)), min(H, math.ceil(box[3] * sy)))
+    W, H = image_size
+    x1, y1, x2, y2 = scale_box(box, frame_size, image_size)
+    return max(0, math.floor(x1)), max(0, math.floor(y1)), min(W, math.ceil(x2)), min(H, math.ceil(y2))
 
 
 def crop_image(image: Image.Image, arguments: Any, *, min_side_policy: str = "expand",

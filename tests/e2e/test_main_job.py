@@ -54,7 +54,7 @@ def test_two_steps_then_resume(tmp_path, tiny_policy_dir):
              for l in f.read_text().splitlines()]
     # on-policy: step s samples with the weights published after step s-1 (version s)
     assert saved and all(t["version"] == int(t["uid"][1:].split("-")[0]) for t in saved)
-    for t in saved:  # every episode's reward is one of DESIGN section 3's values, parts consistent
+    for t in saved:  # every episode's reward is one of the values docs/design.md, "Reward", lists, parts consistent
         rw = t["reward"]
         assert min(abs(rw["score"] - v) for v in (-0.2, 0.0, 0.6, 0.8, 1.8, 2.0)) < 1e-9
         assert rw["score"] == pytest.approx(0.8 * rw["acc"] + 0.2 * rw["format"] + 1.2 * rw["tool"])

@@ -331,7 +331,7 @@ def test_handles_under_hypothesis_generated_arguments(apps):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from services.judge.reward import ScoreRequest
+    from deepeyes.contracts import ScoreRequest
     from services.tools.registry import execute_tool
 
     tools, judge = apps["handles"]["tools"], apps["handles"]["judge"]

@@ -59,7 +59,7 @@ OVERRIDES = ["trainer.micro_batch_tokens=160", f"trainer.lr={LR}", "trainer.grad
 def _trajectories(policy: Any, rank: int) -> list[Any]:
     from deepeyes.chat import CHAT_TEMPLATE
     from deepeyes.policy import encode_text_with_images, process_images, resize_for_model
-    from services.judge.reward import RewardResult
+    from deepeyes.contracts import RewardResult
     from services.rollout.trajectory import Trajectory
 
     rng = torch.Generator().manual_seed(100 + rank)

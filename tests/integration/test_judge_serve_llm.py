@@ -13,7 +13,7 @@ from judge_reference import CASES, hf_constrained_verdict
 
 from deepeyes.config import REPO_ROOT
 from services.judge.backends import judge_messages
-from services.judge.reward import ScoreRequest
+from deepeyes.contracts import ScoreRequest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -54,7 +54,7 @@ def test_openai_backend_against_the_service_route(judge_app):
 
 
 def test_score_through_the_handle(judge_app):
-    from services.judge.reward import ScoreRequest
+    from deepeyes.contracts import ScoreRequest
 
     handle = judge_app["handle"]
     math_row = ScoreRequest("<think>3/6 = 1/2.</think><answer>\\boxed{\\frac{1}{2}}</answer>",
@@ -89,7 +89,7 @@ def test_startup_check_fails_fast_naming_the_url(ray_cluster):
         build_app({"overrides": ["judge.backend=openai", f"judge.base_url={url}", "judge.timeout_s=2"]})
     # The builder is the one probe: a replica bound directly (past it) starts, and each failed
     # judgment goes through judge.failure_policy in the service: counted, then dropped or raised.
-    from services.judge.reward import ScoreRequest
+    from deepeyes.contracts import ScoreRequest
     from services.judge.scoring import JudgeFailure
 
     request = ScoreRequest("<think>t</think><answer>blue</answer>", "What colour?", "blue")

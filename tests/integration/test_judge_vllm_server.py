@@ -15,7 +15,7 @@ import pytest
 from deepeyes.config import JudgeConfig
 from services.judge.backends import VERDICT_WORDS, JudgeUnavailable, OpenAIJudge, check_reachable, judge_messages
 from services.judge.local_server import LocalOpenAIServer
-from services.judge.reward import ScoreRequest
+from deepeyes.contracts import ScoreRequest
 from services.judge.scoring import VerdictCache, score
 from judge_reference import CASES, hf_constrained_verdict
 from raycli import free_port

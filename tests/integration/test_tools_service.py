@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from PIL import Image
 from ray import serve
 
-from services.tools.app import build_app, image_arg
+from deepeyes.contracts import image_arg
+from services.tools.app import build_app
 
 pytestmark = pytest.mark.integration
 

@@ -25,7 +25,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from raycli import REPO, free_port
-from services.judge.reward import RewardResult
+from deepeyes.contracts import RewardResult
 from services.rollout.trajectory import ToolCallRecord, Trajectory
 from services.tools.zoom import crop_image
 from trainer.grpo import group_advantages
@@ -59,7 +59,7 @@ def scene() -> Image.Image:
 
 def episode(uid: str, turns: list[str], answer: str | None, ground_truth: str = "red") -> Trajectory:
     """One agent-loop episode: each turn's <tool_call> goes through the real crop tool; the reward
-    is DESIGN section 3's for the answer given (None: no answer tags, a format error)."""
+    is docs/design.md "Reward"'s for the answer given (None: no answer tags, a format error)."""
     original = scene()
     images, records, response, mask = [original], [], [], []
     for k, text in enumerate(turns):
@@ -374,7 +374,7 @@ def write_eval_folder(out: Path, image_kb: int = 1024) -> dict:
     right in tool sample 0 (a zoom), wrong in tool sample 1 (a rejected box, then a wrong letter)
     and in both no_tool samples; item 2 wrong everywhere, no call. hrbench_4k: 2 items, one sample
     lost (a failed episode), an answer naming no option (scored by the judge)."""
-    from trainer.eval.harness import ItemsWriter, write_json
+    from trainer.eval.records import ItemsWriter, write_json
     from trainer.eval.items import LETTERS, read_hrbench, read_vstar
     from trainer.eval.protocol import decode_item_image, outcome_from, sample_prompt, summarize, failed_outcome
     from trainer.eval.twins import write_hrbench_twin, write_vstar_twin

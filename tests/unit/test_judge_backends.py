@@ -18,7 +18,7 @@ from services.judge.backends import (JudgeUnavailable, OpenAIJudge, RuleJudge, c
                                      judge_messages, parse_options, parse_verdict, rule_match,
                                      serve_llm_config)
 from services.judge.factory import make_judge
-from services.judge.reward import ScoreRequest
+from deepeyes.contracts import ScoreRequest
 from services.judge.scoring import score
 
 pytestmark = pytest.mark.timeout(60)

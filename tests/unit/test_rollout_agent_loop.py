@@ -242,7 +242,7 @@ def test_hostile_tool_call_json_is_an_error_turn_not_a_crash(io):
 
 
 def test_score_request_carries_calls_and_crops(io):
-    from services.judge.reward import RewardResult, ScoreRequest
+    from deepeyes.contracts import RewardResult, ScoreRequest
 
     seen = []
     result = RewardResult(score=1.8, acc=1.0, format=-1.0, tool=1.0)

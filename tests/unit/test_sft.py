@@ -8,7 +8,8 @@ from deepeyes.chat import SYSTEM_PROMPT
 from deepeyes.config import load_config
 from deepeyes.policy import load_policy, merged_patches
 from services.tools.registry import tool_schemas
-from trainer.sft import conversation_tokens, frame_box, tool_conversation
+from trainer.sft import frame_box, tool_conversation
+from trainer.supervised import conversation_tokens
 
 
 def test_frame_box_scales_and_grows():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.tools.image_io import ImageDecodeError, decode_base64_image, decode_image, encode_png
+from deepeyes.images import ImageDecodeError, decode_base64_image, decode_image, encode_png
 from services.tools.registry import ToolResult, execute_tool, tool_names, tool_schemas
 
 

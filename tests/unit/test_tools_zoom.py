@@ -1,4 +1,4 @@
-"""image_zoom_in_tool, rule by rule (DESIGN section 3), with boxes computed by hand in comments."""
+"""image_zoom_in_tool, rule by rule (docs/design.md, "Crop rules"), with boxes computed by hand in comments."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from deepeyes.config import load_config
-from services.judge.reward import RewardResult
+from deepeyes.contracts import RewardResult
 from services.rollout.trajectory import ToolCallRecord, Trajectory
 from trainer.evaluate import grounding, iou
 from trainer.loop import lr_factor, total_steps

@@ -9,10 +9,10 @@ import json
 import pytest
 from PIL import Image
 
-from services.judge.reward import RewardResult
+from deepeyes.contracts import RewardResult
 from services.rollout.trajectory import ToolCallRecord, Trajectory
 from trainer.grpo import group_advantages
-from trainer.metrics import THUMBNAIL_SIDE, _jpeg, write_trajectories
+from trainer.metrics import THUMBNAIL_SIDE, thumbnail_jpeg, write_trajectories
 
 
 def decode(ids: list[int]) -> str:  # the tests' "tokenizer": one token per character
@@ -104,9 +104,9 @@ def test_records_turns_boxes_crops_and_advantages(tmp_path):
 
 def test_image_budget_keeps_originals_first_and_is_a_bound(tmp_path):
     trajs = two_groups()[:2]
-    originals = len(_jpeg(trajs[0].images[0])) + len(_jpeg(trajs[1].images[0]))
+    originals = len(thumbnail_jpeg(trajs[0].images[0])) + len(thumbnail_jpeg(trajs[1].images[0]))
     kb = -(-originals // 1024)  # room for the two originals, not for the crop as well
-    assert originals + len(_jpeg(trajs[0].images[1])) > kb * 1024
+    assert originals + len(thumbnail_jpeg(trajs[0].images[1])) > kb * 1024
     path = tmp_path / "step_000002.jsonl"
     write_trajectories(path, trajs, [0.0, 0.0], keep=8, decode=decode, image_kb=kb)
     recs = lines(path)

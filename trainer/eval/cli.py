@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from deepeyes.config import ConfigError, load_config
-from trainer.eval.harness import IMAGE_KB
+from trainer.eval.records import IMAGE_KB
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -104,7 +104,8 @@ def check_files(found: list[tuple[str, Any]]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.eval.harness import EvalCluster, ItemsWriter, run_items, table, write_json
+    from trainer.eval.harness import EvalCluster, EvalPlan, run_items, table  # torch, Ray: after --help
+    from trainer.eval.records import ItemsWriter, write_json
     from trainer.eval.protocol import MODES, summarize
 
     out = Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}").expanduser().resolve()
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"eval: {e}", file=sys.stderr)
         return 2
 
-    from trainer.driver import exit_on_sigterm
+    from trainer.cluster import exit_on_sigterm
 
     exit_on_sigterm()
     cluster = EvalCluster(cfg, out)
@@ -141,11 +142,11 @@ def run(args: argparse.Namespace) -> int:
         with ItemsWriter(out, args.images_kb) as write:
             for bench, items in found:
                 tb = time.perf_counter()
-                outcomes = run_items(handle, judge, items(), k=args.k, modes=modes, seed=args.seed, greedy=greedy,
-                                     temperature=None if greedy else args.temperature,
-                                     map_crops=not args.no_map_crops, min_pixels=cfg.model.min_pixels,
-                                     max_pixels=cfg.model.max_pixels, shuffle=not args.no_shuffle,
-                                     chunk_items=args.chunk_items, tag=bench, on_record=write)
+                plan = EvalPlan(k=args.k, modes=modes, seed=args.seed, greedy=greedy,
+                                temperature=None if greedy else args.temperature, map_crops=not args.no_map_crops,
+                                min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels,
+                                shuffle=not args.no_shuffle, chunk_items=args.chunk_items, tag=bench)
+                outcomes = run_items(handle, judge, items(), plan, on_record=write)
                 write.flush()
                 results[bench] = {m: summarize([o for o in outcomes if o.mode == m], args.k) for m in modes}
                 for m in modes:
@@ -154,14 +155,14 @@ def run(args: argparse.Namespace) -> int:
         cluster.stop()
     from trainer.plots import render_eval_bars
 
-    summary = {"model": str(getattr(cluster, "policy_dir", cfg.model.path)),
+    summary = {"model": str(cluster.policy_dir or cfg.model.path),
                "protocol": {"k": args.k, "seed": args.seed, "greedy": args.temperature <= 0,
                             "temperature": args.temperature, "shuffle": not args.no_shuffle,
                             "map_crops": not args.no_map_crops, "modes": modes, "limit": args.limit,
                             "judge": cfg.judge.backend, "matcher": "rule first (option letter or text), "
                                                                    "judge for answers naming no option"},
                "benchmarks": results, "wall_s": round(time.perf_counter() - t0, 1),
-               "startup_s": round(getattr(cluster, "startup_s", 0.0), 1),
+               "startup_s": round(cluster.startup_s, 1),
                "config": {"rollout": {k: getattr(cfg.rollout, k) for k in (
                    "max_assistant_turns", "max_response_length", "max_new_tokens_per_turn", "engine")},
                    "model": {"min_pixels": cfg.model.min_pixels, "max_pixels": cfg.model.max_pixels},

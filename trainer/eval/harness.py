@@ -5,20 +5,29 @@ items are taken a chunk at a time (images decoded for that chunk only), each as 
 mode (with the tool / without it), all of a chunk in flight at once on the rollout replicas; each
 episode is scored by the rule matcher, the judge only when the answer names no option.
 `EvalCluster` starts what the trainer starts (a local Ray cluster unless one is named, the tools,
-judge and rollout Serve apps on the policy folder) by reusing trainer.driver's functions.
+judge and rollout Serve apps on the policy folder) with the trainer's own helpers (trainer/cluster.py).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import yaml
+
+from deepeyes.config import to_dict
+from deepeyes.contracts import ScoreRequest
+from deepeyes.policy import resize_for_model
+from deepeyes.serving import APP_NAMES, DEPLOYMENT_NAMES
+from trainer.cluster import connect_ray, deploy_services, release_cluster
 from trainer.eval.items import Item
-from trainer.eval.protocol import (Outcome, episode_request, failed_outcome, outcome_from, sample_prompt,
-                                   summarize)
+from trainer.eval.protocol import (Outcome, decode_item_image, episode_request, failed_outcome, outcome_from,
+                                   sample_prompt)
+from trainer.rollouts import run_episodes
+from trainer.sft import prepared_policy_path
 
 log = logging.getLogger("deepeyes.eval")
 
@@ -26,8 +35,6 @@ log = logging.getLogger("deepeyes.eval")
 def judge_with(judge_handle: Any, timeout_s: float = 600.0) -> Callable[[Any, Any], tuple[bool, bool]]:
     """A verdict callable for outcome_from: the rollout's own reward when it scored the episode,
     else the judge app (None: no judge, every unmatched answer is a judge failure)."""
-    from services.judge.reward import ScoreRequest
-
     def verdict(traj: Any, prompt: Any) -> tuple[bool, bool]:
         if traj.reward is not None:
             return traj.reward.acc == 1.0, bool(traj.reward.judge_ok)
@@ -57,36 +64,52 @@ def _chunks(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
         yield chunk
 
 
-def run_items(handle: Any, judge_handle: Any, items: Iterable[Item], *, k: int, modes: Sequence[str],
-              seed: int, greedy: bool, temperature: float | None, map_crops: bool, min_pixels: int,
-              max_pixels: int, min_version: int = 0, shuffle: bool = True, chunk_items: int = 8,
-              tag: str = "e", on_record: Callable[[dict[str, Any], Any], None] | None = None) -> list[Outcome]:
-    """Every item, k samples per mode, through the rollout handle; returns the Outcomes.
+@dataclass(frozen=True)
+class EvalPlan:
+    """How each item is run: `k` samples per mode (`tool`, `no_tool`), options shuffled per sample
+    from `seed` (unless `shuffle` is off), greedy or at `temperature`, crops cut from the original at
+    the mapped box (`map_crops`), frames smart-resized to [min_pixels, max_pixels], at policy
+    version `min_version` or later; `chunk_items` items in flight at once; uids start with `tag`."""
+
+    k: int
+    modes: Sequence[str]
+    seed: int
+    greedy: bool
+    temperature: float | None
+    map_crops: bool
+    min_pixels: int
+    max_pixels: int
+    min_version: int = 0
+    shuffle: bool = True
+    chunk_items: int = 8
+    tag: str = "e"
+
+
+def run_items(handle: Any, judge_handle: Any, items: Iterable[Item], plan: EvalPlan,
+              on_record: Callable[[dict[str, Any], Any], None] | None = None) -> list[Outcome]:
+    """Every item, run as `plan` says, through the rollout handle; returns the Outcomes.
 
     `on_record(record, trajectory_or_None)` sees each episode's items.jsonl record (and its
     trajectory, e.g. for grounding figures) as its chunk finishes.
     """
-    from deepeyes.policy import resize_for_model
-    from trainer.eval.protocol import decode_item_image
-    from trainer.rollouts import run_episodes
-
     verdict = judge_with(judge_handle)
     outcomes: list[Outcome] = []
-    for chunk in _chunks(items, chunk_items):
+    for chunk in _chunks(items, plan.chunk_items):
         reqs, meta = [], {}
         for item in chunk:
             image, orig_size = decode_item_image(item)
-            frame = resize_for_model(image, min_pixels, max_pixels)
+            frame = resize_for_model(image, plan.min_pixels, plan.max_pixels)
             del image
-            for s in range(k):
-                prompt = sample_prompt(item, s, seed, shuffle)
-                for mode in modes:
-                    uid = f"{tag}-{mode}-{item.benchmark}-{item.id}-{s}"
+            for s in range(plan.k):
+                prompt = sample_prompt(item, s, plan.seed, plan.shuffle)
+                for mode in plan.modes:
+                    uid = f"{plan.tag}-{mode}-{item.benchmark}-{item.id}-{s}"
                     meta[uid] = (item, prompt, mode, s)
                     reqs.append(episode_request(item, prompt, mode=mode, frame=frame, uid=uid,
-                                                group_id=f"{tag}-{mode}-{item.benchmark}-{item.id}",
-                                                greedy=greedy, temperature=temperature, map_crops=map_crops,
-                                                min_version=min_version, orig_size=orig_size))
+                                                group_id=f"{plan.tag}-{mode}-{item.benchmark}-{item.id}",
+                                                greedy=plan.greedy, temperature=plan.temperature,
+                                                map_crops=plan.map_crops, min_version=plan.min_version,
+                                                orig_size=orig_size))
         trajs, _ = run_episodes(handle, reqs)
         by_uid = {t.uid: t for t in trajs}
         for uid, (item, prompt, mode, s) in meta.items():
@@ -136,19 +159,16 @@ class EvalCluster:
         self.cfg, self.out_dir = cfg, out_dir
         self.started_ray = False
         self.deployed: list[str] = []
+        self.policy_dir: Path | None = None  # set by start()
+        self.startup_s = 0.0
 
     def start(self) -> tuple[Any, Any]:
-        import yaml
-        from ray import serve
-
-        from deepeyes.config import to_dict
-        from deepeyes.serving import APP_NAMES, DEPLOYMENT_NAMES
-        from trainer.driver import connect_ray, deploy_services, prepare_policy
+        from ray import serve  # Ray Serve: only a cluster run needs it, the writer does not
 
         t0 = time.perf_counter()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
-        self.policy_dir = prepare_policy(self.cfg)
+        self.policy_dir = prepared_policy_path(self.cfg, progress=self.cfg.logging.progress)
         self.started_ray = connect_ray(self.cfg)
         self.deployed = deploy_services(self.cfg, self.out_dir, self.policy_dir)
         self.startup_s = time.perf_counter() - t0
@@ -157,96 +177,4 @@ class EvalCluster:
         return handle, judge
 
     def stop(self) -> None:
-        from trainer.driver import release_cluster
-
         release_cluster(self.started_ray, self.deployed)
-
-
-# ---------------------------------------------------------------------------------------------
-# items.jsonl and its thumbnails
-
-IMAGE_KB = 16384  # default per-run budget of the thumbnails kept for `python -m trainer view`
-
-
-class ItemsWriter:
-    """OUT/items.jsonl, one record per episode as run_items hands it over (its `on_record`), and
-    small JPEG thumbnails in OUT/images/ for `python -m trainer view`.
-
-    Each record with a trajectory gets the episode's `uid` and `question` (the prompt text as
-    shown, options in the sample's order), the model frame's size in `images` (its thumbnail's
-    path relative to OUT in `file`), `target_box` in the model frame, and per tool call its `box`
-    in the model frame, whether its crop was `appended`, and the crop's thumbnail in `image`.
-    Thumbnails (longest side trainer.metrics.THUMBNAIL_SIDE) are kept until `image_kb` KiB are
-    spent over the whole run (0 = none; `file`/`image` is then None): an item's frame once, shared
-    by its samples and both modes, first come first served; the crops of tool calls only while
-    less than half the budget is spent, so the frames of later items keep their share.
-    """
-
-    def __init__(self, out_dir: str | Path, image_kb: int = IMAGE_KB):
-        self.out = Path(out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.path = self.out / "items.jsonl"
-        self.file = self.path.open("w")
-        self.budget = max(image_kb, 0) * 1024
-        self.spent = 0
-        self.frames: dict[tuple[str, str], str | None] = {}  # (benchmark, item) -> its frame's file
-        self.episodes = 0
-
-    def _save(self, image: Any, name: str, limit: int) -> str | None:
-        from trainer.metrics import _jpeg
-
-        if self.spent >= limit:
-            return None
-        data = _jpeg(image)
-        if self.spent + len(data) > limit:
-            return None
-        self.spent += len(data)
-        (self.out / "images").mkdir(exist_ok=True)
-        (self.out / "images" / name).write_bytes(data)
-        return f"images/{name}"
-
-    def _annotate(self, record: dict[str, Any], traj: Any) -> None:
-        from trainer.metrics import _frame_box, _target_box
-
-        record["uid"], record["question"] = traj.uid, traj.question
-        if not traj.images:
-            return
-        key = (str(record.get("benchmark")), str(record.get("item")))
-        if key not in self.frames:
-            self.frames[key] = self._save(traj.images[0], f"item_{len(self.frames):06d}.jpg", self.budget)
-        frame = traj.images[0]
-        record["images"] = [{"file": self.frames[key], "width": frame.width, "height": frame.height}]
-        record["target_box"] = _target_box(traj)
-        # traj.images[first_crop:] are the crops, in the order of the calls whose result was appended
-        returned = [c for c in traj.tool_calls if c.ok and c.appended]
-        first_crop = len(traj.images) - len(returned)
-        crop_of = {id(c): first_crop + j for j, c in enumerate(returned)}
-        for c, rec in zip(traj.tool_calls, record.get("tool_calls", [])):
-            rec["box"], rec["appended"], rec["image"] = _frame_box(c.arguments), c.appended, None
-            if id(c) in crop_of and first_crop > 0:
-                k = crop_of[id(c)]
-                rec["image"] = self._save(traj.images[k], f"crop_{self.episodes:06d}_{k}.jpg", self.budget // 2)
-
-    def __call__(self, record: dict[str, Any], traj: Any) -> None:
-        if traj is not None:
-            self._annotate(record, traj)
-        self.episodes += 1
-        self.file.write(json.dumps(record, default=str) + "\n")
-
-    def flush(self) -> None:
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-    def __enter__(self) -> "ItemsWriter":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)

@@ -165,7 +165,7 @@ def outcome_from(traj: Any, item: Item, prompt: SamplePrompt, mode: str, sample:
              if isinstance(c.arguments, dict) and "bbox_2d" in c.arguments]
     out = Outcome(item=item.id, category=item.category, mode=mode, sample=sample, correct=correct, scored_by=by,
                   tool_calls=len(executed), tool_errors=sum(1 for c in executed if not c.ok),
-                  crops=int(getattr(traj, "crops_returned", 0)), answered=answer is not None)
+                  crops=int(traj.crops_returned), answered=answer is not None)
     record = {"benchmark": item.benchmark, "item": item.id, "category": item.category, "mode": mode,
               "sample": sample, "seed": prompt.seed, "options_order": prompt.order, "options": prompt.shown,
               "correct_letter": prompt.correct_letter, "reference": prompt.reference, "answer": answer,
@@ -173,7 +173,7 @@ def outcome_from(traj: Any, item: Item, prompt: SamplePrompt, mode: str, sample:
               "tool_calls": [{"turn": c.turn, "name": c.name, "arguments": c.arguments, "ok": c.ok,
                               "executed": c.executed, "text": c.text} for c in traj.tool_calls],
               "boxes": boxes, "crops": out.crops, "num_turns": traj.num_turns, "finish": traj.finish_reason,
-              "frame_size": list(traj.images[0].size) if getattr(traj, "images", None) else None,
+              "frame_size": list(traj.images[0].size) if traj.images else None,
               "target_bbox": item.target_bbox, "response": traj.response_text}
     return out, record
 

@@ -35,7 +35,7 @@ function fmt(x, digits = 2) {
 const fileURL = (name) => "files/trajectories/" + name.split("/").map(encodeURIComponent).join("/");
 
 // ---------------------------------------------------------------------------------------------
-// filters: the reward parts as the judge set them (DESIGN section 3)
+// filters: the reward parts as the judge set them (docs/design.md, "Reward")
 
 const correct = (e) => (e.reward?.acc ?? 0) > 0;
 const usedTool = (e) => (e.tool_calls || []).some((c) => c.executed);
