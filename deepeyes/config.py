@@ -42,8 +42,9 @@ def _sub(cls: type, help: str) -> Any:
 
 @dataclass
 class ModelConfig:
-    path: str = _f("tiny", "policy folder for from_pretrained, or 'tiny' for the embedded default "
-                           "(built offline on first use, cached)")
+    path: str = _f("tiny", "policy folder for from_pretrained, a Hugging Face Hub id (owner/name: taken "
+                           "from the HF cache, else downloaded at set-up), or 'tiny' for the embedded "
+                           "default (built offline on first use, cached)")
     warm_start: bool = _f(True, "with path=tiny: use the tiny model after its cached SFT warm start "
                                 "(so the policy calls the tool); false = the raw random init")
     cache_dir: str = _f(DEFAULT_CACHE_DIR, "where built artefacts (tiny model, warm start) are cached")

@@ -26,6 +26,7 @@ from PIL import Image
 from deepeyes.chat import (CHAT_TEMPLATE, QWEN_ADDED_TOKENS, SYSTEM_PROMPT, THOUGHT_ANSWER, THOUGHT_DIRECT,
                            THOUGHT_ZOOM, THOUGHT_ZOOM_AT, TOOLS_HEAD, TOOLS_TAIL, ZOOM_IN_SCHEMA)
 from deepeyes.config import DEFAULT_CACHE_DIR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from deepeyes.hub import hub_snapshot, is_hub_id
 from deepeyes.images import to_rgb
 
 TINY_VERSION = "tiny-qwen2.5-vl-v5"
@@ -370,10 +371,13 @@ def load_policy(path: str | os.PathLike[str], *, device: str | torch.device = "c
 
 
 def resolve_policy_path(model_cfg: Any) -> Path:
-    """model.path -> a folder: 'tiny' builds/uses the cached tiny model; else the path itself."""
+    """model.path -> a folder: 'tiny' builds/uses the cached tiny model; a Hub id (owner/name) its
+    snapshot in the Hugging Face cache, downloaded on first use (deepeyes/hub.py); else the path itself."""
     if model_cfg.path == "tiny":
         return tiny_policy_path(model_cfg.cache_dir, model_cfg.seed, model_cfg.min_pixels, model_cfg.max_pixels,
                                 model_cfg.tiny_vision)
+    if is_hub_id(model_cfg.path):
+        return hub_snapshot(model_cfg.path)
     return Path(os.path.expanduser(model_cfg.path))
 
 

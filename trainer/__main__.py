@@ -4,6 +4,7 @@
   python -m trainer plot RUN_DIR                                             render PNG curves
   python -m trainer view RUN_DIR [--port 8080] [--host 127.0.0.1]            look at its episodes
   python -m trainer eval [--model DIR] [--vstar DIR] [--hrbench TSV] [--twins]  benchmarks, +/- tool
+  python -m trainer --dry-run [--config ...] [key=value ...]                 check, say what a run would do
   python -m trainer --help                                                   this text + every knob
 
 The tiny-cpu scenario (tiny Qwen2.5-VL, synthetic data, rule judge, local Ray cluster) is the
@@ -68,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
                                         "are the built-in ones, which a scenario YAML may change):\n" + help_text())
     ap.add_argument("--config", help="scenario YAML (default: deploy/configs/tiny-cpu.yaml)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. trainer.steps=2")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="check the config, the model and the data files and print what a run would do; "
+                         "starts nothing, downloads nothing (exit 2 when something is missing)")
     args = ap.parse_intermixed_args(argv)  # --config may come after overrides
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
@@ -75,7 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from trainer.driver import GRPORecipe, RunStopped, exit_on_sigterm
+    if args.dry_run:
+        from trainer.dry_run import dry_run  # reads the Hub cache: only this path needs huggingface_hub
+
+        return dry_run(cfg, args.config)
+    from trainer.cluster import exit_on_sigterm  # the run's imports (torch, Ray) wait until one is asked for
+    from trainer.driver import GRPORecipe, RunStopped
 
     exit_on_sigterm()
     recipe = GRPORecipe(cfg)
