@@ -27,9 +27,10 @@ from deepeyes.config import Config, ConfigError, to_dict
 from deepeyes.data import ZOOM_TASKS, ParquetRows, write_synthetic, write_synthetic_suite
 from trainer.checkpoint import STARTUP_FILE, STATE_FILE, STOPPED_FILE, latest_checkpoint
 from trainer.cluster import connect_ray, deploy_services, release_cluster, trainer_without_pg_cleaner
-from trainer.loop import total_steps, train_loop_per_worker
+from trainer.loop import total_steps
 from trainer.metrics import STEP_PHASES, read_metrics
 from trainer.sft import prepared_policy_path
+from trainer.worker import train_loop_per_worker
 
 log = logging.getLogger("deepeyes.driver")
 

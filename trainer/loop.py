@@ -1,4 +1,4 @@
-"""The GRPO step, as it runs inside each Ray Train worker. Read it top to bottom.
+"""The GRPO step's maths inside each Ray Train worker (the worker itself: trainer/worker.py).
 
 Every worker samples the same global prompt batch (same seed, same order) and rolls out its own
 share of the prompts, all n episodes of a prompt on one worker, so GRPO groups never straddle
@@ -13,33 +13,20 @@ Invariant: generation for step s uses exactly the weights published after step s
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import random
-import tempfile
-import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.distributed as dist
 
-from deepeyes.config import Config, config_from_dict
-from deepeyes.data import ParquetRows, RowStream
+from deepeyes.config import Config
 from deepeyes.images import image_key
-from deepeyes.policy import Policy, load_policy, process_images
-from deepeyes.serving import APP_NAMES, DEPLOYMENT_NAMES, actor_threads
+from deepeyes.policy import Policy, process_images
 from services.rollout.trajectory import Trajectory
-from trainer.checkpoint import STARTUP_FILE, STATE_FILE, STOPPED_FILE, full_optimizer_state, load_optimizer_state, save_checkpoint
-from trainer.distributed import (all_gather_objects, all_max, all_reduce_grads, all_sum, cpu_state_dict,
-                                 shard_fsdp2, use_fsdp2, world)
-from trainer.evaluate import validate
-from trainer.grpo import clipped_policy_loss, group_advantages, zero_variance_groups
-from trainer.metrics import (MetricsSink, UpdateStats, engine_stamps, episode_summary, latest_stamps,
-                             rollout_idle_share, step_metrics, write_trajectories)
+from trainer.distributed import all_max
+from trainer.grpo import clipped_policy_loss
+from trainer.metrics import UpdateStats
 from trainer.packing import Example, make_example, pack, packed_forward, plan_micro_batches
-from trainer.rollouts import Rollouts, dynamic_sampling
 
 log = logging.getLogger("deepeyes.trainer")
 STORE_TIMEOUT_S = 60.0   # asking the WeightStore actor for its version
@@ -233,228 +220,3 @@ class RunHealth:
                     f"{jc.stop_failure_share:.0%} for {self.failing_steps} steps in a row: check the judge "
                     f"({jc.backend} at {jc.base_url}); judge.stop_after_steps=0 disables this stop")
         return ""
-
-
-# ---------------------------------------------------------------------------------------------
-# the loop
-
-
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point: setup, then ROLLOUT / ADVANTAGE / UPDATE / SYNC per step."""
-    import ray
-    import ray.train
-    from ray import serve
-    from ray.train import Checkpoint
-
-    from services.rollout.weights import get_or_create_weight_store, publish_weights
-
-    t_entry = time.time()
-    cfg: Config = config_from_dict(loop_config["config"])
-    rank, world_size = world()
-    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
-    torch.set_num_threads(actor_threads(cfg.trainer.torch_threads))
-    device = torch.device("cuda", torch.cuda.current_device()) if cfg.trainer.use_gpu else torch.device("cpu")
-    run_dir = Path(loop_config["run_dir"])
-
-    # SETUP
-    torch.manual_seed(cfg.trainer.seed)
-    resume_from = Path(loop_config["resume_from"]) if loop_config.get("resume_from") else None
-    restored = ray.train.get_checkpoint()  # set when Ray Train restarted us after a failure
-    if restored is not None:
-        resume_from = Path(restored.path)
-        log.warning("worker group restarted: resuming from %s", resume_from)
-    # A resumed run starts from the checkpoint's HF export (loaded before any sharding).
-    policy = load_policy(resume_from / "hf" if resume_from else loop_config["policy_dir"], device=device,
-                         dtype=cfg.model.dtype, min_pixels=cfg.model.min_pixels,
-                         max_pixels=cfg.model.max_pixels, attn_implementation=cfg.model.attn_implementation,
-                         trainable=True)
-    policy.path = loop_config["policy_dir"]  # tokenizer/processor files for checkpoint exports
-    model = policy.model
-    ref_model = None
-    if cfg.trainer.kl_coef > 0:  # the reference policy is the run's starting point, not the checkpoint
-        ref_model = load_policy(loop_config["policy_dir"], device=device, dtype=cfg.model.dtype).model
-    sync_grads = all_reduce_grads
-    fsdp = use_fsdp2(cfg, world_size)
-    if fsdp:  # FSDP2 reduce-scatters the gradients in backward itself
-        shard_fsdp2(model)
-        sync_grads = lambda m: None  # noqa: E731
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay)
-
-    # DATA: every worker streams the files itself (metadata now, a row group when the order reaches
-    # it); all take the same rows in the same order and keep their share, so refills and resumes agree
-    train = ParquetRows(loop_config["train_files"], cfg.data)
-    steps = total_steps(cfg, len(train))
-    # validation streams too: validate() reads the first val_rows usable rows in file order, a chunk at a time
-    val = ParquetRows(loop_config["val_files"], cfg.data) if loop_config["val_files"] else None
-    epoch = pos = 0
-    handle = serve.get_deployment_handle(DEPLOYMENT_NAMES["rollout"], app_name=APP_NAMES["rollout"])
-    judge_handle = (serve.get_deployment_handle(DEPLOYMENT_NAMES["judge"], app_name=APP_NAMES["judge"])
-                    if APP_NAMES["judge"] in serve.status().applications else None)
-    store = get_or_create_weight_store()
-    start_step, version = 1, 0
-
-    # RESUME: optimizer, RNG, data position, step and policy version from the checkpoint
-    if resume_from:
-        state = json.loads((resume_from / STATE_FILE).read_text())
-        load_optimizer_state(model, optimizer, torch.load(resume_from / "optimizer.pt", weights_only=False), fsdp)
-        rng = torch.load(resume_from / "rng.pt", weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        epoch, pos = state["sampler"]["epoch"], state["sampler"]["pos"]
-        start_step, version = state["step"] + 1, state["version"]
-        log.info("resumed from %s at step %d (policy version %d)", resume_from, state["step"], version)
-    stream = RowStream(train, cfg.trainer.seed, cfg.data.shuffle, cfg.data.shuffle_buffer_rows, epoch, pos)
-    ahead: tuple[list[Any], Any] | None = None  # the next step's rows and their episodes in flight
-    engine_seen: dict[str, tuple[float, float]] = {}  # replica -> (wall, engine busy s) last stamped
-    # Replicas may hold other weights than ours (the raw folder of a `serve deploy`ed app, a
-    # checkpoint's, an earlier job's): publish what we hold now under a version newer than any
-    # they have seen, and ask for it from the first request on.
-    version = max(version, int(ray.get(store.version.remote(), timeout=STORE_TIMEOUT_S)) + 1)
-    state_dict = cpu_state_dict(model)  # a collective under FSDP2: every rank takes part
-    if rank == 0:
-        publish_weights(state_dict, version)
-    version = int(all_max(version, device))
-
-    # a resumed run redoes the steps after its checkpoint: their old metric rows go
-    sink = (MetricsSink(run_dir, cfg.logging.tensorboard, cfg.logging.ray_metrics, start_step=start_step)
-            if rank == 0 else None)
-    health = RunHealth(cfg)
-    traj_dir = run_dir / "trajectories"
-    traj_dir.mkdir(parents=True, exist_ok=True)
-
-    if rank == 0 and "t0_wall" in loop_config:  # the start-up, as the driver's summary reports it
-        now = time.time()
-        (run_dir / STARTUP_FILE).write_text(json.dumps({
-            "train_workers_s": t_entry - loop_config["fit_wall"], "worker_setup_s": now - t_entry,
-            "first_request_s": now - loop_config["t0_wall"]}))
-    # VALIDATE the starting policy (the SFT warm start): the full validation, as at the end
-    if val is not None and cfg.trainer.val_before_train and start_step == 1:
-        if rank == 0:
-            sink.write(0, validate(cfg, handle, judge_handle, val, 0, version, full=True))
-        if world_size > 1:
-            dist.barrier()
-    for step in range(start_step, steps + 1):
-        t_step = time.perf_counter()
-        timings: dict[str, float] = {}
-        for g in optimizer.param_groups:
-            g["lr"] = cfg.trainer.lr * lr_factor(cfg, step, steps)
-
-        # ROLLOUT: my share of the global batch, n episodes per prompt, at the current version (or
-        # submitted during the last update, at most trainer.max_staleness versions old)
-        t0 = time.perf_counter()
-        rollouts = Rollouts(cfg, handle, judge_handle, step, version,
-                            take_rows=lambda k: stream.take(k * world_size)[rank::world_size],
-                            max_staleness=cfg.trainer.max_staleness)
-        if ahead is not None:
-            mine, inflight = ahead
-            trajs = rollouts.collect(inflight)
-            ahead = None
-        else:
-            mine = stream.take(cfg.trainer.batch_size)[rank::world_size]
-            trajs = rollouts.run(mine)
-        dropped_groups = 0
-        if cfg.trainer.dynamic_sampling:  # DAPO: drop zero-variance groups, refill from the data
-            trajs, dropped_groups = dynamic_sampling(trajs, len(mine), cfg.trainer.max_refill_rounds,
-                                                     rollouts.refill, lambda x: all_max(x, device))
-        timings["rollout"] = time.perf_counter() - t0
-
-        # AHEAD (trainer.max_staleness > 0): the next step's prompts go out now, sampled by these
-        # weights while the update runs; a checkpoint of this step resumes before them
-        resume_at = stream.state()
-        if cfg.trainer.max_staleness > 0 and step < steps:
-            nxt = stream.take(cfg.trainer.batch_size)[rank::world_size]
-            ahead = (nxt, rollouts.submit(nxt, step + 1))
-
-        # ADVANTAGE: GRPO within each prompt group
-        advantages = group_advantages([t.reward.score for t in trajs], [t.group_id for t in trajs])
-        examples = build_examples(policy, trajs, advantages, cfg.trainer.mask_over_turn, device, version)
-        # OLD LOG-PROBS: by default from the update's own forward (one update on fresh samples);
-        # a separate pass only when asked (trainer.old_logprob_pass=always). The reference
-        # policy's, for the KL term, always need their own pass (other weights).
-        t0 = time.perf_counter()
-        if cfg.trainer.old_logprob_pass == "always":
-            model.eval()
-            behaviour_logprobs(model, examples, cfg.trainer.micro_batch_tokens, cfg.rollout.temperature)
-        if ref_model is not None:
-            refs = [Example(e.input_ids, e.loss_mask, e.advantage, e.pixel_values, e.image_grid_thw, e.positions)
-                    for e in examples]
-            behaviour_logprobs(ref_model, refs, cfg.trainer.micro_batch_tokens, cfg.rollout.temperature)
-            for e, e_ref in zip(examples, refs):
-                e.ref_logp = e_ref.old_logp
-        timings["old_logprob"] = time.perf_counter() - t0
-
-        # UPDATE: token-mean over the global batch's policy tokens
-        t0 = time.perf_counter()
-        model.train()
-        local_tokens = sum(float(e.loss_mask[1:].sum()) for e in examples)
-        global_tokens = all_sum([local_tokens], device)[0]
-        stats = UpdateStats()
-        if global_tokens == 0:  # nothing to learn from (every group dropped): no step, no decay
-            log.warning("step %d: no policy tokens in the batch; optimizer step skipped", step)
-        for _ in range(cfg.trainer.updates_per_step if global_tokens > 0 else 0):
-            stats = update(model, optimizer, examples, cfg, global_tokens, cfg.rollout.temperature, sync_grads)
-        timings["update"] = time.perf_counter() - t0
-        mismatch = logprob_mismatch(trajs, examples)  # old_logp: the separate pass's or the update's
-
-        # SYNC: publish version + 1; replicas pull it before the next step's requests
-        t0 = time.perf_counter()
-        state_dict = cpu_state_dict(model)  # collective under FSDP2: every rank takes part
-        if rank == 0:
-            publish_weights(state_dict, version + 1)
-        if world_size > 1:
-            dist.barrier()
-        version += 1
-        timings["publish"] = time.perf_counter() - t0
-        timings["step"] = time.perf_counter() - t_step
-
-        # METRICS: gather every rank's episode summaries and counts, rank 0 writes
-        gathered = all_gather_objects({
-            "trajs": [episode_summary(t) for t in trajs], "failed": rollouts.failed,
-            "judge_failures": rollouts.judge_failures, "dropped_groups": dropped_groups,
-            "stats": stats.__dict__, "mismatch": mismatch, "tokens": sum(len(t.response_ids) for t in trajs),
-            "asked": rollouts.asked, "groups": len({t.group_id for t in trajs}),
-            "stale_dropped": rollouts.stale_dropped, "staleness": rollouts.staleness, "stamps": engine_stamps(trajs),
-            "data_skipped": sum(train.skipped.counts.values()), "data_epoch": stream.epoch + stream.pos / len(train),
-            "flat_groups": len(zero_variance_groups([t.reward.score for t in trajs], [t.group_id for t in trajs]))})
-        metrics = step_metrics(gathered, timings, version, optimizer.param_groups[0]["lr"], cfg.trainer.kl_coef > 0)
-        stamps = latest_stamps((r, wall, busy) for g in gathered for r, (wall, busy) in g["stamps"].items())
-        idle = rollout_idle_share(engine_seen, stamps)
-        if idle is not None:
-            metrics["timing/rollout_idle_share"] = idle
-        if rank == 0:
-            sink.write(step, metrics)
-            sink.observe_staleness([x for g in gathered for x in g["staleness"]])
-            write_trajectories(traj_dir / f"step_{step:06d}.jsonl", trajs, advantages, cfg.logging.save_trajectories,
-                               lambda ids: policy.tokenizer.decode(ids, skip_special_tokens=True),
-                               cfg.logging.trajectory_images_kb)
-        # HEALTH: every rank reads the same gathered counts, so all stop together
-        stop = health.check(step, gathered)
-        if stop:
-            if rank == 0:
-                (run_dir / STOPPED_FILE).write_text(json.dumps({"step": step, "reason": stop}))
-            log.error("stopping the run at step %d: %s", step, stop)
-            break
-
-        # VALIDATE: on the held-out split (rank 0 asks, everyone waits)
-        if val is not None and (step == steps or (cfg.trainer.test_every and step % cfg.trainer.test_every == 0)):
-            if ahead is not None:  # validation asks for the new version: let the episodes ahead finish on theirs
-                ahead[1].wait()
-            if rank == 0:
-                vm = validate(cfg, handle, judge_handle, val, step, version, full=step == steps)
-                sink.write(step, vm)  # the driver prints it (a worker's print reached the log twice)
-            if world_size > 1:
-                dist.barrier()
-
-        # CHECKPOINT: every save_every steps and at the end; every rank reports (a Train barrier)
-        if step == steps or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
-            state = {"step": step, "version": version, "sampler": resume_at, "steps": steps}
-            optim_state = full_optimizer_state(model, optimizer, fsdp)  # collective under FSDP2
-            with tempfile.TemporaryDirectory() as tmp:
-                ckpt = None
-                if rank == 0:
-                    save_checkpoint(Path(tmp), policy, state_dict, optim_state, state)
-                    ckpt = Checkpoint.from_directory(tmp)
-                ray.train.report({"step": step, "reward/score": metrics["reward/score"]}, checkpoint=ckpt,
-                                 checkpoint_dir_name=f"step_{step:06d}")
-    if sink is not None:
-        sink.close()

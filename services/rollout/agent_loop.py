@@ -37,6 +37,7 @@ import asyncio
 import json
 import re
 import time
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from PIL import Image
@@ -180,7 +181,7 @@ async def run_episode(request: EpisodeRequest, *, policy_io: PolicyIO, generate:
             (the trajectory's reward stays None).
         cfg: RolloutConfig (turn cap, parallel calls, budgets, sampling defaults).
         tools_cfg: ToolsConfig (enabled tools, per-call timeout).
-        tool_schemas: the tools block; None = services.tools.registry.tool_schemas(tools_cfg.enabled).
+        tool_schemas: the tools block; None = deepeyes.contracts.tool_schemas(tools_cfg.enabled).
         policy_version: recorded in the trajectory (the engine's version when the episode started).
 
     Raises:
@@ -188,13 +189,58 @@ async def run_episode(request: EpisodeRequest, *, policy_io: PolicyIO, generate:
         InvariantError: pad tokens and images disagree (a bug).
     """
     t_start = time.perf_counter()
-    timings = {"generate_s": 0.0, "tool_s": 0.0, "judge_s": 0.0}
     if not request.use_tools:
         tool_schemas = []
     elif tool_schemas is None:
         tool_schemas = registry_schemas(list(tools_cfg.enabled))
+    ep = _start(request, policy_io, cfg, tool_schemas)
+    for turn in range(cfg.max_assistant_turns):
+        text = await _generate_turn(ep, turn, request, policy_io, generate, cfg)
+        if text is None:  # the budget is spent, or the turn was cut at its token cap
+            break
+        calls = _calls_to_run(ep, turn, text, request, cfg, tools_cfg)
+        if calls is None:  # an answer, or calls that will not run (tools off, the last turn)
+            break
+        if not await _tools_and_observe(ep, turn, calls, policy_io, call_tool, tools_cfg):
+            break
+    else:  # the loop ran out of turns right after an observation: cannot happen (last turn breaks)
+        ep.finish = "turn_cap"
+    traj = _trajectory(ep, request, policy_io, policy_version)
+    # REWARD
+    if score is not None:
+        t0 = time.perf_counter()
+        traj.reward = await score(traj.score_request())
+        ep.timings["judge_s"] = time.perf_counter() - t0
+    ep.timings["total_s"] = time.perf_counter() - t_start
+    traj.timings = ep.timings
+    return traj
 
-    # PROMPT: render once, images in the model frame, pads expanded per image.
+
+@dataclass
+class _Episode:
+    """An episode in progress: the prompt, the response so far and what each turn added."""
+
+    prompt_ids: list[int]
+    images: list[Image.Image]
+    grids: list[Any]
+    tool_image: Any  # what the tools cut from: the frame, or the encoded original (crop_source)
+    frame_size: tuple[int, int] | None  # the model frame's size when tool_image is not the frame
+    temperature: float
+    budget: int
+    response: list[int] = field(default_factory=list)
+    mask: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    records: list[ToolCallRecord] = field(default_factory=list)
+    assistant_texts: list[str] = field(default_factory=list)
+    assistant_turns: int = 0
+    observation_turns: int = 0
+    finish: str = "answer"
+    timings: dict[str, float] = field(default_factory=lambda: {"generate_s": 0.0, "tool_s": 0.0, "judge_s": 0.0})
+
+
+def _start(request: EpisodeRequest, policy_io: PolicyIO, cfg: RolloutConfig,
+           tool_schemas: list[dict[str, Any]]) -> _Episode:
+    """PROMPT: rendered once, images in the model frame, pads expanded per image."""
     images = [policy_io.to_model_frame(im) for im in request.images]
     grids = policy_io.grids(images)
     prompt_ids = encode_text_with_images(policy_io, render_prompt(policy_io, request.messages, tool_schemas), grids)
@@ -206,118 +252,115 @@ async def run_episode(request: EpisodeRequest, *, policy_io: PolicyIO, generate:
     frame_size: tuple[int, int] | None = None
     if request.crop_source is not None and images:  # crop the original at the mapped box
         tool_image, frame_size = request.crop_source, images[0].size
-
     temperature = 0.0 if request.greedy else (cfg.temperature if request.temperature is None else request.temperature)
-    budget = cfg.max_response_length
-    response: list[int] = []
-    mask: list[int] = []
-    logprobs: list[float] = []
-    records: list[ToolCallRecord] = []
-    assistant_texts: list[str] = []
-    assistant_turns = observation_turns = 0
-    finish = "answer"
+    return _Episode(prompt_ids=prompt_ids, images=images, grids=grids, tool_image=tool_image, frame_size=frame_size,
+                    temperature=temperature, budget=cfg.max_response_length)
 
-    for turn in range(cfg.max_assistant_turns):
-        # GENERATE
-        remaining = budget - len(response)
-        if remaining <= 0:
-            finish = "budget"
-            break
-        max_new = min(cfg.max_new_tokens_per_turn, remaining)
-        sp = SamplingParams(max_new_tokens=max_new, temperature=temperature, top_p=cfg.top_p,
-                            top_k=cfg.top_k, stop_token_ids=[policy_io.eos_id],
-                            banned_token_ids=policy_io.banned_ids,
-                            seed=None if request.seed is None else request.seed + turn)
-        check_image_tokens(prompt_ids + response, grids, policy_io.image_pad_id)
-        t0 = time.perf_counter()
-        out = await generate(prompt_ids + response, images, sp)
-        timings["generate_s"] += time.perf_counter() - t0
-        ids = list(out.token_ids)[:max_new]
-        response += ids
-        mask += [1] * len(ids)
-        logprobs += [float(x) for x in out.logprobs[:len(ids)]]
-        assistant_turns += 1
-        ended = bool(ids) and ids[-1] == policy_io.eos_id
-        text = policy_io.tokenizer.decode(ids[:-1] if ended else ids, skip_special_tokens=False)
-        assistant_texts.append(policy_io.tokenizer.decode(ids, skip_special_tokens=True))
-        if not ended:  # cut at the token cap: see the module docstring
-            finish = "budget" if max_new == remaining else "length"
-            break
 
-        calls = parse_tool_calls(text, list(tools_cfg.enabled))
-        if calls and not request.use_tools:
-            records += [ToolCallRecord(turn=turn, name=name, arguments=args, ok=False, text="tools disabled",
-                                       executed=False, appended=False) for name, args, _ in calls]
-            calls = []
-        if not calls:
-            finish = "answer"
-            break
-        last_turn = turn + 1 >= cfg.max_assistant_turns
-        n_exec = 0 if last_turn else min(len(calls), cfg.max_parallel_calls)
-        why = "turn cap reached" if last_turn else f"not executed: at most {cfg.max_parallel_calls} call(s) per turn"
-        skipped = [ToolCallRecord(turn=turn, name=name, arguments=args, ok=False, text=why,
-                                  executed=False, appended=False) for name, args, _ in calls[n_exec:]]
-        if last_turn:
-            records += skipped
-            finish = "turn_cap"
-            break
+async def _generate_turn(ep: _Episode, turn: int, request: EpisodeRequest, policy_io: PolicyIO,
+                         generate: GenerateFn, cfg: RolloutConfig) -> str | None:
+    """GENERATE one assistant turn; its text without the end token, or None when the episode ends
+    here (no budget left, or the turn was cut at its token cap: see the module docstring)."""
+    remaining = ep.budget - len(ep.response)
+    if remaining <= 0:
+        ep.finish = "budget"
+        return None
+    max_new = min(cfg.max_new_tokens_per_turn, remaining)
+    sp = SamplingParams(max_new_tokens=max_new, temperature=ep.temperature, top_p=cfg.top_p,
+                        top_k=cfg.top_k, stop_token_ids=[policy_io.eos_id],
+                        banned_token_ids=policy_io.banned_ids,
+                        seed=None if request.seed is None else request.seed + turn)
+    check_image_tokens(ep.prompt_ids + ep.response, ep.grids, policy_io.image_pad_id)
+    t0 = time.perf_counter()
+    out = await generate(ep.prompt_ids + ep.response, ep.images, sp)
+    ep.timings["generate_s"] += time.perf_counter() - t0
+    ids = list(out.token_ids)[:max_new]
+    ep.response += ids
+    ep.mask += [1] * len(ids)
+    ep.logprobs += [float(x) for x in out.logprobs[:len(ids)]]
+    ep.assistant_turns += 1
+    ended = bool(ids) and ids[-1] == policy_io.eos_id
+    text = policy_io.tokenizer.decode(ids[:-1] if ended else ids, skip_special_tokens=False)
+    ep.assistant_texts.append(policy_io.tokenizer.decode(ids, skip_special_tokens=True))
+    if not ended:
+        ep.finish = "budget" if max_new == remaining else "length"
+        return None
+    return text
 
-        # TOOLS
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(_call_one(call_tool, name, tool_image, args, error, tools_cfg,
-                                                   frame_size)
-                                         for name, args, error in calls[:n_exec]))
-        timings["tool_s"] += time.perf_counter() - t0
-        turn_records, tool_messages, new_images = [], [], []
-        for (name, args, _), (ok, obs_text, crop) in zip(calls[:n_exec], results):
-            turn_records.append(ToolCallRecord(turn=turn, name=name, arguments=args, ok=ok, text=obs_text))
-            content: list[dict[str, Any]] = []
-            if crop is not None:
-                new_images.append(policy_io.to_model_frame(crop))
-                content.append({"type": "image"})
-            content.append({"type": "text", "text": obs_text})
-            tool_messages.append({"role": "tool", "content": content})
 
-        # OBSERVE: append the segment only if it fits the shared budget (with its images).
-        new_grids = policy_io.grids(new_images)
-        seg = encode_text_with_images(policy_io, observation_text(policy_io, tool_messages), new_grids)
-        if len(response) + len(seg) > budget:
-            for r in turn_records:
-                r.appended = False
-            records += turn_records + skipped
-            finish = "budget"
-            break
-        records += turn_records + skipped
-        response += seg
-        mask += [0] * len(seg)
-        logprobs += [0.0] * len(seg)
-        images += new_images
-        grids += new_grids
-        observation_turns += 1
-    else:  # the loop ran out of turns right after an observation: cannot happen (last turn breaks)
-        finish = "turn_cap"
+def _calls_to_run(ep: _Episode, turn: int, text: str, request: EpisodeRequest, cfg: RolloutConfig,
+                  tools_cfg: ToolsConfig) -> tuple[list[Any], list[ToolCallRecord]] | None:
+    """The turn's calls to execute and the records of those that will not; None when the episode
+    ends with this turn (an answer, tools off, or calls written in the last allowed turn)."""
+    calls = parse_tool_calls(text, list(tools_cfg.enabled))
+    if calls and not request.use_tools:
+        ep.records += [ToolCallRecord(turn=turn, name=name, arguments=args, ok=False, text="tools disabled",
+                                      executed=False, appended=False) for name, args, _ in calls]
+        calls = []
+    if not calls:
+        ep.finish = "answer"
+        return None
+    last_turn = turn + 1 >= cfg.max_assistant_turns
+    n_exec = 0 if last_turn else min(len(calls), cfg.max_parallel_calls)
+    why = "turn cap reached" if last_turn else f"not executed: at most {cfg.max_parallel_calls} call(s) per turn"
+    skipped = [ToolCallRecord(turn=turn, name=name, arguments=args, ok=False, text=why,
+                              executed=False, appended=False) for name, args, _ in calls[n_exec:]]
+    if last_turn:
+        ep.records += skipped
+        ep.finish = "turn_cap"
+        return None
+    return calls[:n_exec], skipped
 
-    check_image_tokens(prompt_ids + response, grids, policy_io.image_pad_id)
-    if not (len(response) == len(mask) == len(logprobs)) or len(response) > budget:
-        raise InvariantError(f"response {len(response)} / mask {len(mask)} / logprobs {len(logprobs)} "
-                             f"disagree or exceed the budget {budget}")
 
-    traj = Trajectory(
-        uid=request.uid, group_id=request.group_id, prompt_ids=prompt_ids, response_ids=response,
-        loss_mask=mask, logprobs=logprobs, images=images, image_grid_thw=grids,
-        response_text="\n".join(assistant_texts), tool_calls=records,
-        num_turns=1 + assistant_turns + observation_turns, policy_version=policy_version,
-        finish_reason=finish, data_source=request.data_source, ground_truth=request.ground_truth,
+async def _tools_and_observe(ep: _Episode, turn: int, planned: tuple[list[Any], list[ToolCallRecord]],
+                             policy_io: PolicyIO, call_tool: ToolFn, tools_cfg: ToolsConfig) -> bool:
+    """TOOLS, then OBSERVE: the segment is appended only if it fits the shared budget (with its
+    images). False when it did not fit (the episode ends on the budget)."""
+    calls, skipped = planned
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(_call_one(call_tool, name, ep.tool_image, args, error, tools_cfg,
+                                               ep.frame_size)
+                                     for name, args, error in calls))
+    ep.timings["tool_s"] += time.perf_counter() - t0
+    turn_records, tool_messages, new_images = [], [], []
+    for (name, args, _), (ok, obs_text, crop) in zip(calls, results):
+        turn_records.append(ToolCallRecord(turn=turn, name=name, arguments=args, ok=ok, text=obs_text))
+        content: list[dict[str, Any]] = []
+        if crop is not None:
+            new_images.append(policy_io.to_model_frame(crop))
+            content.append({"type": "image"})
+        content.append({"type": "text", "text": obs_text})
+        tool_messages.append({"role": "tool", "content": content})
+    new_grids = policy_io.grids(new_images)
+    seg = encode_text_with_images(policy_io, observation_text(policy_io, tool_messages), new_grids)
+    ep.records += turn_records + skipped
+    if len(ep.response) + len(seg) > ep.budget:
+        for r in turn_records:
+            r.appended = False
+        ep.finish = "budget"
+        return False
+    ep.response += seg
+    ep.mask += [0] * len(seg)
+    ep.logprobs += [0.0] * len(seg)
+    ep.images += new_images
+    ep.grids += new_grids
+    ep.observation_turns += 1
+    return True
+
+
+def _trajectory(ep: _Episode, request: EpisodeRequest, policy_io: PolicyIO, policy_version: int) -> Trajectory:
+    """The finished episode, its invariants checked."""
+    check_image_tokens(ep.prompt_ids + ep.response, ep.grids, policy_io.image_pad_id)
+    if not (len(ep.response) == len(ep.mask) == len(ep.logprobs)) or len(ep.response) > ep.budget:
+        raise InvariantError(f"response {len(ep.response)} / mask {len(ep.mask)} / logprobs {len(ep.logprobs)} "
+                             f"disagree or exceed the budget {ep.budget}")
+    return Trajectory(
+        uid=request.uid, group_id=request.group_id, prompt_ids=ep.prompt_ids, response_ids=ep.response,
+        loss_mask=ep.mask, logprobs=ep.logprobs, images=ep.images, image_grid_thw=ep.grids,
+        response_text="\n".join(ep.assistant_texts), tool_calls=ep.records,
+        num_turns=1 + ep.assistant_turns + ep.observation_turns, policy_version=policy_version,
+        finish_reason=ep.finish, data_source=request.data_source, ground_truth=request.ground_truth,
         question=request.question, extra=dict(request.extra))
-
-    # REWARD
-    if score is not None:
-        t0 = time.perf_counter()
-        traj.reward = await score(traj.score_request())
-        timings["judge_s"] = time.perf_counter() - t0
-    timings["total_s"] = time.perf_counter() - t_start
-    traj.timings = timings
-    return traj
 
 
 async def _call_one(call_tool: ToolFn, name: str, image: Any, args: dict[str, Any] | None,

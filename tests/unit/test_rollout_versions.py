@@ -18,8 +18,11 @@ from services.rollout.types import EpisodeRequest
 
 
 class _StandInEngine:
+    """Only what the replica's version gate touches (the Engine protocol's version and busy_s)."""
+
     def __init__(self) -> None:
         self.version = 1
+        self.busy_s = 0.0
 
     async def generate(self, ids, images, sp):
         await asyncio.sleep(0.01)
