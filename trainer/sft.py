@@ -136,7 +136,7 @@ def tool_call_rate(policy: Policy, rows: Sequence[Any], cfg: Config, seed: int =
 
     from deepeyes.images import decode_image
     from services.rollout.agent_loop import run_episode
-    from services.rollout.engines import HFEngine
+    from services.rollout.hf_engine import HFEngine
     from services.rollout.types import EpisodeRequest, PolicyIO
 
     engine = HFEngine(policy, max_batch_size=cfg.rollout.max_batch_size, batch_wait_ms=cfg.rollout.batch_wait_ms)

@@ -32,7 +32,8 @@ from deepeyes.policy import resolve_policy_path
 from deepeyes.serving import (APP_NAMES, DEPLOYMENT_NAMES, authorized, bearer_token, config_from_args,
                               actor_threads, deployment_options, keep_gauge_fresh, read_json_body)
 from services.rollout.agent_loop import ScoreFn, ToolFn, run_episode
-from services.rollout.engines import Engine, check_sampling, load_hf_engine
+from services.rollout.engines import Engine, check_sampling
+from services.rollout.hf_engine import load_hf_engine
 from services.rollout.trajectory import Trajectory
 from services.rollout.types import EPISODE_SEED_LIMIT, EpisodeRequest, PolicyIO
 from services.rollout.weights import fetch_weights, get_weight_store, unpack_state

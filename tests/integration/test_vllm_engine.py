@@ -18,7 +18,8 @@ from PIL import Image
 
 from deepeyes.config import load_config
 from deepeyes.policy import encode_text_with_images, load_policy, process_images, resize_for_model
-from services.rollout.engines import HFEngine, SamplingParams
+from services.rollout.engines import SamplingParams
+from services.rollout.hf_engine import HFEngine
 from services.rollout.logprobs import sequence_logprobs
 
 pytestmark = pytest.mark.integration

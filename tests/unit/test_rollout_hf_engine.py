@@ -13,7 +13,8 @@ from deepeyes.chat import SYSTEM_PROMPT
 from deepeyes.config import RolloutConfig, ToolsConfig
 from deepeyes.policy import encode_text_with_images, load_policy
 from services.rollout.agent_loop import run_episode
-from services.rollout.engines import HFEngine, SamplingParams
+from services.rollout.engines import SamplingParams
+from services.rollout.hf_engine import HFEngine
 from services.rollout.logprobs import sequence_logprobs
 from services.rollout.types import EpisodeRequest, PolicyIO
 

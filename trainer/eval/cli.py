@@ -4,6 +4,8 @@ the zoom tool, under the fair protocol (shuffled options, k samples, rule matche
   python -m trainer eval [--model DIR] [--vstar DIR|JSONL]... [--hrbench TSV]... [--synthetic N|PARQUET]
                          [--twins] [--k 4] [--temperature 0] [--out DIR] [key=value ...]
 
+Benchmarks come from trainer/eval/benchmarks/ (one module each; adding one adds its flag).
+
 With no benchmark named, the synthetic set (16 V*-like rows written into the out folder) is run.
 --model: a model folder (a checkpoint's HF export, RUN/train/step_N/hf, or any Qwen2.5-VL folder);
 default: the config's model (tiny: the embedded tiny policy after its cached warm start).
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from deepeyes.config import ConfigError, load_config
+from trainer.eval.benchmarks import registry
 from trainer.eval.records import IMAGE_KB
 
 
@@ -32,12 +35,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="", help="policy folder (HF format); default: the config's model.path")
     ap.add_argument("--config", help="scenario YAML (default: deploy/configs/tiny-cpu.yaml)")
-    ap.add_argument("--vstar", action="append", default=[], help="V* Bench folder (or its .jsonl); repeatable")
-    ap.add_argument("--hrbench", action="append", default=[], help="HR-Bench TSV (4K or 8K); repeatable")
-    ap.add_argument("--synthetic", action="append", default=[],
-                    help="DeepEyes-schema parquet, or a number N: write N synthetic V*-like rows and use them")
+    for b in registry():
+        ap.add_argument(f"--{b.name}", action="append", default=[], help=b.help)
     ap.add_argument("--twins", action="store_true",
-                    help="write small V* and HR-Bench twins (trainer/eval/twins.py) into OUT/twins and run them")
+                    help="write small twins of " + ", ".join(b.name for b in registry() if b.twin) +
+                         " (trainer/eval/twins.py) into OUT/twins and run them")
     ap.add_argument("--twin-items", type=int, default=6, help="items per twin benchmark (default: 6)")
     ap.add_argument("--limit", type=int, default=0, help="items per benchmark at most (0 = all)")
     ap.add_argument("--k", type=int, default=4, help="samples per item, each with its own option order (default: 4)")
@@ -60,39 +62,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def benchmarks(args: argparse.Namespace, cfg: Any, out: Path) -> list[tuple[str, Any]]:
-    """(name, a callable giving a fresh item iterator) per benchmark asked for."""
-    from trainer.eval.items import limit, read_hrbench, read_parquet, read_vstar
+    """(name, a callable giving a fresh item iterator) per benchmark source asked for."""
+    from trainer.eval.items import limit
 
-    found: list[tuple[str, Any]] = []
-    vstar, hr, synth = list(args.vstar), list(args.hrbench), list(args.synthetic)
+    benches = registry()
+    sources = {b.name: list(getattr(args, b.name)) for b in benches}  # argparse sets one list per flag
     if args.twins:
-        from trainer.eval.twins import write_hrbench_twin, write_vstar_twin
-
-        vstar.append(str(write_vstar_twin(out / "twins" / "vstar_bench", args.twin_items, args.seed)))
-        hr.append(str(write_hrbench_twin(out / "twins" / "hr_bench_4k.tsv", args.twin_items, args.seed)))
-    if not (vstar or hr or synth):
-        synth = ["16"]
+        for b in benches:
+            if b.twin is not None:
+                sources[b.name].append(b.twin(out / "twins", args.twin_items, args.seed))
+    if not any(sources.values()):
+        sources = {b.name: [b.default_source] if b.default_source else [] for b in benches}
+    found: list[tuple[str, Any]] = []
     names: dict[str, int] = {}
-
-    def name(base: str) -> str:
-        names[base] = names.get(base, 0) + 1
-        return base if names[base] == 1 else f"{base}_{names[base]}"
-
-    for p in vstar:
-        found.append((name("vstar"), lambda p=p: limit(read_vstar(p), args.limit)))
-    for p in hr:
-        n = name("hrbench_8k" if "8k" in Path(p).name.lower() else "hrbench_4k" if "4k" in Path(p).name.lower()
-                 else "hrbench")
-        found.append((n, lambda p=p, n=n: limit(read_hrbench(p, n), args.limit)))
-    for s in synth:
-        if s.isdigit():
-            from deepeyes.data import write_synthetic
-
-            path = out / "data" / "synthetic.parquet"
-            write_synthetic(str(path), int(s), cfg.data.synthetic_seed, mix={"vstar": 1.0}, split="test")
-            s = str(path)
-        n = name("synthetic")
-        found.append((n, lambda s=s, n=n: limit(read_parquet([s], cfg.data, n), args.limit)))
+    for b in benches:
+        for source in sources[b.name]:
+            source = b.prepare(source, out, cfg) if b.prepare else source
+            base = b.result_name(source) if b.result_name else b.name
+            names[base] = names.get(base, 0) + 1
+            name = base if names[base] == 1 else f"{base}_{names[base]}"
+            found.append((name, lambda b=b, source=source, name=name: limit(b.read(source, name, cfg), args.limit)))
     return found
 
 
