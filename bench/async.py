@@ -18,7 +18,7 @@ off, as here by default), weight publishing P seconds. Then
     disaggregated async, one step ahead (k >= 1):   max(G*8/N, (O+U)*8/M) + P
 (the pipeline here is one step deep, so k = 2 behaves as k = 1).
 
-    python bench/async.py [--steps 8] [--simulate-only]
+    python -m bench.async [--steps 8] [--simulate-only]
 
 Ends with one JSON line of headline figures.
 """
@@ -26,52 +26,28 @@ Ends with one JSON line of headline figures.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import sys
 import tempfile
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.runner import ISSUE_SHAPE, after_first, job_config, print_headline, print_table, run_job
 
-SHAPE = ["model.warm_start=false", "rollout.n=4", "trainer.batch_size=4", "rollout.max_assistant_turns=1",
-         "rollout.max_new_tokens_per_turn=64", "rollout.max_response_length=64"]
 DEEPEYES_ONE_NODE = {"generate_s": 802.0, "old_logprob_s": 293.0, "update_s": 860.0}
 
 
-def run_job(k: int, steps: int) -> dict:
-    from ray import serve
-
-    from deepeyes.config import load_config
-    from deepeyes.serving import APP_NAMES, DEPLOYMENT_NAMES
-    from trainer.driver import GRPORecipe
-    from trainer.metrics import read_metrics
-
-    run_dir = tempfile.mkdtemp(prefix=f"bench-async-k{k}-")
-    cfg = load_config(None, [f"trainer.run_dir={run_dir}", f"trainer.steps={steps}", "trainer.save_every=0",
-                             "trainer.test_every=0", "data.synthetic_val_rows=0", "logging.progress=false",
-                             "logging.plots=false", f"trainer.max_staleness={k}", *SHAPE])
-    recipe = GRPORecipe(cfg)
-    try:
-        recipe.setup()
-        handle = serve.get_deployment_handle(DEPLOYMENT_NAMES["rollout"], app_name=APP_NAMES["rollout"])
-        busy0 = handle.stats.remote().result()["engine_busy_s"]
-        t0 = time.perf_counter()
-        recipe.train()
-        wall = time.perf_counter() - t0
-        busy1 = handle.stats.remote().result()["engine_busy_s"]
-    finally:
-        recipe.cleanup()
-    rows = [r for r in read_metrics(run_dir) if "timing/step_s" in r]
-    steady = rows[1:] or rows
+def measure(k: int, steps: int) -> dict:
+    """The main job with trainer.max_staleness=k for `steps` steps: medians of the steps after the
+    first, episodes/s over the run, both idle shares, the staleness of what was trained."""
+    run = run_job(job_config(tempfile.mkdtemp(prefix=f"bench-async-k{k}-"), steps,
+                             [f"trainer.max_staleness={k}", *ISSUE_SHAPE]), engine_stats=True)
+    rows = run.step_rows()
+    steady = after_first(rows)
     step_s = statistics.median(r["timing/step_s"] for r in steady)
     total_step_s = sum(r["timing/step_s"] for r in rows)
-    return {"k": k, "step_s": step_s, "wall_s": wall,
+    return {"k": k, "step_s": step_s, "wall_s": run.train_s,
             "episodes_per_s": sum(r["rollout/episodes"] for r in rows) / total_step_s,
             "trainer_idle_share": statistics.median(r["timing/trainer_idle_share"] for r in steady),
-            "rollout_idle_share": max(0.0, 1.0 - (busy1 - busy0) / total_step_s),
+            "rollout_idle_share": max(0.0, 1.0 - run.engine_busy_s / total_step_s),
             "staleness_mean": statistics.fmean(r["async/staleness_mean"] for r in rows),
             "stale_dropped": sum(r["async/stale_dropped"] for r in rows),
             "score_last": rows[-1]["reward/score"]}
@@ -91,6 +67,28 @@ def simulate(gpus: tuple[tuple[int, int], ...] = ((4, 4), (6, 2), (2, 6)), publi
     return out
 
 
+def print_measured(runs: list[dict], steps: int) -> dict:
+    print(f"\nmeasured here: 4 prompts x n=4, one 64-token turn, {steps} steps each (medians after the first)")
+    base = runs[0]["step_s"]
+    print_table([("k", ">3"), ("step s", ">9.3f"), ("episodes/s", ">12.2f"), ("trainer idle", ">14.1%"),
+                 ("rollout idle", ">14.1%"), ("staleness", ">11.2f"), ("dropped", ">9.0f"), ("vs k=0", ">8")],
+                [(r["k"], r["step_s"], r["episodes_per_s"], r["trainer_idle_share"], r["rollout_idle_share"],
+                  r["staleness_mean"], r["stale_dropped"], f"{base / r['step_s']:.2f}x") for r in runs])
+    return {f"k{r['k']}": {"step_s": round(r["step_s"], 3), "speedup": round(base / r["step_s"], 2),
+                           "trainer_idle": round(r["trainer_idle_share"], 3),
+                           "rollout_idle": round(r["rollout_idle_share"], 3)} for r in runs}
+
+
+def print_predicted(sim: list[dict]) -> dict:
+    print("\npredicted on a cluster (DeepEyes one-node phase times; model in this file's docstring; "
+          "separate old-log-prob pass off, publish 10 s)")
+    print_table([("rollout GPUs", ">13"), ("train GPUs", ">11"), ("colocated sync s", ">18.0f"), ("sync s", ">9.0f"),
+                 ("async s", ">9.0f"), ("async/sync", ">11"), ("vs colocated", ">14")],
+                [(s["rollout_gpus"], s["train_gpus"], s["colocated_sync_s"], s["sync_s"], s["async_s"],
+                  f"{s['async_vs_sync']:.2f}x", f"{s['async_vs_colocated']:.2f}x") for s in sim])
+    return {f"{s['rollout_gpus']}+{s['train_gpus']}": round(s["async_vs_sync"], 2) for s in sim}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8, help="GRPO steps per run (the first is warm-up)")
@@ -100,29 +98,9 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     headline: dict = {}
     if not args.simulate_only:
-        runs = [run_job(int(k), args.steps) for k in args.ks.split(",")]
-        print(f"\nmeasured here: 4 prompts x n=4, one 64-token turn, {args.steps} steps each (medians after the first)")
-        print(f"{'k':>3}{'step s':>9}{'episodes/s':>12}{'trainer idle':>14}{'rollout idle':>14}"
-              f"{'staleness':>11}{'dropped':>9}{'vs k=0':>8}")
-        base = runs[0]["step_s"]
-        for r in runs:
-            print(f"{r['k']:>3}{r['step_s']:>9.3f}{r['episodes_per_s']:>12.2f}{r['trainer_idle_share']:>14.1%}"
-                  f"{r['rollout_idle_share']:>14.1%}{r['staleness_mean']:>11.2f}{r['stale_dropped']:>9.0f}"
-                  f"{base / r['step_s']:>7.2f}x")
-        headline["measured"] = {f"k{r['k']}": {"step_s": round(r["step_s"], 3), "speedup": round(base / r["step_s"], 2),
-                                               "trainer_idle": round(r["trainer_idle_share"], 3),
-                                               "rollout_idle": round(r["rollout_idle_share"], 3)} for r in runs}
-    sim = simulate()
-    print("\npredicted on a cluster (DeepEyes one-node phase times; model in this file's docstring; "
-          "separate old-log-prob pass off, publish 10 s)")
-    print(f"{'rollout GPUs':>13}{'train GPUs':>11}{'colocated sync s':>18}{'sync s':>9}{'async s':>9}"
-          f"{'async/sync':>11}{'vs colocated':>14}")
-    for s in sim:
-        print(f"{s['rollout_gpus']:>13}{s['train_gpus']:>11}{s['colocated_sync_s']:>18.0f}{s['sync_s']:>9.0f}"
-              f"{s['async_s']:>9.0f}{s['async_vs_sync']:>10.2f}x{s['async_vs_colocated']:>13.2f}x")
-    headline["predicted_async_vs_sync"] = {f"{s['rollout_gpus']}+{s['train_gpus']}": round(s["async_vs_sync"], 2)
-                                           for s in sim}
-    print(json.dumps(headline))
+        headline["measured"] = print_measured([measure(int(k), args.steps) for k in args.ks.split(",")], args.steps)
+    headline["predicted_async_vs_sync"] = print_predicted(simulate())
+    print_headline(headline)
 
 
 if __name__ == "__main__":

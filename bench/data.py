@@ -10,7 +10,7 @@ measures, side by side in one run:
   every 0.25 s while the job runs.
 Targets: peak RSS at 20k rows <= 1.2x that at 1k; time to first request at 20k <= 1.5x that at 1k.
 
-    python bench/data.py [--sizes 1000,5000,20000] [--steps 10] [--cache DIR]
+    python -m bench.data [--sizes 1000,5000,20000] [--steps 10] [--cache DIR]
 
 Ends with one JSON line of headline figures.
 """
@@ -22,32 +22,33 @@ import io
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from bench.runner import REPO_ROOT, after_first, job_config, print_headline, print_table, process_cmdlines, run_job
+from deepeyes.data import IMAGE_MARKER, SYNTHETIC_SCHEMA, vstar_scene
 
 POOL = 48          # distinct images; rows cycle through them
 ROW_GROUP = 64     # rows per parquet row group
 SHAPE = ["model.warm_start=false", "rollout.n=4", "trainer.batch_size=4", "rollout.max_assistant_turns=1",
          "rollout.max_new_tokens_per_turn=32", "rollout.max_response_length=64"]
+# where the generated parquet goes (also bench.data_order's default file)
+DEFAULT_CACHE = os.environ.get("DEEPEYES_BENCH_CACHE", str(Path.home() / ".cache" / "deepeyes-ray" / "bench-data"))
 
 
 def _jpeg_pool(seed: int) -> list[tuple[bytes, dict]]:
     """POOL V* scenes (1024-2048 px a side, so 1-4 megapixels) as JPEG, with their questions."""
-    from deepeyes.data import _vstar
-
     out = []
     for i in range(POOL):
-        made = _vstar(np.random.default_rng([seed, i]))
+        made = vstar_scene(np.random.default_rng([seed, i]))
         buf = io.BytesIO()
         made["image"].convert("RGB").save(buf, format="JPEG", quality=90)
         out.append((buf.getvalue(), made))
@@ -56,17 +57,15 @@ def _jpeg_pool(seed: int) -> list[tuple[bytes, dict]]:
 
 def write_rows(path: Path, rows: int, seed: int = 0) -> Path:
     """`rows` DeepEyes-schema rows in row groups of ROW_GROUP, written group by group."""
-    from deepeyes.data import _SCHEMA, IMAGE_MARKER
-
     if path.exists() and pq.ParquetFile(path).metadata.num_rows == rows:
         return path
     pool = _jpeg_pool(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    with pq.ParquetWriter(tmp, _SCHEMA, compression="snappy") as writer, \
+    with pq.ParquetWriter(tmp, SYNTHETIC_SCHEMA, compression="snappy") as writer, \
             tqdm(total=rows, desc=f"writing {path.name}", unit="row") as bar:
         for start in range(0, rows, ROW_GROUP):
-            rec: dict[str, list] = {name: [] for name in _SCHEMA.names}
+            rec: dict[str, list] = {name: [] for name in SYNTHETIC_SCHEMA.names}
             for i in range(start, min(rows, start + ROW_GROUP)):
                 data, made = pool[i % POOL]
                 index = f"bench-{i}"
@@ -81,7 +80,7 @@ def write_rows(path: Path, rows: int, seed: int = 0) -> Path:
                                           "split": "train", "kind": made["kind"],
                                           "target_attribute": made["attribute"], "target_bbox": made["bbox"],
                                           "options": made["options"]})
-            writer.write_table(pa.Table.from_pydict(rec, schema=_SCHEMA), row_group_size=ROW_GROUP)
+            writer.write_table(pa.Table.from_pydict(rec, schema=SYNTHETIC_SCHEMA), row_group_size=ROW_GROUP)
             bar.update(len(rec["data_source"]))
     tmp.rename(path)
     return path
@@ -99,17 +98,11 @@ def _hwm_kb(pid: int) -> int:
 def _roles() -> dict[int, str]:
     """pid -> role of the job's processes worth watching."""
     out = {}
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
+    for pid, cmd in process_cmdlines().items():
         if "ray::RayTrainWorker" in cmd:
-            out[int(p.name)] = "train_worker"
+            out[pid] = "train_worker"
         elif "ServeReplica:rollout" in cmd:
-            out[int(p.name)] = "rollout_replica"
+            out[pid] = "rollout_replica"
     return out
 
 
@@ -139,51 +132,59 @@ class PeakWatcher(threading.Thread):
 def run_size(files: list[str], steps: int) -> dict:
     """A fresh job process on `files`: its start-up and peak RSS per role (the driver's own VmHWM
     only means something in a fresh process, so each size runs as its own child)."""
-    import subprocess
-
     run_dir = tempfile.mkdtemp(prefix="bench-data-")
-    code = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); import data as b; "
-            f"print('RESULT', json.dumps(b._child({files!r}, {steps}, {run_dir!r})))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
+    code = (f"import json; from bench.data import run_child; "
+            f"print('RESULT', json.dumps(run_child({files!r}, {steps}, {run_dir!r})))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode != 0 or not line:
         raise RuntimeError(f"job on {files} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return json.loads(line[0][len("RESULT "):])
 
 
-def _child(files: list[str], steps: int, run_dir: str) -> dict:
-    from deepeyes.config import load_config
-    from trainer.driver import GRPORecipe
-    from trainer.metrics import read_metrics
-
-    cfg = load_config(None, [f"trainer.run_dir={run_dir}", f"trainer.steps={steps}", "trainer.save_every=0",
-                             "trainer.test_every=0", "logging.progress=false", "logging.plots=false",
-                             f"data.train_files={json.dumps(files)}", *SHAPE])
+def run_child(files: list[str], steps: int, run_dir: str) -> dict:
+    """The job on `files` in this (fresh) process, its peak RSS per role sampled while it runs."""
+    cfg = job_config(run_dir, steps, [f"data.train_files={json.dumps(files)}", *SHAPE], synthetic_val_rows=True)
     watcher = PeakWatcher()
-    watcher.start()
-    recipe = GRPORecipe(cfg)
-    try:
-        recipe.setup()
-        recipe.train()
-    finally:
+    peaks: dict[str, float] = {}
+
+    def stop_watching() -> None:
         watcher.halt.set()
         watcher.join()
-        peaks = watcher.by_role()
-        recipe.cleanup()
-    startup = json.loads((Path(run_dir) / "startup.json").read_text())
-    rows = [r for r in read_metrics(run_dir) if "timing/step_s" in r]
-    return {"first_request_s": startup["first_request_s"], "data_s": recipe.timings["data_s"],
-            "steps": len(rows), "step_s": float(np.median([r["timing/step_s"] for r in rows[1:] or rows])),
+        peaks.update(watcher.by_role())
+
+    watcher.start()
+    run = run_job(cfg, before_cleanup=stop_watching)
+    rows = run.step_rows()
+    return {"first_request_s": run.startup()["first_request_s"], "data_s": run.recipe.timings["data_s"],
+            "steps": len(rows), "step_s": float(np.median([r["timing/step_s"] for r in after_first(rows)])),
             "peak_mb": peaks}
+
+
+def print_results(results: dict[int, dict], sizes: list[int], cache: str) -> None:
+    roles = ["driver", "train_worker", "rollout_replica"]
+    print()
+    print_table([("rows", ">7"), ("parquet GiB", ">13.2f"), ("first request s", ">17.1f"), ("data check s", ">14.2f"),
+                 ("step s", ">8.2f"), *((f"peak MB {role}", ">24.0f") for role in roles)],
+                [(n, (Path(cache) / f"rows_{n}.parquet").stat().st_size / 2**30, results[n]["first_request_s"],
+                  results[n]["data_s"], results[n]["step_s"], *(results[n]["peak_mb"].get(role, 0) for role in roles))
+                 for n in sizes])
+    lo, hi = results[sizes[0]], results[sizes[-1]]
+    rss_ratio = {role: hi["peak_mb"].get(role, 0) / max(lo["peak_mb"].get(role, 1), 1) for role in roles}
+    start_ratio = hi["first_request_s"] / lo["first_request_s"]
+    print(f"\n{sizes[-1]} vs {sizes[0]} rows: peak RSS " + ", ".join(f"{k} {v:.2f}x" for k, v in rss_ratio.items())
+          + f" (target <= 1.2x); time to first request {start_ratio:.2f}x (target <= 1.5x)")
+    print_headline({"sizes": sizes, "rss_ratio": {k: round(v, 3) for k, v in rss_ratio.items()},
+                    "first_request_ratio": round(start_ratio, 3),
+                    "first_request_s": {n: round(results[n]["first_request_s"], 1) for n in sizes},
+                    "peak_mb": {n: {k: round(v) for k, v in results[n]["peak_mb"].items()} for n in sizes}})
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1000,5000,20000", help="rows per training set, comma-separated")
     ap.add_argument("--steps", type=int, default=10, help="GRPO steps per size")
-    ap.add_argument("--cache", default=os.environ.get("DEEPEYES_BENCH_CACHE",
-                                                      str(Path.home() / ".cache" / "deepeyes-ray" / "bench-data")),
-                    help="folder for the generated parquet (reused when present)")
+    ap.add_argument("--cache", default=DEFAULT_CACHE, help="folder for the generated parquet (reused when present)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     results = {}
@@ -192,23 +193,7 @@ def main() -> None:
         print(f"{n} rows: {path.stat().st_size / 2**30:.2f} GiB of parquet; running {args.steps} steps", flush=True)
         results[n] = run_size([str(path)], args.steps)
         print(f"  {json.dumps(results[n])}", flush=True)
-    roles = ["driver", "train_worker", "rollout_replica"]
-    print(f"\n{'rows':>7}{'parquet GiB':>13}{'first request s':>17}{'data check s':>14}{'step s':>8}"
-          + "".join(f"{'peak MB ' + r:>24}" for r in roles))
-    for n in sizes:
-        r = results[n]
-        size = (Path(args.cache) / f"rows_{n}.parquet").stat().st_size / 2**30
-        print(f"{n:>7}{size:>13.2f}{r['first_request_s']:>17.1f}{r['data_s']:>14.2f}{r['step_s']:>8.2f}"
-              + "".join(f"{r['peak_mb'].get(role, 0):>24.0f}" for role in roles))
-    lo, hi = results[sizes[0]], results[sizes[-1]]
-    rss_ratio = {role: hi["peak_mb"].get(role, 0) / max(lo["peak_mb"].get(role, 1), 1) for role in roles}
-    start_ratio = hi["first_request_s"] / lo["first_request_s"]
-    print(f"\n{sizes[-1]} vs {sizes[0]} rows: peak RSS " + ", ".join(f"{k} {v:.2f}x" for k, v in rss_ratio.items())
-          + f" (target <= 1.2x); time to first request {start_ratio:.2f}x (target <= 1.5x)")
-    print(json.dumps({"sizes": sizes, "rss_ratio": {k: round(v, 3) for k, v in rss_ratio.items()},
-                      "first_request_ratio": round(start_ratio, 3),
-                      "first_request_s": {n: round(results[n]["first_request_s"], 1) for n in sizes},
-                      "peak_mb": {n: {k: round(v) for k, v in results[n]["peak_mb"].items()} for n in sizes}}))
+    print_results(results, sizes, args.cache)
 
 
 if __name__ == "__main__":

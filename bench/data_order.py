@@ -12,7 +12,7 @@ on one parquet file, side by side:
   position at once, reading only the row groups that still hold rows not taken (with a shuffle
   buffer that is most of them while the buffer spans the groups, as in this small file).
 
-    python bench/data_order.py [--file PATH] [--rows 1000]
+    python -m bench.data_order [--file PATH] [--rows 1000]
 
 Ends with one JSON line.
 """
@@ -20,18 +20,18 @@ Ends with one JSON line.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.data import DEFAULT_CACHE, write_rows  # the same generator as the scale benchmark
+from bench.runner import local_cluster, print_headline, print_table
+from deepeyes.config import DataConfig
+from deepeyes.data import ParquetRows, RowStream
 
 
 def ray_data_pass(path: str, seed: int, stop_at: int | None = None) -> tuple[list[str], float, float]:
     """Row ids in Ray Data's order; (ids, seconds to the first batch, seconds in all)."""
-    import ray.data
+    import ray.data  # heavy: Ray Data only inside the cluster this script starts
 
     t = time.perf_counter()
     ds = ray.data.read_parquet(path, columns=["images", "extra_info"])
@@ -47,30 +47,20 @@ def ray_data_pass(path: str, seed: int, stop_at: int | None = None) -> tuple[lis
     return ids, first, time.perf_counter() - t
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--file", default="", help="a DeepEyes-schema parquet (default: bench/data.py's 1k-row file)")
-    ap.add_argument("--rows", type=int, default=1000, help="rows of the generated file when --file is not given")
-    args = ap.parse_args()
-    from bench.data import write_rows  # noqa: E402  (the same generator as the scale benchmark)
-    from deepeyes.config import DataConfig
-    from deepeyes.data import ParquetRows, RowStream
+def ray_data_order(path: str) -> dict:
+    """Two full Ray Data passes with one seed and one up to the middle (what a resume would read)."""
+    with local_cluster(2):
+        import ray.data  # heavy: Ray Data only inside the cluster
 
-    path = args.file or str(write_rows(Path(os.environ.get(
-        "DEEPEYES_BENCH_CACHE", str(Path.home() / ".cache" / "deepeyes-ray" / "bench-data"))) / f"rows_{args.rows}.parquet",
-        args.rows))
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
         ray.data.DataContext.get_current().execution_options.preserve_order = True
         a, a_first, a_all = ray_data_pass(path, seed=3)
         b, _, _ = ray_data_pass(path, seed=3)
-        half = len(a) // 2
-        _, _, to_half = ray_data_pass(path, seed=3, stop_at=half)
-    finally:
-        ray.shutdown()
+        _, _, to_half = ray_data_pass(path, seed=3, stop_at=len(a) // 2)
+    return {"ids": a, "again": b, "first_s": a_first, "all_s": a_all, "to_half_s": to_half}
 
+
+def row_stream_order(path: str, half: int) -> dict:
+    """RowStream on the same file: two full passes with one seed, and a resume at `half`."""
     src = ParquetRows([path], DataConfig())
     t = time.perf_counter()
     s = RowStream(src, seed=3, buffer_rows=256)
@@ -86,25 +76,36 @@ def main() -> None:
     t = time.perf_counter()
     resumed = RowStream(src3, seed=3, buffer_rows=256, epoch=0, pos=half)
     rest = [r.index for r in resumed.take(len(src3) - half)]
-    resume_s = time.perf_counter() - t
+    return {"ids": full, "again": again, "first_s": rs_first, "resume_s": time.perf_counter() - t,
+            "resume_exact": rest == full[half:], "groups_read": len(set(reads)), "groups": len(src3.groups)}
 
-    same_ray = a == b
-    print(f"{'':<44}{'Ray Data':>12}{'RowStream':>12}")
-    print(f"{'same order on two passes, one seed':<44}{str(same_ray):>12}{str(full == again):>12}")
-    print(f"{'rows in one epoch':<44}{len(a):>12}{len(full):>12}")
-    print(f"{'seconds to the first 16 rows':<44}{a_first:>12.2f}{rs_first:>12.2f}")
-    print(f"{'seconds for the whole epoch':<44}{a_all:>12.2f}{'':>12}")
-    print(f"{'resume at the middle: seconds to get there':<44}{to_half:>12.2f}{0.0:>12.2f}")
-    print(f"{'resume at the middle: rest of the epoch s':<44}{'':>12}{resume_s:>12.2f}")
-    print(f"RowStream resume: {len(set(reads))} of {len(src3.groups)} row groups read, continues exactly: "
-          f"{rest == full[half:]}")
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--file", default="", help="a DeepEyes-schema parquet (default: bench.data's 1k-row file)")
+    ap.add_argument("--rows", type=int, default=1000, help="rows of the generated file when --file is not given")
+    args = ap.parse_args()
+    path = args.file or str(write_rows(Path(DEFAULT_CACHE) / f"rows_{args.rows}.parquet", args.rows))
+    rd = ray_data_order(path)
+    a = rd["ids"]
+    rs = row_stream_order(path, len(a) // 2)
+    same_ray, same_rs = a == rd["again"], rs["ids"] == rs["again"]
+    print_table([("", "<44"), ("Ray Data", ">12.2f"), ("RowStream", ">12.2f")], [
+        ("same order on two passes, one seed", str(same_ray), str(same_rs)),
+        ("rows in one epoch", str(len(a)), str(len(rs["ids"]))),
+        ("seconds to the first 16 rows", rd["first_s"], rs["first_s"]),
+        ("seconds for the whole epoch", rd["all_s"], ""),
+        ("resume at the middle: seconds to get there", rd["to_half_s"], 0.0),
+        ("resume at the middle: rest of the epoch s", "", rs["resume_s"])])
+    print(f"RowStream resume: {rs['groups_read']} of {rs['groups']} row groups read, continues exactly: "
+          f"{rs['resume_exact']}")
     if not same_ray:
-        diff = sum(x != y for x, y in zip(a, b))
+        diff = sum(x != y for x, y in zip(a, rd["again"]))
         print(f"Ray Data: {diff} of {len(a)} positions differ between the two passes with seed 3")
-    print(json.dumps({"ray_data_same_order": same_ray, "rowstream_same_order": full == again,
-                      "ray_data_first_s": round(a_first, 2), "rowstream_first_s": round(rs_first, 2),
-                      "ray_data_to_middle_s": round(to_half, 2), "rowstream_resume_exact": rest == full[half:],
-                      "rowstream_resume_groups_read": len(set(reads)), "row_groups": len(src3.groups)}))
+    print_headline({"ray_data_same_order": same_ray, "rowstream_same_order": same_rs,
+                    "ray_data_first_s": round(rd["first_s"], 2), "rowstream_first_s": round(rs["first_s"], 2),
+                    "ray_data_to_middle_s": round(rd["to_half_s"], 2), "rowstream_resume_exact": rs["resume_exact"],
+                    "rowstream_resume_groups_read": rs["groups_read"], "row_groups": rs["groups"]})
 
 
 if __name__ == "__main__":

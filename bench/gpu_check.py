@@ -7,15 +7,15 @@ imports Ray) and builds everything else itself.
 
 What one run does:
 - MODEL: a random-init `Qwen2_5_VLForConditionalGeneration` with the architecture of
-  Qwen2.5-VL-7B-Instruct (its config.json values, below: 8.29e9 parameters, 0.68e9 of them in the
-  vision tower), bf16, built directly on the device.
+  Qwen2.5-VL-7B-Instruct (its config.json values, in bench/gpu_build.py: 8.29e9 parameters,
+  0.68e9 of them in the vision tower), bf16, built directly on the device.
 - SHARD: `torch.distributed` on one rank (file store on local disk; NCCL on CUDA, gloo on CPU),
   FSDP2 `fully_shard` on every decoder layer and then the root, as trainer/loop.py does on GPU.
   Should `fully_shard` fail, the run goes on unsharded and says so (`"fsdp2": false`).
-- DATA: packed rows of synthetic multi-turn episodes (DESIGN section 2): system/question text,
-  one high-resolution image, assistant turns (the only loss tokens), tool observations with crop
-  images; `pixel_values` + `image_grid_thw` per image, and exactly t*h*w/4 `<|image_pad|>` tokens
-  per image (checked before every forward).
+- DATA: packed rows of synthetic multi-turn episodes (docs/design.md, "Chat format"):
+  system/question text, one high-resolution image, assistant turns (the only loss tokens), tool
+  observations with crop images; `pixel_values` + `image_grid_thw` per image, and exactly t*h*w/4
+  `<|image_pad|>` tokens per image (checked before every forward).
 - UPDATE (the loop of trainer/loop.py `update`): behaviour log-probs by one no-grad forward, then
   per step: packed forward -> token-mean PPO-clip loss (eps 0.2) on fixed per-episode
   advantages -> backward -> grad clip 1.0 -> AdamW (lr 1e-6, wd 0.01).
@@ -49,8 +49,11 @@ Figures:
   resolution for most weights (spacing ~|w|/128), so this reads near 0.02 where fp32 reads 1.0:
   the update rounds away unless the optimizer keeps fp32 master weights.
 
-    python bench/gpu_check.py            # the 7B check on CUDA (about 2-4 minutes on an H200)
-    python bench/gpu_check.py --tiny     # small config on CPU with gloo, a few hundred tokens
+From the repository root (copied to the GPU machine with the repo; bench.runner, which needs Ray,
+is not imported):
+
+    python -m bench.gpu_check            # the 7B check on CUDA (about 2-4 minutes on an H200)
+    python -m bench.gpu_check --tiny     # small config on CPU with gloo, a few hundred tokens
 
 Prints a table, and ends with ONE line of JSON with the headline figures (also when a case or
 the set-up fails: then `"ok": false` and `"error"`).
@@ -64,7 +67,6 @@ import json
 import math
 import os
 import platform
-import random
 import resource
 import shutil
 import statistics
@@ -72,98 +74,25 @@ import sys
 import tempfile
 import time
 import traceback
-import types
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 # Less fragmentation between cases of different lengths; must be set before CUDA initialises.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-try:
-    import PIL.Image  # noqa: F401
-except ImportError:
-    # trainer.packing imports deepeyes.policy, which imports PIL at module level for its image
-    # helpers; the bench never calls them, so a machine without Pillow gets an empty stand-in.
-    _pil = types.ModuleType("PIL")
-    _pil.Image = types.ModuleType("PIL.Image")  # type: ignore[attr-defined]
-    sys.modules.update({"PIL": _pil, "PIL.Image": _pil.Image})  # type: ignore[attr-defined]
-
-from deepeyes.policy import mrope_position_ids  # noqa: E402
+# bench.gpu_build first: it puts a PIL stand-in in place where Pillow is missing, before deepeyes loads
+from bench.gpu_build import (QWEN25_VL_7B, SHAPE_7B, SHAPE_TINY, TINY, Shape, build_config,  # noqa: E402
+                             build_model, cut_layers, init_dist, packed_row, pick_attn, set_grad_ckpt, shard)
 from trainer.grpo import clipped_policy_loss  # noqa: E402
-from trainer.packing import Example, pack, packed_forward  # noqa: E402
+from trainer.packing import packed_forward  # noqa: E402
 
 H200_BF16_PEAK = 989e12  # FLOP/s, dense bf16 (H100/H200 SXM)
 CLIP_EPS = 0.2
 LR, WEIGHT_DECAY, GRAD_CLIP = 1e-6, 0.01, 1.0  # deploy/configs/deepeyes-7b.yaml
-
-# Qwen/Qwen2.5-VL-7B-Instruct config.json (architecture fields), in the checkpoint's own flat
-# layout, which transformers 4.x and 5.x both read.
-QWEN25_VL_7B: dict[str, Any] = {
-    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
-    "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-    "num_attention_heads": 28, "num_key_value_heads": 4, "hidden_act": "silu",
-    "max_position_embeddings": 128000, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
-    "sliding_window": 32768, "use_sliding_window": False, "max_window_layers": 28,
-    "tie_word_embeddings": False, "attention_dropout": 0.0, "initializer_range": 0.02,
-    "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652,
-    "vision_end_token_id": 151653, "vision_token_id": 151654, "image_token_id": 151655,
-    "video_token_id": 151656,
-    "vision_config": {
-        "depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
-        "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14,
-        "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
-        "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2,
-    },
-}
-
-# The same layout at toy size: head_dim 16 -> mrope sections sum to 8; special ids inside a
-# 512-token vocabulary.
-TINY: dict[str, Any] = {
-    **QWEN25_VL_7B,
-    "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
-    "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}, "max_window_layers": 2,
-    "bos_token_id": 500, "eos_token_id": 511, "vision_start_token_id": 502,
-    "vision_end_token_id": 503, "vision_token_id": 504, "image_token_id": 505, "video_token_id": 506,
-    "vision_config": {
-        **QWEN25_VL_7B["vision_config"], "depth": 2, "hidden_size": 32, "intermediate_size": 64,
-        "num_heads": 2, "out_hidden_size": 64, "fullatt_block_indexes": [1],
-    },
-}
-
-
-@dataclass
-class Shape:
-    """Episode geometry of one mode: image grids (t, h, w) in 14-px patches, text lengths, ids."""
-
-    text_vocab: int        # ordinary token ids are drawn from [0, text_vocab)
-    im_start: int          # <|im_start|>
-    im_end: int            # <|im_end|>
-    image_grids: list[tuple[int, int, int]]
-    crop_grids: list[tuple[int, int, int]]
-    prompt_text: int       # system prompt + question tokens
-    turn_text: int         # tokens of one assistant turn (thinking + tool call)
-    obs_text: int          # text tokens of one tool observation
-    max_crops: int         # tool calls per episode at most (DESIGN: 5 assistant turns)
-
-
-SHAPE_7B = Shape(  # original images of 96-2596 tokens, crops of 80-400
-    text_vocab=151643, im_start=151644, im_end=151645,
-    image_grids=[(1, 16, 24), (1, 36, 52), (1, 52, 80), (1, 64, 92), (1, 76, 100), (1, 88, 118)],
-    crop_grids=[(1, 16, 20), (1, 28, 36), (1, 20, 44), (1, 40, 40)],
-    prompt_text=420, turn_text=300, obs_text=40, max_crops=4)
-SHAPE_TINY = Shape(
-    text_vocab=500, im_start=510, im_end=511,
-    image_grids=[(1, 4, 6), (1, 6, 8)], crop_grids=[(1, 2, 4), (1, 4, 4)],
-    prompt_text=16, turn_text=10, obs_text=4, max_crops=2)
 
 
 @dataclass
@@ -195,181 +124,6 @@ class CaseResult:
     clipfrac: float = float("nan")
     param_change_frac: float = float("nan")  # share of a weight's elements the steps changed
     error: str = ""
-
-
-# ---------------------------------------------------------------------------------------------
-# SET-UP
-
-
-def build_config(spec: dict[str, Any]) -> Any:
-    from transformers import Qwen2_5_VLConfig
-
-    cfg = Qwen2_5_VLConfig(**json.loads(json.dumps(spec)))
-    text = getattr(cfg, "text_config", cfg)
-    want = {k: spec[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                 "num_key_value_heads", "intermediate_size", "vocab_size")}
-    got = {k: getattr(text, k) for k in want}
-    if got != want:  # an old or new transformers that reads the flat layout differently
-        raise RuntimeError(f"config read back wrong: {got} != {want}")
-    return cfg
-
-
-def cut_layers(spec: dict[str, Any], n: int) -> dict[str, Any]:
-    """`spec` with n text layers and n vision blocks (the last one full-attention), widths kept."""
-    vision = {**spec["vision_config"], "depth": n, "fullatt_block_indexes": [n - 1]}
-    return {**spec, "num_hidden_layers": n, "max_window_layers": n, "vision_config": vision}
-
-
-def pick_attn(requested: str, device: torch.device) -> str:
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except Exception:
-            return "sdpa"
-    return "sdpa"
-
-
-def init_dist(device: torch.device, store_dir: str) -> str:
-    """One-rank process group on a file store: NCCL on CUDA, gloo on CPU. 'none (why)' if it fails."""
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
-    try:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend, init_method=f"file://{store_dir}/store", rank=0, world_size=1, **kwargs)
-        return backend
-    except Exception as e:  # noqa: BLE001 -- measured unsharded instead, and said so
-        traceback.print_exc()
-        return f"none ({backend} init failed: {type(e).__name__}: {e})"[:300]
-
-
-def build_model(cfg: Any, device: torch.device, dtype: torch.dtype, attn: str) -> Any:
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    torch.manual_seed(0)
-    with torch.device(device):  # initialised where it lives: no 16 GB host copy first
-        model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=dtype, attn_implementation=attn)
-    model.config.use_cache = False
-    model.train()
-    return model
-
-
-def shard(model: Any, device: torch.device) -> tuple[bool, str]:
-    """FSDP2 as trainer/loop.py: each decoder layer, then the root. (ok, note)."""
-    if not dist.is_initialized():
-        return False, "no process group; running unsharded"
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-        for layer in model.model.language_model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        n = len(model.model.language_model.layers)
-        return True, f"fully_shard on {n} decoder layers + root, mesh {device.type} x{dist.get_world_size()}"
-    except Exception as e:  # noqa: BLE001 -- measured unsharded instead, and said so
-        return False, f"fully_shard failed ({type(e).__name__}: {e}); running unsharded"
-
-
-def set_grad_ckpt(model: Any, on: bool) -> None:
-    if on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_disable()
-
-
-# ---------------------------------------------------------------------------------------------
-# DATA
-
-
-def merged(grid: tuple[int, int, int]) -> int:
-    t, h, w = grid
-    return t * h * w // 4
-
-
-def synth_episode(model: Any, rng: random.Random, length: int, shape: Shape, spec: dict[str, Any],
-                  advantage: float, dtype: torch.dtype) -> Example:
-    """One multi-turn tool episode of exactly `length` tokens (loss mask on assistant turns)."""
-    text_hi, im_start, im_end = shape.text_vocab, shape.im_start, shape.im_end
-    vs, ve, pad = spec["vision_start_token_id"], spec["vision_end_token_id"], spec["image_token_id"]
-    ids: list[int] = []
-    mask: list[int] = []
-    grids: list[tuple[int, int, int]] = []
-
-    def text(n: int, loss: int) -> None:
-        ids.extend(rng.randrange(text_hi) for _ in range(n))
-        mask.extend([loss] * n)
-
-    def image(grid: tuple[int, int, int]) -> None:
-        ids.extend([vs] + [pad] * merged(grid) + [ve])
-        mask.extend([0] * (merged(grid) + 2))
-        grids.append(grid)
-
-    def marker(tok: int, loss: int) -> None:
-        ids.append(tok)
-        mask.append(loss)
-
-    # prompt: system + user(image, question) + generation prompt; the largest image that leaves
-    # room for one assistant turn is as likely as any other that fits
-    prompt_text, turn_text = min(shape.prompt_text, length // 8), min(shape.turn_text, length // 8)
-    fits = [g for g in shape.image_grids if merged(g) + prompt_text + turn_text + 12 <= length]
-    if not fits:
-        raise ValueError(f"episode length {length} too short for the prompt and the smallest image")
-    marker(im_start, 0); text(prompt_text // 2, 0); marker(im_end, 0)
-    marker(im_start, 0); image(rng.choice(fits)); text(prompt_text // 2, 0); marker(im_end, 0)
-    marker(im_start, 0)
-    crops = 0
-    while True:
-        crop = rng.choice(shape.crop_grids)
-        obs = merged(crop) + 2 + shape.obs_text + 4
-        # room for this assistant turn, its observation and a final answer turn of the same size
-        if crops >= shape.max_crops or len(ids) + 2 * turn_text + obs + 2 > length:
-            break
-        text(turn_text, 1); marker(im_end, 1)
-        marker(im_start, 0); image(crop); text(shape.obs_text, 0); marker(im_end, 0); marker(im_start, 0)
-        crops += 1
-    final = length - len(ids) - 1
-    if final < 1:
-        raise ValueError(f"episode length {length} too short for its prompt and image ({len(ids)} tokens)")
-    text(final, 1); marker(im_end, 1)
-    assert len(ids) == length
-    ids_t = torch.tensor(ids, dtype=torch.long)
-    grid_t = torch.tensor(grids, dtype=torch.long)
-    patch_dim = 3 * spec["vision_config"]["temporal_patch_size"] * spec["vision_config"]["patch_size"] ** 2
-    patches = int(grid_t.prod(dim=1).sum())
-    noise = torch.Generator().manual_seed(rng.randrange(2**31))
-    pixel_values = torch.randn(patches, patch_dim, generator=noise).to(dtype)
-    return Example(input_ids=ids_t, loss_mask=torch.tensor(mask, dtype=torch.float32), advantage=advantage,
-                   pixel_values=pixel_values, image_grid_thw=grid_t,
-                   positions=mrope_position_ids(model, ids_t, grid_t))
-
-
-def episode_lengths(total: int) -> list[int]:
-    """A GRPO-like spread that sums to `total`: one long multi-turn episode, shorter ones after."""
-    shares = [0.36, 0.26, 0.2, 0.18]
-    lengths = [int(total * s) for s in shares]
-    lengths[-1] += total - sum(lengths)
-    return lengths
-
-
-def packed_row(model: Any, tokens: int, shape: Shape, spec: dict[str, Any], seed: int,
-               dtype: torch.dtype, device: torch.device) -> Any:
-    rng = random.Random(seed)
-    advs = [1.1, -0.6, 0.8, -1.3]
-    exs = [synth_episode(model, rng, n, shape, spec, a, dtype) for n, a in zip(episode_lengths(tokens), advs)]
-    pk = pack(exs)
-    n_pad = int((pk.input_ids == spec["image_token_id"]).sum())
-    want = int((pk.image_grid_thw.prod(dim=1) // 4).sum())
-    if n_pad != want:  # DESIGN section 3's invariant, before every forward
-        raise AssertionError(f"{n_pad} <|image_pad|> tokens but image_grid_thw asks for {want}")
-    for name in ("input_ids", "position_ids", "pixel_values", "image_grid_thw", "targets", "target_mask", "advantages"):
-        setattr(pk, name, getattr(pk, name).to(device))
-    return pk
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,6 +220,7 @@ def peak_mem_gib(device: torch.device) -> float:
 
 def gather_state_dict(model: Any, device: torch.device) -> tuple[float, float, int]:
     """Seconds, GiB and tensor count of the full CPU state dict (the publish path's gather)."""
+    # only the gather needs it; a torch without it fails this block, reported as gather_error
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sync(device)
@@ -532,7 +287,7 @@ def case_summary(r: CaseResult) -> dict[str, Any]:
 # MAIN
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="toy config on CPU with gloo (smoke test)")
@@ -549,9 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", default=None,
                    help="dry run: comma-separated packed lengths instead of the built-in cases (checkpointing on)")
     args = p.parse_args(argv)
-    start = time.perf_counter()
-    deadline = start + args.budget_s
+    args.steps = args.steps if args.steps is not None else (2 if args.tiny else 3)
+    return args
 
+
+def plan(args: argparse.Namespace) -> tuple[dict[str, Any], Shape, torch.device, torch.dtype, list[Case], str]:
+    """(spec, shape, device, dtype, cases, name of the headline case) for the arguments."""
     spec, shape = (TINY, SHAPE_TINY) if args.tiny else (QWEN25_VL_7B, SHAPE_7B)
     if args.layers:
         spec = cut_layers(spec, args.layers)
@@ -560,7 +318,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         device = torch.device(args.device if args.device != "cuda" else "cuda:0")
     dtype = torch.float32 if device.type == "cpu" and args.tiny else torch.bfloat16
-    args.steps = args.steps if args.steps is not None else (2 if args.tiny else 3)
     if args.tiny:
         cases = [Case("tiny-256", 256, True), Case("tiny-512", 512, True),
                  Case("tiny-256-nockpt", 256, False, probe=True)]
@@ -574,7 +331,103 @@ def main(argv: list[str] | None = None) -> int:
         headline_name = cases[-1].name
     if args.no_probes:
         cases = [c for c in cases if not c.probe]
+    return spec, shape, device, dtype, cases, headline_name
 
+
+def set_up(spec: dict[str, Any], args: argparse.Namespace, device: torch.device, dtype: torch.dtype, store: str,
+           summary: dict[str, Any]) -> tuple[Any, Any, int]:
+    """Versions, config, process group, model, FSDP2, AdamW (noted in summary); (model, optimizer, params)."""
+    import transformers  # inside main's try: a missing or old transformers still ends in the JSON line
+
+    summary["transformers"] = transformers.__version__
+    summary["gpu"] = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"torch {torch.__version__}  transformers {transformers.__version__}  device {summary['gpu']}  "
+          f"python {platform.python_version()}")
+    if int(transformers.__version__.split(".")[0]) < 5:  # the packing path's M-RoPE call is 5.x's
+        raise RuntimeError(f"transformers {transformers.__version__}: the project needs >= 5.17 (pyproject.toml)")
+    cfg = build_config(spec)
+    attn = pick_attn(args.attn, device)
+    summary["attn"] = attn
+    summary["backend"] = init_dist(device, store)
+    t0 = time.perf_counter()
+    model = build_model(cfg, device, dtype, attn)
+    sync(device)
+    summary["build_s"] = sig(time.perf_counter() - t0)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_vision = sum(p.numel() for p in model.model.visual.parameters())
+    summary["params"] = n_params
+    summary["vision_params"] = n_vision
+    print(f"model: {n_params:,} params ({n_vision:,} in the vision tower), {attn}, {summary['dtype']}, "
+          f"built in {summary['build_s']} s")
+    fsdp, note = shard(model, device)
+    summary["fsdp2"] = fsdp
+    summary["fsdp2_note"] = note
+    print(f"fsdp2: {note}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    summary["adamw_state_dtype"] = summary["dtype"]  # torch AdamW keeps states in the param dtype
+    return model, optimizer, n_params
+
+
+def run_cases(model: Any, optimizer: Any, cases: list[Case], args: argparse.Namespace, shape: Shape,
+              spec: dict[str, Any], n_params: int, device: torch.device, dtype: torch.dtype, deadline: float,
+              summary: dict[str, Any], results: list[CaseResult]) -> None:
+    """Each case in turn into results (the gather before the first probe, or after the last case)."""
+    gather_done = False
+    for case in cases:
+        if case.probe and not gather_done:
+            summary.update(gather_block(model, device))
+            gather_done = True
+        if time.perf_counter() > deadline:
+            results.append(CaseResult(case=case, status="skipped", error="out of --budget-s"))
+            continue
+        ckpt = "on" if case.grad_ckpt else "off"
+        print(f"case {case.name}: {case.tokens} tokens, grad ckpt {ckpt} ...", flush=True)
+        try:
+            r = run_case(model, optimizer, case, args, shape, spec, n_params, device, dtype, deadline)
+        except torch.cuda.OutOfMemoryError as e:
+            r = CaseResult(case=case, status="oom", error=str(e).split("\n")[0][:300])
+        except Exception as e:  # noqa: BLE001 -- report and go on to the next case
+            traceback.print_exc()
+            r = CaseResult(case=case, status="error", error=f"{type(e).__name__}: {e}"[:300])
+        results.append(r)
+        optimizer.zero_grad(set_to_none=True)
+        free(device)
+        # a line per case, so a run cut short still shows what it measured
+        print(f"case {case.name}: {r.status}, step {fmt(r.step_s, '.3f')} s, {fmt(r.tokens_per_s, '.0f')} tok/s, "
+              f"MFU {fmt(r.mfu, '.3f')}, peak {fmt(r.peak_mem_gib, '.1f')} GiB {r.error}", flush=True)
+    if not gather_done:
+        summary.update(gather_block(model, device))
+
+
+def headline(results: list[CaseResult], headline_name: str, summary: dict[str, Any]) -> None:
+    """The headline case's figures, ok and error into summary."""
+    head = next((r for r in results if r.case.name == headline_name and r.status == "ok"), None)
+    if head is None:  # fall back to the largest non-probe case that ran
+        head = max((r for r in results if r.status == "ok" and not r.case.probe),
+                   key=lambda r: r.packed_tokens, default=None)
+    required_ok = all(r.status == "ok" for r in results if not r.case.probe)
+    if head is not None:
+        summary.update({
+            "headline_case": head.case.name, "tokens": head.packed_tokens, "loss_tokens": head.loss_tokens,
+            "images": head.images, "image_tokens": head.image_tokens, "grad_ckpt": head.case.grad_ckpt,
+            "peak_mem_gib": sig(head.peak_mem_gib), "tokens_per_s": sig(head.tokens_per_s),
+            "mfu": sig(head.mfu), "step_s": sig(head.step_s), "fwd_bwd_s": sig(head.fwd_bwd_s),
+            "adamw_s": sig(head.optim_s), "logprob_fwd_s": sig(head.logprob_fwd_s),
+            "loss_first": sig(head.losses[0], 6), "loss_on_policy": sig(head.loss_on_policy, 6),
+            "loss": sig(head.losses[-1], 6), "grad_norm": sig(head.grad_norms[-1]), "clipfrac": sig(head.clipfrac),
+            "param_change_frac": sig(head.param_change_frac),
+        })
+    summary["ok"] = bool(head is not None and required_ok and "gather_error" not in summary)
+    if not summary["ok"] and "error" not in summary:
+        summary["error"] = "; ".join(f"{r.case.name}: {r.status} {r.error}" for r in results
+                                     if r.status != "ok" and not r.case.probe) or summary.get("gather_error", "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    deadline = start + args.budget_s
+    spec, shape, device, dtype, cases, headline_name = plan(args)
     peak_kind = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process max RSS (CPU run)"
     summary: dict[str, Any] = {
         "ok": False, "mode": "tiny" if args.tiny else "qwen2.5-vl-7b", "device": str(device),
@@ -585,83 +438,10 @@ def main(argv: list[str] | None = None) -> int:
     results: list[CaseResult] = []
     store = tempfile.mkdtemp(prefix="gpu-check-")
     try:
-        # SET-UP
-        import transformers
-
-        summary["transformers"] = transformers.__version__
-        summary["gpu"] = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-        print(f"torch {torch.__version__}  transformers {transformers.__version__}  device {summary['gpu']}  "
-              f"python {platform.python_version()}")
-        if int(transformers.__version__.split(".")[0]) < 5:  # the packing path's M-RoPE call is 5.x's
-            raise RuntimeError(f"transformers {transformers.__version__}: the project needs >= 5.17 (pyproject.toml)")
-        cfg = build_config(spec)
-        attn = pick_attn(args.attn, device)
-        summary["attn"] = attn
-        summary["backend"] = init_dist(device, store)
-        t0 = time.perf_counter()
-        model = build_model(cfg, device, dtype, attn)
-        sync(device)
-        summary["build_s"] = sig(time.perf_counter() - t0)
-        n_params = sum(p.numel() for p in model.parameters())
-        n_vision = sum(p.numel() for p in model.model.visual.parameters())
-        summary["params"] = n_params
-        summary["vision_params"] = n_vision
-        print(f"model: {n_params:,} params ({n_vision:,} in the vision tower), {attn}, {summary['dtype']}, "
-              f"built in {summary['build_s']} s")
-        fsdp, note = shard(model, device)
-        summary["fsdp2"] = fsdp
-        summary["fsdp2_note"] = note
-        print(f"fsdp2: {note}")
-        optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-        summary["adamw_state_dtype"] = summary["dtype"]  # torch AdamW keeps states in the param dtype
-
-        gather_done = False
-        for case in cases:
-            if case.probe and not gather_done:
-                summary.update(gather_block(model, device))
-                gather_done = True
-            if time.perf_counter() > deadline:
-                results.append(CaseResult(case=case, status="skipped", error="out of --budget-s"))
-                continue
-            ckpt = "on" if case.grad_ckpt else "off"
-            print(f"case {case.name}: {case.tokens} tokens, grad ckpt {ckpt} ...", flush=True)
-            try:
-                r = run_case(model, optimizer, case, args, shape, spec, n_params, device, dtype, deadline)
-            except torch.cuda.OutOfMemoryError as e:
-                r = CaseResult(case=case, status="oom", error=str(e).split("\n")[0][:300])
-            except Exception as e:  # noqa: BLE001 -- report and go on to the next case
-                traceback.print_exc()
-                r = CaseResult(case=case, status="error", error=f"{type(e).__name__}: {e}"[:300])
-            results.append(r)
-            optimizer.zero_grad(set_to_none=True)
-            free(device)
-            # a line per case, so a run cut short still shows what it measured
-            print(f"case {case.name}: {r.status}, step {fmt(r.step_s, '.3f')} s, {fmt(r.tokens_per_s, '.0f')} tok/s, "
-                  f"MFU {fmt(r.mfu, '.3f')}, peak {fmt(r.peak_mem_gib, '.1f')} GiB {r.error}", flush=True)
-        if not gather_done:
-            summary.update(gather_block(model, device))
-
+        model, optimizer, n_params = set_up(spec, args, device, dtype, store, summary)
+        run_cases(model, optimizer, cases, args, shape, spec, n_params, device, dtype, deadline, summary, results)
         print_table(results, peak_kind)
-        head = next((r for r in results if r.case.name == headline_name and r.status == "ok"), None)
-        if head is None:  # fall back to the largest non-probe case that ran
-            head = max((r for r in results if r.status == "ok" and not r.case.probe),
-                       key=lambda r: r.packed_tokens, default=None)
-        required_ok = all(r.status == "ok" for r in results if not r.case.probe)
-        if head is not None:
-            summary.update({
-                "headline_case": head.case.name, "tokens": head.packed_tokens, "loss_tokens": head.loss_tokens,
-                "images": head.images, "image_tokens": head.image_tokens, "grad_ckpt": head.case.grad_ckpt,
-                "peak_mem_gib": sig(head.peak_mem_gib), "tokens_per_s": sig(head.tokens_per_s),
-                "mfu": sig(head.mfu), "step_s": sig(head.step_s), "fwd_bwd_s": sig(head.fwd_bwd_s),
-                "adamw_s": sig(head.optim_s), "logprob_fwd_s": sig(head.logprob_fwd_s),
-                "loss_first": sig(head.losses[0], 6), "loss_on_policy": sig(head.loss_on_policy, 6),
-                "loss": sig(head.losses[-1], 6), "grad_norm": sig(head.grad_norms[-1]), "clipfrac": sig(head.clipfrac),
-                "param_change_frac": sig(head.param_change_frac),
-            })
-        summary["ok"] = bool(head is not None and required_ok and "gather_error" not in summary)
-        if not summary["ok"] and "error" not in summary:
-            summary["error"] = "; ".join(f"{r.case.name}: {r.status} {r.error}" for r in results
-                                         if r.status != "ok" and not r.case.probe) or summary.get("gather_error", "")
+        headline(results, headline_name, summary)
     except Exception as e:  # noqa: BLE001 -- the JSON line must still come out
         traceback.print_exc()
         summary["error"] = f"{type(e).__name__}: {e}"[:500]

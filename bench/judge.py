@@ -10,33 +10,26 @@
 2. the cache hit rate and judge calls saved on a GRPO-shaped batch (n=8 samples per prompt) of
    synthetic answers: a policy's 8 samples of one prompt repeat answers, often up to case/spaces.
 
-Usage: python bench/judge.py [--prompts 32] [--requests 128] [--backends hf,openai,openai-choice]
+Usage: python -m bench.judge [--prompts 32] [--requests 128] [--backends hf,openai,openai-choice]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
-import socket
 import tempfile
 import time
+
+from bench.runner import free_port, local_cluster, print_headline, print_table
+from services.judge.reward import ScoreRequest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def grpo_batch(prompts: int, n: int, seed: int = 0):
     """Synthetic GRPO batch: per prompt, n answers drawn like a policy's samples would fall."""
-    from services.judge.reward import ScoreRequest
-
     rng = random.Random(seed)
     colours = ["red", "blue", "green", "yellow", "white", "black"]
     out = []
@@ -72,8 +65,6 @@ async def drive(handle, requests, concurrency: int) -> float:
 
 
 def measure(handle, requests_per_level: int, tag: str) -> list[dict]:
-    from services.judge.reward import ScoreRequest
-
     handle.score.remote(ScoreRequest("<answer>warm</answer>", "warm-up?", "x")).result()
     rows = []
     for c in (1, 16, 64):
@@ -89,16 +80,10 @@ def measure(handle, requests_per_level: int, tag: str) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=128, help="judgments per concurrency level")
-    ap.add_argument("--prompts", type=int, default=32, help="prompts of the GRPO batch (x8 samples)")
-    ap.add_argument("--backends", default="hf,openai,openai-choice",
-                    help="hf, openai (vLLM server, free-form), openai-choice (vLLM server, constrained)")
-    args = ap.parse_args()
-    backends = [b for b in args.backends.split(",") if b]
-
-    import ray
+def run_backends(backends: list[str], requests: int, prompts: int) -> dict:
+    """Part 1 on each backend, then part 2 with the cache on, on the last one; the judge server
+    (for the openai backends) and the cluster are released on the way out."""
+    # heavy: Serve and the judge app (Ray) only once the benchmark runs, not for --help
     from ray import serve
 
     from services.judge.app import build_app
@@ -110,55 +95,61 @@ def main() -> None:
     if any(b.startswith("openai") for b in backends):
         server = LocalOpenAIServer(tiny_text_model_path(cache), free_port(), os.path.join(cache, "judge-server.log"))
         server.start()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     common = [f"model.cache_dir={cache}", "serve.judge.num_cpus=1", "judge.cache_size=0"]
     per_backend: dict[str, list[dict]] = {}
-    handle = None
     try:
-        for b in backends:
-            extra = {"hf": ["judge.backend=hf"],
-                     "openai": ["judge.backend=openai", f"judge.base_url={server.base_url if server else ''}"],
-                     "openai-choice": ["judge.backend=openai", f"judge.base_url={server.base_url if server else ''}",
-                                       "judge.constrain=choice"]}[b]
-            handle = serve.run(build_app({"overrides": common + extra}), name="judge", route_prefix="/judge")
-            per_backend[b] = measure(handle, args.requests, b)
-        # the GRPO-shaped batch with the cache on, on the last backend
-        handle = serve.run(build_app({"overrides": [*common[:-1], *extra]}), name="judge", route_prefix="/judge")
-        batch = grpo_batch(args.prompts, 8)
-        before = handle.stats.remote().result()
-        secs = asyncio.run(drive(handle, batch, 64))
-        after = handle.stats.remote().result()
+        with local_cluster(4, serve=True, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}):
+            for b in backends:
+                base_url = f"judge.base_url={server.base_url if server else ''}"
+                extra = {"hf": ["judge.backend=hf"], "openai": ["judge.backend=openai", base_url],
+                         "openai-choice": ["judge.backend=openai", base_url, "judge.constrain=choice"]}[b]
+                handle = serve.run(build_app({"overrides": common + extra}), name="judge", route_prefix="/judge")
+                per_backend[b] = measure(handle, requests, b)
+            # the GRPO-shaped batch with the cache on, on the last backend
+            handle = serve.run(build_app({"overrides": [*common[:-1], *extra]}), name="judge", route_prefix="/judge")
+            batch = grpo_batch(prompts, 8)
+            before = handle.stats.remote().result()
+            secs = asyncio.run(drive(handle, batch, 64))
+            after = handle.stats.remote().result()
     finally:
-        serve.shutdown()
-        ray.shutdown()
         if server is not None:
             server.stop()
-    hits = after["cache_hits"] - before["cache_hits"]
-    misses = after["cache_misses"] - before["cache_misses"]
-    shared = after["cache_shared_inflight"] - before["cache_shared_inflight"]
+    return {"server": server, "per_backend": per_backend, "total": len(batch), "secs": secs,
+            **{k: after[f"cache_{k}"] - before[f"cache_{k}"] for k in ("hits", "misses", "shared_inflight")}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=128, help="judgments per concurrency level")
+    ap.add_argument("--prompts", type=int, default=32, help="prompts of the GRPO batch (x8 samples)")
+    ap.add_argument("--backends", default="hf,openai,openai-choice",
+                    help="hf, openai (vLLM server, free-form), openai-choice (vLLM server, constrained)")
+    args = ap.parse_args()
+    backends = [b for b in args.backends.split(",") if b]
+    r = run_backends(backends, args.requests, args.prompts)
+    server, total, hits, misses = r["server"], r["total"], r["hits"], r["misses"]
 
     print(f"\njudge service on the tiny text judge ({args.requests} distinct judgments per level); "
           f"openai = vLLM's OpenAI server (started in {server.start_s:.1f} s)" if server else "")
-    print(f"{'backend':>14} {'concurrency':>11} {'judgments/s':>12} {'x vs c=1':>9} {'gens/judgment':>14} {'failed':>7}")
     headline: dict = {}
-    for b, rows in per_backend.items():
-        base = rows[0]["judgments_per_s"]
-        for r in rows:
-            print(f"{b:>14} {r['concurrency']:>11} {r['judgments_per_s']:>12.1f} {r['judgments_per_s'] / base:>9.2f} "
-                  f"{r['generations_per_judgment']:>14.2f} {r['failed']:>7}")
-        headline[b] = {f"judgments_per_s_c{r['concurrency']}": round(r["judgments_per_s"], 2) for r in rows}
-        headline[b]["failed_share"] = round(sum(r["failed"] for r in rows) / sum(r["judgments"] for r in rows), 3)
-    total = len(batch)
+    rows = []
+    for b, per_level in r["per_backend"].items():
+        base = per_level[0]["judgments_per_s"]
+        rows += [(b, x["concurrency"], x["judgments_per_s"], x["judgments_per_s"] / base,
+                  x["generations_per_judgment"], x["failed"]) for x in per_level]
+        headline[b] = {f"judgments_per_s_c{x['concurrency']}": round(x["judgments_per_s"], 2) for x in per_level}
+        headline[b]["failed_share"] = round(sum(x["failed"] for x in per_level)
+                                            / sum(x["judgments"] for x in per_level), 3)
+    print_table([("backend", ">14"), ("concurrency", ">11"), ("judgments/s", ">12.1f"), ("x vs c=1", ">9.2f"),
+                 ("gens/judgment", ">14.2f"), ("failed", ">7")], rows, sep=" ")
     print(f"\nGRPO-shaped batch ({backends[-1]}): {args.prompts} prompts x 8 samples = {total} requests at "
-          f"concurrency 64, {secs:.2f} s")
-    print(f"  judge calls: {misses}  cache hits: {hits} (of which shared in-flight: {shared})  "
+          f"concurrency 64, {r['secs']:.2f} s")
+    print(f"  judge calls: {misses}  cache hits: {hits} (of which shared in-flight: {r['shared_inflight']})  "
           f"hit rate: {hits / total:.3f}  calls saved: {1 - misses / total:.1%}")
     if server:
         headline["server_start_s"] = round(server.start_s, 1)
     headline.update(grpo_cache_hit_rate=round(hits / total, 3), grpo_calls_saved=round(1 - misses / total, 3))
-    print(json.dumps(headline))
+    print_headline(headline)
 
 
 if __name__ == "__main__":

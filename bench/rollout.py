@@ -1,6 +1,6 @@
 """Rollout throughput of both engines side by side (hf, vllm) and weight publish+load cost.
 
-    python bench/rollout.py [--episodes 32] [--max-new 32] [--engines hf,vllm] [--skip-weights]
+    python -m bench.rollout [--episodes 32] [--max-new 32] [--engines hf,vllm] [--skip-weights]
 
 Part 1: the same 32 seeded episodes (each sequence samples with its own seed, whatever it is
 batched with) through the real agent loop on each engine, same model, prompts and sampling, at 1,
@@ -18,23 +18,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import sys
+import shutil
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before the tokenizers load
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402
 
+from bench.runner import local_cluster, print_headline, print_table  # noqa: E402
 from deepeyes.chat import SYSTEM_PROMPT  # noqa: E402
 from deepeyes.config import RolloutConfig, ToolsConfig, load_config  # noqa: E402
 from deepeyes.policy import load_policy, resolve_policy_path, tiny_model_config  # noqa: E402
 from services.rollout.agent_loop import run_episode  # noqa: E402
-from services.rollout.engines import HFEngine  # noqa: E402
+from services.rollout.hf_engine import HFEngine  # noqa: E402
 from services.rollout.types import EpisodeRequest, PolicyIO  # noqa: E402
 
 
@@ -70,7 +70,7 @@ async def bench_engine(name: str, folder: Path, full, cfg: RolloutConfig, reqs, 
     """Best-of-`repeats` results per concurrency level for one engine, its start time, the engine."""
     t0 = time.perf_counter()
     if name == "vllm":
-        from services.rollout.vllm_engine import VLLMEngine
+        from services.rollout.vllm_engine import VLLMEngine  # heavy: only this engine needs vLLM
 
         engine = VLLMEngine(folder, full.model, cfg)
         io = PolicyIO.from_folder(folder, full.model.min_pixels, full.model.max_pixels)
@@ -106,8 +106,6 @@ async def vllm_reload(engine, state: dict[str, torch.Tensor], repeats: int = 3) 
 
 def folder_100m(tiny_folder: Path, out: Path, tokenizer) -> Path:
     """The 100M model as a from_pretrained folder (tokenizer/processor files of the tiny one)."""
-    import shutil
-
     if not (out / "model.safetensors").exists():
         shutil.copytree(tiny_folder, out, dirs_exist_ok=True)
         model_100m(tokenizer).save_pretrained(out)
@@ -116,8 +114,6 @@ def folder_100m(tiny_folder: Path, out: Path, tokenizer) -> Path:
 
 def model_100m(tokenizer):
     """A random-init Qwen2.5-VL of about 100M parameters on the tiny tokenizer's ids."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
     tiny = tiny_model_config(tokenizer)
     t = tiny.text_config
     cfg = Qwen2_5_VLConfig(
@@ -137,6 +133,7 @@ def model_100m(tokenizer):
 
 
 def weight_sync(models: dict[str, torch.nn.Module], replica_counts: tuple[int, ...] = (1, 2)) -> list[dict]:
+    # heavy: Ray and the weight store on it, only for part 2
     import ray
 
     from services.rollout.weights import fetch_weights, get_or_create_weight_store, get_weight_store, publish_weights
@@ -195,6 +192,74 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+async def run_engines(args: argparse.Namespace, folder: Path, full, cfg: RolloutConfig, reqs,
+                      policy) -> tuple[dict, list]:
+    """Part 1 on each engine, and part 3 on vLLM (unless --skip-weights)."""
+    out, reload_rows = {}, []
+    for name in [e for e in args.engines.split(",") if e]:
+        best, start_s, engine = await bench_engine(name, folder, full, cfg, reqs, args.repeats)
+        out[name] = (best, start_s)
+        if name == "vllm" and not args.skip_weights:
+            reload_rows.append({"model": "tiny", **await vllm_reload(engine, policy.model.state_dict())})
+            engine.shutdown()
+            big = folder_100m(folder, Path(args.work_dir) / "qwen2.5-vl-100m", policy.tokenizer)
+            from services.rollout.vllm_engine import VLLMEngine  # heavy: only this engine needs vLLM
+
+            t0 = time.perf_counter()
+            engine = VLLMEngine(big, full.model, cfg)
+            big_start = time.perf_counter() - t0
+            state = load_policy(big).model.state_dict()
+            reload_rows.append({"model": "qwen2.5-vl-100m", "start_s": big_start, **await vllm_reload(engine, state)})
+        if hasattr(engine, "shutdown"):
+            engine.shutdown()
+    return out, reload_rows
+
+
+def print_engines(per_engine: dict, args: argparse.Namespace) -> dict:
+    print(f"\nRollout throughput: tiny Qwen2.5-VL, {args.episodes} seeded episodes through the agent loop, "
+          f"<= {args.max_new} new tokens, T=1.0, torch threads {args.threads}, best of {args.repeats}")
+    headline: dict = {"episodes_per_s": {}, "tokens_per_s": {}, "start_s": {}, "same_tokens": {}}
+    rows = []
+    for name, (best, start_s) in per_engine.items():
+        results = [best[c] for c in (1, 8, 32)]
+        same = all(r["ids"] == results[0]["ids"] for r in results)
+        rows += [(name, start_s, r["concurrency"], r["episodes_per_s"], r["tokens_per_s"],
+                  r["tokens_per_s"] / results[0]["tokens_per_s"], str(same)) for r in results]
+        headline["episodes_per_s"][name] = {r["concurrency"]: round(r["episodes_per_s"], 2) for r in results}
+        headline["tokens_per_s"][name] = {r["concurrency"]: round(r["tokens_per_s"], 1) for r in results}
+        headline["start_s"][name] = round(start_s, 1)
+        headline["same_tokens"][name] = same
+    print_table([("engine", ">6"), ("start s", ">8.1f"), ("concurrency", ">11"), ("episodes/s", ">11.2f"),
+                 ("tokens/s", ">9.1f"), ("x vs 1", ">7.2f"), ("same tokens", ">11")], rows, sep=" ")
+    if {"hf", "vllm"} <= set(per_engine):
+        ratio = {c: per_engine["vllm"][0][c]["tokens_per_s"] / per_engine["hf"][0][c]["tokens_per_s"] for c in (1, 8, 32)}
+        print("vLLM / HF tokens/s: " + ", ".join(f"{c}: {v:.2f}x" for c, v in ratio.items()))
+        headline["vllm_over_hf"] = {c: round(v, 2) for c, v in ratio.items()}
+    return headline
+
+
+def print_sync(sync_rows: list[dict]) -> None:
+    print("\nWeight publish + pull + load into an HF replica (best of 3) vs an in-memory copy of the same bytes")
+    print_table([("model", ">16"), ("replicas", ">8"), ("params M", ">8.1f"), ("MiB", ">7.1f"),
+                 ("publish s", ">9.3f"), ("fetch s", ">8.3f"), ("load s", ">7.3f"), ("total s", ">8.3f"),
+                 ("copy s", ">7.3f"), ("ratio", ">6.1f")],
+                [(r["model"], r["replicas"], r["params_m"], r["mb"], r["publish_s"], r["fetch_s"], r["load_s"],
+                  r["total_s"], r["copy_s"], r["ratio"]) for r in sync_rows], sep=" ")
+
+
+def print_reload(reload_rows: list[dict]) -> dict:
+    print("\nvLLM weight reload (load_weights: buckets -> shm files -> collective_rpc stage -> in-place reload -> cache resets), "
+          "best of 3, vs an in-memory copy")
+    print_table([("model", ">16"), ("MiB", ">7.1f"), ("total s", ">8.3f"), ("write s", ">7.3f"), ("stage s", ">7.3f"),
+                 ("reload s", ">9.3f"), ("reset s", ">8.3f"), ("copy s", ">7.3f"), ("ratio", ">6.1f")],
+                [(r["model"], r["mb"], r["total_s"], r["split"]["pack_s"], r["split"]["stage_s"],
+                  r["split"]["reload_s"], r["split"]["reset_s"], r["copy_s"], r["ratio"]) for r in reload_rows],
+                sep=" ")
+    return {"vllm_reload_s": {r["model"]: round(r["total_s"], 3) for r in reload_rows},
+            "vllm_reload_vs_copy": {r["model"]: round(r["ratio"], 1) for r in reload_rows},
+            "vllm_start_s_100m": round(reload_rows[-1].get("start_s", float("nan")), 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--episodes", type=int, default=32)
@@ -206,7 +271,6 @@ def main() -> None:
     ap.add_argument("--work-dir", default="/tmp/deepeyes-bench", help="where the 100M model folder is written")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    engines = [e for e in args.engines.split(",") if e]
 
     full = load_config(overrides=["rollout.enforce_eager=true", "rollout.kv_cache_gb=0.5"])
     folder = resolve_policy_path(full.model)
@@ -214,78 +278,19 @@ def main() -> None:
     cfg = RolloutConfig(max_new_tokens_per_turn=args.max_new, max_response_length=args.max_new,
                         max_batch_size=32, batch_wait_ms=5.0, temperature=1.0, enforce_eager=True,
                         kv_cache_gb=0.5)
-    reqs = requests(args.episodes)
-
-    async def engines_part():
-        out, reload_rows = {}, []
-        for name in engines:
-            best, start_s, engine = await bench_engine(name, folder, full, cfg, reqs, args.repeats)
-            out[name] = (best, start_s)
-            if name == "vllm" and not args.skip_weights:
-                reload_rows.append({"model": "tiny", **await vllm_reload(engine, policy.model.state_dict())})
-                engine.shutdown()
-                big = folder_100m(folder, Path(args.work_dir) / "qwen2.5-vl-100m", policy.tokenizer)
-                from services.rollout.vllm_engine import VLLMEngine
-
-                t0 = time.perf_counter()
-                engine = VLLMEngine(big, full.model, cfg)
-                big_start = time.perf_counter() - t0
-                state = load_policy(big).model.state_dict()
-                reload_rows.append({"model": "qwen2.5-vl-100m", "start_s": big_start,
-                                    **await vllm_reload(engine, state)})
-            if hasattr(engine, "shutdown"):
-                engine.shutdown()
-        return out, reload_rows
-
-    per_engine, reload_rows = asyncio.run(engines_part())
-    print(f"\nRollout throughput: tiny Qwen2.5-VL, {args.episodes} seeded episodes through the agent loop, "
-          f"<= {args.max_new} new tokens, T=1.0, torch threads {args.threads}, best of {args.repeats}")
-    print(f"{'engine':>6} {'start s':>8} {'concurrency':>11} {'episodes/s':>11} {'tokens/s':>9} {'x vs 1':>7} "
-          f"{'same tokens':>11}")
-    headline: dict = {"episodes_per_s": {}, "tokens_per_s": {}, "start_s": {}, "same_tokens": {}}
-    for name, (best, start_s) in per_engine.items():
-        results = [best[c] for c in (1, 8, 32)]
-        same = all(r["ids"] == results[0]["ids"] for r in results)
-        for r in results:
-            print(f"{name:>6} {start_s:>8.1f} {r['concurrency']:>11} {r['episodes_per_s']:>11.2f} "
-                  f"{r['tokens_per_s']:>9.1f} {r['tokens_per_s'] / results[0]['tokens_per_s']:>7.2f} {str(same):>11}")
-        headline["episodes_per_s"][name] = {r["concurrency"]: round(r["episodes_per_s"], 2) for r in results}
-        headline["tokens_per_s"][name] = {r["concurrency"]: round(r["tokens_per_s"], 1) for r in results}
-        headline["start_s"][name] = round(start_s, 1)
-        headline["same_tokens"][name] = same
-    if {"hf", "vllm"} <= set(per_engine):
-        ratio = {c: per_engine["vllm"][0][c]["tokens_per_s"] / per_engine["hf"][0][c]["tokens_per_s"] for c in (1, 8, 32)}
-        print("vLLM / HF tokens/s: " + ", ".join(f"{c}: {v:.2f}x" for c, v in ratio.items()))
-        headline["vllm_over_hf"] = {c: round(v, 2) for c, v in ratio.items()}
+    per_engine, reload_rows = asyncio.run(run_engines(args, folder, full, cfg, requests(args.episodes), policy))
+    headline = print_engines(per_engine, args)
 
     sync_rows = []
     if not args.skip_weights:
-        import ray
-
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-        sync_rows = weight_sync({"tiny": policy.model, "qwen2.5-vl-100m": model_100m(policy.tokenizer)})
-        ray.shutdown()
-        print("\nWeight publish + pull + load into an HF replica (best of 3) vs an in-memory copy of the same bytes")
-        print(f"{'model':>16} {'replicas':>8} {'params M':>8} {'MiB':>7} {'publish s':>9} {'fetch s':>8} {'load s':>7} "
-              f"{'total s':>8} {'copy s':>7} {'ratio':>6}")
-        for r in sync_rows:
-            print(f"{r['model']:>16} {r['replicas']:>8} {r['params_m']:>8.1f} {r['mb']:>7.1f} {r['publish_s']:>9.3f} {r['fetch_s']:>8.3f} "
-                  f"{r['load_s']:>7.3f} {r['total_s']:>8.3f} {r['copy_s']:>7.3f} {r['ratio']:>6.1f}")
+        with local_cluster(4):
+            sync_rows = weight_sync({"tiny": policy.model, "qwen2.5-vl-100m": model_100m(policy.tokenizer)})
+        print_sync(sync_rows)
     if reload_rows:
-        print("\nvLLM weight reload (load_weights: buckets -> shm files -> collective_rpc stage -> in-place reload -> cache resets), "
-              "best of 3, vs an in-memory copy")
-        print(f"{'model':>16} {'MiB':>7} {'total s':>8} {'write s':>7} {'stage s':>7} {'reload s':>9} {'reset s':>8} "
-              f"{'copy s':>7} {'ratio':>6}")
-        for r in reload_rows:
-            sp = r["split"]
-            print(f"{r['model']:>16} {r['mb']:>7.1f} {r['total_s']:>8.3f} {sp['pack_s']:>7.3f} {sp['stage_s']:>7.3f} "
-                  f"{sp['reload_s']:>9.3f} {sp['reset_s']:>8.3f} {r['copy_s']:>7.3f} {r['ratio']:>6.1f}")
-        headline["vllm_reload_s"] = {r["model"]: round(r["total_s"], 3) for r in reload_rows}
-        headline["vllm_reload_vs_copy"] = {r["model"]: round(r["ratio"], 1) for r in reload_rows}
-        headline["vllm_start_s_100m"] = round(reload_rows[-1].get("start_s", float("nan")), 1)
+        headline.update(print_reload(reload_rows))
     headline["sync_total_s"] = {f"{r['model']}x{r['replicas']}": round(r["total_s"], 3) for r in sync_rows}
     headline["sync_vs_copy"] = {f"{r['model']}x{r['replicas']}": round(r["ratio"], 1) for r in sync_rows}
-    print(json.dumps(headline))
+    print_headline(headline)
 
 
 if __name__ == "__main__":

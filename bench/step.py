@@ -10,7 +10,7 @@ episodes: many short answers, some long multi-turn ones) three ways, side by sid
 longest in fixed-size micro-batches, packed at the CPU budget (about one sequence per row, no
 padding), and packed at a large budget (many sequences per row, block-causal mask).
 
-    python bench/step.py [--steps 3] [--quick]
+    python -m bench.step [--steps 3] [--quick]
 
 Ends with one JSON line of headline figures.
 """
@@ -18,48 +18,30 @@ Ends with one JSON line of headline figures.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+from PIL import Image
 
-import torch  # noqa: E402
-
-from deepeyes.serving import APP_NAMES, DEPLOYMENT_NAMES  # noqa: E402
-from trainer.metrics import STEP_PHASES  # noqa: E402
+from bench.runner import ISSUE_SHAPE, after_first, job_config, print_headline, print_table, run_job
+from deepeyes.chat import CHAT_TEMPLATE
+from deepeyes.config import load_config
+from deepeyes.data import read_deepeyes
+from trainer.grpo import clipped_policy_loss
+from trainer.metrics import STEP_PHASES
 
 
 def bench_step(steps: int, quick: bool) -> dict:
-    from ray import serve
-
-    from deepeyes.config import load_config
-    from trainer.driver import GRPORecipe
-    from trainer.metrics import read_metrics
-
-    run_dir = tempfile.mkdtemp(prefix="bench-step-")
-    overrides = [f"trainer.run_dir={run_dir}", f"trainer.steps={steps}", "trainer.save_every=0",
-                 "trainer.test_every=0", "data.synthetic_val_rows=0", "logging.progress=false",
-                 "logging.plots=false"]
-    if quick:
-        overrides += ["rollout.n=4", "trainer.batch_size=2"]
-    recipe = GRPORecipe(load_config(None, overrides))
-    try:
-        recipe.setup()
-        handle = serve.get_deployment_handle(DEPLOYMENT_NAMES["rollout"], app_name=APP_NAMES["rollout"])
-        busy0 = handle.stats.remote().result()["engine_busy_s"]
-        recipe.train()
-        busy1 = handle.stats.remote().result()["engine_busy_s"]
-    finally:
-        recipe.cleanup()
-    rows = [r for r in read_metrics(run_dir) if "timing/step_s" in r]
-    # the first step pays one-off costs (imports, first forward): report steps 2.. when there are any
-    steady = rows[1:] or rows
+    """The main job for `steps` steps: per-phase means of the steps after the first, shares of the
+    step, and the engine's busy share of the rollout phase and of the step."""
+    run = run_job(job_config(tempfile.mkdtemp(prefix="bench-step-"), steps,
+                             ["rollout.n=4", "trainer.batch_size=2"] if quick else []), engine_stats=True)
+    rows = run.step_rows()
+    steady = after_first(rows)
     step_s = statistics.fmean(r["timing/step_s"] for r in steady)
     out = {"steps_measured": len(steady), "step_s": step_s,
            "episodes_per_step": statistics.fmean(r["rollout/episodes"] for r in steady),
@@ -68,17 +50,15 @@ def bench_step(steps: int, quick: bool) -> dict:
         out[f"{p}_s"] = statistics.fmean(r[f"timing/{p}_s"] for r in steady)
         out[f"{p}_share"] = out[f"{p}_s"] / step_s
     rollout_total = sum(r["timing/rollout_s"] for r in rows)
-    out["engine_busy_share_of_rollout"] = (busy1 - busy0) / rollout_total if rollout_total else 0.0
-    out["engine_busy_share_of_step"] = (busy1 - busy0) / sum(r["timing/step_s"] for r in rows)
+    out["engine_busy_share_of_rollout"] = run.engine_busy_s / rollout_total if rollout_total else 0.0
+    out["engine_busy_share_of_step"] = run.engine_busy_s / sum(r["timing/step_s"] for r in rows)
     out["update_busy_share_of_step"] = out["update_share"]
     return out
 
 
 def _batch(policy, n: int, seed: int):
     """n sequences shaped like a GRPO batch: prompt with one image + 60..900 response tokens."""
-    from PIL import Image
-
-    from deepeyes.chat import CHAT_TEMPLATE
+    # heavy (transformers): only the parts that load the policy import these
     from deepeyes.policy import encode_text_with_images, process_images, resize_for_model
     from trainer.packing import make_example
 
@@ -100,9 +80,8 @@ def _batch(policy, n: int, seed: int):
 
 
 def bench_packing(quick: bool) -> dict:
-    from deepeyes.config import load_config
+    # heavy (transformers): only the parts that load the policy import these
     from deepeyes.policy import load_policy, resolve_policy_path
-    from trainer.grpo import clipped_policy_loss
     from trainer.packing import pack, packed_forward, padded_forward, plan_micro_batches
 
     torch.set_num_threads(2)
@@ -160,43 +139,20 @@ def bench_packing(quick: bool) -> dict:
 
 # ---- each phase against its floor (issue 13) ------------------------------------------------
 
-ISSUE_SHAPE = ["model.warm_start=false", "rollout.n=4", "trainer.batch_size=4", "rollout.max_assistant_turns=1",
-               "rollout.max_new_tokens_per_turn=64", "rollout.max_response_length=64"]
 
-
-def run_job(overrides: list[str], steps: int) -> dict:
+def floor_job(overrides: list[str], steps: int) -> dict:
     """The main job (local Ray, Serve apps, Ray Train) for `steps` steps: per-phase medians of the
     steps after the first, the engine's busy seconds per step, start-up parts, and the run."""
-    from ray import serve
-
-    from deepeyes.config import load_config
-    from trainer.driver import GRPORecipe
-    from trainer.metrics import read_metrics
-
-    run_dir = tempfile.mkdtemp(prefix="bench-floor-")
-    cfg = load_config(None, [f"trainer.run_dir={run_dir}", f"trainer.steps={steps}", "trainer.save_every=0",
-                             "trainer.test_every=0", "data.synthetic_val_rows=0", "logging.progress=false",
-                             "logging.plots=false", *overrides])
-    t0 = time.perf_counter()
-    recipe = GRPORecipe(cfg)
-    try:
-        recipe.setup()
-        handle = serve.get_deployment_handle(DEPLOYMENT_NAMES["rollout"], app_name=APP_NAMES["rollout"])
-        setup_s = time.perf_counter() - t0
-        first = handle.stats.remote().result()
-        busy, threads = [first["engine_busy_s"]], first["torch_threads"]
-        recipe.train()
-        busy.append(handle.stats.remote().result()["engine_busy_s"])
-    finally:
-        recipe.cleanup()
-    startup = json.loads((Path(run_dir) / "startup.json").read_text())
-    rows = [r for r in read_metrics(run_dir) if "timing/step_s" in r]
-    steady = rows[1:] or rows
+    run = run_job(job_config(tempfile.mkdtemp(prefix="bench-floor-"), steps, overrides), engine_stats=True)
+    recipe, startup = run.recipe, run.startup()
+    rows = run.step_rows()
+    steady = after_first(rows)
     med = {p: statistics.median(r[f"timing/{p}_s"] for r in steady) for p in (*STEP_PHASES, "step")}
     total_rollout = sum(r["timing/rollout_s"] for r in rows)
-    busy_share = (busy[1] - busy[0]) / total_rollout if total_rollout else 0.0  # of the rollout phase
-    return {"cfg": cfg, "policy_dir": recipe.policy_dir, "train_files": recipe.train_files, "median": med,
-            "engine_busy_s": med["rollout"] * busy_share, "engine_threads": threads, "setup_s": setup_s,
+    busy_share = run.engine_busy_s / total_rollout if total_rollout else 0.0  # of the rollout phase
+    return {"cfg": run.cfg, "policy_dir": recipe.policy_dir, "train_files": recipe.train_files, "median": med,
+            "engine_busy_s": med["rollout"] * busy_share, "engine_threads": run.engine_before["torch_threads"],
+            "setup_s": run.setup_s,
             "setup_parts": {**{k: v for k, v in recipe.timings.items() if k != "train_s"},
                             "train_workers_s": startup["train_workers_s"], "worker_setup_s": startup["worker_setup_s"]},
             "first_request_s": startup["first_request_s"], "response_tokens": statistics.fmean(
@@ -206,10 +162,10 @@ def run_job(overrides: list[str], steps: int) -> dict:
 
 def _floor_batch(job: dict, prompts: int):
     """The job's policy and `prompts` of its training rows, n copies each: ids, images, grids."""
-    from deepeyes.data import read_deepeyes
+    # heavy (transformers): only the parts that load the policy import these
+    from deepeyes.policy import encode_text_with_images, load_policy, process_images, resize_for_model
     from services.rollout.agent_loop import registry_schemas, render_prompt
     from services.rollout.types import PolicyIO
-    from deepeyes.policy import encode_text_with_images, load_policy, process_images, resize_for_model
 
     cfg = job["cfg"]
     policy = load_policy(job["policy_dir"], trainable=True)
@@ -253,7 +209,9 @@ def floor_rollout(policy, batch, new_tokens: int, repeats: int = 2) -> float:
 
 def engine_alone(policy, batch, new_tokens: int, threads: int, repeats: int = 2) -> float:
     """The rollout's own HF engine on the same batch in this process (no Serve, no agent loop)."""
-    from services.rollout.engines import HFEngine, SamplingParams
+    # heavy (transformers): floors only
+    from services.rollout.engines import SamplingParams
+    from services.rollout.hf_engine import HFEngine
 
     engine = HFEngine(policy)
     # images: the batch holds processed tensors; the engine takes PIL frames, so rebuild them
@@ -309,7 +267,7 @@ def bench_floors(steps: int, shapes: list[str]) -> dict:
     out = {}
     for name in shapes:
         overrides = ISSUE_SHAPE if name == "issue" else []
-        job = run_job(overrides, steps)
+        job = floor_job(overrides, steps)
         cfg = job["cfg"]
         policy, batch, frames = _floor_batch(job, cfg.trainer.batch_size)
         new_tokens = max(1, round(job["response_tokens"]))
@@ -369,10 +327,43 @@ SPLITS = {  # how the tiny-cpu scenario divides 2 cores between the phases (thre
 def bench_splits(steps: int) -> dict:
     out = {}
     for name, extra in SPLITS.items():
-        m = run_job(ISSUE_SHAPE + extra, steps)["median"]
+        m = floor_job(ISSUE_SHAPE + extra, steps)["median"]
         out[name] = m
         print(f"  {name}: step {m['step']:.3f} s (rollout {m['rollout']:.3f}, update {m['update']:.3f})", flush=True)
     return out
+
+
+def print_splits(sp: dict) -> dict:
+    print_table([("split", "<50"), ("step s", ">8.3f"), ("rollout s", ">10.3f"), ("update s", ">9.3f")],
+                [(name, m["step"], m["rollout"], m["update"]) for name, m in sp.items()])
+    return {"splits_step_s": {name: round(m["step"], 3) for name, m in sp.items()}}
+
+
+def print_step(s: dict) -> dict:
+    print(f"\nGRPO step on the tiny policy ({s['episodes_per_step']:.0f} episodes/step, "
+          f"mean of {s['steps_measured']} steps after the first)")
+    print_table([("phase", "<14"), ("seconds", ">10.2f"), ("share", ">9.1%")],
+                [*((p, s[p + "_s"], s[p + "_share"]) for p in STEP_PHASES), ("step", s["step_s"], 1)])
+    print(f"engine busy: {s['engine_busy_share_of_rollout']:.1%} of the rollout phase, "
+          f"{s['engine_busy_share_of_step']:.1%} of the step; update busy: {s['update_busy_share_of_step']:.1%} "
+          f"of the step; generated tokens/s during rollout: {s['tokens_per_s']:.0f}")
+    return {"step_s": round(s["step_s"], 3), **{f"{p}_share": round(s[p + "_share"], 3) for p in STEP_PHASES},
+            "engine_busy_share_of_step": round(s["engine_busy_share_of_step"], 3),
+            "update_busy_share_of_step": round(s["update_busy_share_of_step"], 3)}
+
+
+def print_packing(k: dict) -> dict:
+    print(f"\nupdate forward+backward on {k['sequences']} sequences of {k['min_len']}..{k['max_len']} tokens "
+          f"({k['real_tokens']} real tokens)")
+    print_table([("layout", "<36"), ("seconds", ">9.2f"), ("tokens computed", ">17"), ("vs padded", ">11")], [
+        ("padded, 8 per micro-batch", k["padded_s"], k["padded_tokens"], f"{1.0:.2f}x"),
+        (f"packed, budget 1024 ({k['packed_1024_rows']} rows)", k["packed_1024_s"], k["real_tokens"],
+         f"{k['speedup_packed_vs_padded']:.2f}x"),
+        (f"packed, budget 8192 ({k['packed_8192_rows']} rows)", k["packed_8192_s"], k["real_tokens"],
+         f"{k['speedup_packed8192_vs_padded']:.2f}x")])
+    return {"packing_speedup_vs_padded": round(k["speedup_packed_vs_padded"], 2),
+            "packing8192_speedup_vs_padded": round(k["speedup_packed8192_vs_padded"], 2),
+            "padding_overhead": round(k["padded_tokens"] / k["real_tokens"], 2)}
 
 
 def main() -> None:
@@ -391,41 +382,13 @@ def main() -> None:
     headline = {}
     if args.splits:
         print("CPU splits on the issue shape (medians of the steps after the first):")
-        sp = bench_splits(args.floor_steps)
-        print(f"{'split':<50}{'step s':>8}{'rollout s':>10}{'update s':>9}")
-        for name, m in sp.items():
-            print(f"{name:<50}{m['step']:>8.3f}{m['rollout']:>10.3f}{m['update']:>9.3f}")
-        headline["splits_step_s"] = {name: round(m["step"], 3) for name, m in sp.items()}
+        headline.update(print_splits(bench_splits(args.floor_steps)))
     if args.floors:
         headline.update(print_floors(bench_floors(args.floor_steps, args.floors.split(","))))
     if not args.skip_step:
-        s = bench_step(args.steps, args.quick)
-        print(f"\nGRPO step on the tiny policy ({s['episodes_per_step']:.0f} episodes/step, "
-              f"mean of {s['steps_measured']} steps after the first)")
-        print(f"{'phase':<14}{'seconds':>10}{'share':>9}")
-        for p in STEP_PHASES:
-            print(f"{p:<14}{s[p + '_s']:>10.2f}{s[p + '_share']:>9.1%}")
-        print(f"{'step':<14}{s['step_s']:>10.2f}{1:>9.1%}")
-        print(f"engine busy: {s['engine_busy_share_of_rollout']:.1%} of the rollout phase, "
-              f"{s['engine_busy_share_of_step']:.1%} of the step; update busy: {s['update_busy_share_of_step']:.1%} "
-              f"of the step; generated tokens/s during rollout: {s['tokens_per_s']:.0f}")
-        headline.update({"step_s": round(s["step_s"], 3),
-                         **{f"{p}_share": round(s[p + "_share"], 3) for p in STEP_PHASES},
-                         "engine_busy_share_of_step": round(s["engine_busy_share_of_step"], 3),
-                         "update_busy_share_of_step": round(s["update_busy_share_of_step"], 3)})
-    k = bench_packing(args.quick)
-    print(f"\nupdate forward+backward on {k['sequences']} sequences of {k['min_len']}..{k['max_len']} tokens "
-          f"({k['real_tokens']} real tokens)")
-    print(f"{'layout':<36}{'seconds':>9}{'tokens computed':>17}{'vs padded':>11}")
-    print(f"{'padded, 8 per micro-batch':<36}{k['padded_s']:>9.2f}{k['padded_tokens']:>17}{1.0:>10.2f}x")
-    print(f"{'packed, budget 1024 (' + str(k['packed_1024_rows']) + ' rows)':<36}{k['packed_1024_s']:>9.2f}"
-          f"{k['real_tokens']:>17}{k['speedup_packed_vs_padded']:>10.2f}x")
-    print(f"{'packed, budget 8192 (' + str(k['packed_8192_rows']) + ' rows)':<36}{k['packed_8192_s']:>9.2f}"
-          f"{k['real_tokens']:>17}{k['speedup_packed8192_vs_padded']:>10.2f}x")
-    headline.update({"packing_speedup_vs_padded": round(k["speedup_packed_vs_padded"], 2),
-                     "packing8192_speedup_vs_padded": round(k["speedup_packed8192_vs_padded"], 2),
-                     "padding_overhead": round(k["padded_tokens"] / k["real_tokens"], 2)})
-    print(json.dumps(headline))
+        headline.update(print_step(bench_step(args.steps, args.quick)))
+    headline.update(print_packing(bench_packing(args.quick)))
+    print_headline(headline)
 
 
 if __name__ == "__main__":

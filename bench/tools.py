@@ -10,8 +10,8 @@ and prints one table with the throughput ratio (b)/(a), then one JSON line of he
 The boxes are the same on both images (100-300 px sides), so a cost that grows with the source
 size is the transport's, not the crop's.
 
-    python bench/tools.py            # about 1.5 minutes on 2 cores
-    python bench/tools.py --quick    # shorter cells
+    python -m bench.tools            # about 1.5 minutes on 2 cores
+    python -m bench.tools --quick    # shorter cells
 """
 
 from __future__ import annotations
@@ -20,15 +20,18 @@ import argparse
 import asyncio
 import base64
 import io
-import json
-import socket
 import statistics
 import threading
 import time
 from typing import Any, Awaitable, Callable
 
+import httpx
 import numpy as np
 from PIL import Image
+
+from bench.runner import local_cluster, print_headline
+from deepeyes.contracts import image_arg
+from services.tools.zoom import crop_image
 
 BOXES = [[40, 40, 240, 240], [100, 60, 400, 200], [10, 300, 110, 420], [200, 100, 330, 330]]
 NAME = "image_zoom_in_tool"
@@ -99,10 +102,37 @@ async def run_async(fn: Callable[[int], Awaitable[Any]], concurrency: int, secon
     return summarize(lat, time.perf_counter() - t0)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def measure_image(label: str, image: Image.Image, ref: Any, handle: Any, url: str, levels: list[int],
+                  seconds: float) -> list[dict[str, Any]]:
+    """One source image at each concurrency level: (a) core, (b) handle, (c) http."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    body_b64 = base64.b64encode(buf.getvalue()).decode()
+
+    def core(i: int) -> None:
+        assert crop_image(image, {"bbox_2d": BOXES[i % 4]}).ok
+
+    async def via_handle(i: int) -> None:
+        r = await handle.call.remote(NAME, image_arg(ref), {"bbox_2d": BOXES[i % 4]})
+        assert r.ok, r.text
+
+    rows = []
+    for c in levels:
+        a = run_threads(core, c, seconds)
+        b = asyncio.run(run_async(via_handle, c, seconds))
+
+        async def http_cell(c: int = c) -> dict[str, float]:
+            limits = httpx.Limits(max_connections=c, max_keepalive_connections=c)
+            async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+                async def via_http(i: int) -> None:
+                    r = await client.post(url, json={"image": body_b64, "arguments": {"bbox_2d": BOXES[i % 4]}})
+                    assert r.status_code == 200 and r.json()["ok"], r.text[:200]
+                return await run_async(via_http, c, seconds)
+
+        h = asyncio.run(http_cell())
+        rows.append({"image": label, "frame": f"{image.width}x{image.height}", "conc": c,
+                     "core": a, "handle": b, "http": h, "ratio": b["per_s"] / a["per_s"]})
+    return rows
 
 
 def main() -> None:
@@ -115,57 +145,27 @@ def main() -> None:
     opts = parser.parse_args()
     seconds = 0.4 if opts.quick else opts.seconds
 
-    import httpx
+    # heavy: Ray and the policy's image helpers (torch) only once the benchmark runs, not for --help
     import ray
     from ray import serve
 
     from deepeyes.policy import resize_for_model
-    from services.tools.app import build_app, image_arg
-    from services.tools.zoom import crop_image
+    from services.tools.app import build_app
 
     images = {"448x448": resize_for_model(source_image(448, 448), 3136, opts.max_pixels),
               "3840x2160": resize_for_model(source_image(3840, 2160, 1), 3136, opts.max_pixels)}
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    handle = serve.run(build_app({}), name="tools", route_prefix="/tools")
-    url = f"http://127.0.0.1:{port}/tools/{NAME}"
-
     rows: list[dict[str, Any]] = []
     cold: dict[str, float] = {}
-    for label, image in images.items():
-        ref = ray.put(image)
-        t = time.perf_counter()
-        assert handle.call.remote(NAME, image_arg(ref), {"bbox_2d": BOXES[0]}).result().ok
-        cold[label] = 1e3 * (time.perf_counter() - t)  # first call on a fresh ref: fetch + cache
-        buf = io.BytesIO()
-        image.save(buf, format="PNG", compress_level=1)
-        body_b64 = base64.b64encode(buf.getvalue()).decode()
-
-        def core(i: int) -> None:
-            assert crop_image(image, {"bbox_2d": BOXES[i % 4]}).ok
-
-        async def via_handle(i: int) -> None:
-            r = await handle.call.remote(NAME, image_arg(ref), {"bbox_2d": BOXES[i % 4]})
-            assert r.ok, r.text
-
-        for c in opts.concurrency:
-            a = run_threads(core, c, seconds)
-            b = asyncio.run(run_async(via_handle, c, seconds))
-
-            async def http_cell(c: int = c) -> dict[str, float]:
-                limits = httpx.Limits(max_connections=c, max_keepalive_connections=c)
-                async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-                    async def via_http(i: int) -> None:
-                        r = await client.post(url, json={"image": body_b64, "arguments": {"bbox_2d": BOXES[i % 4]}})
-                        assert r.status_code == 200 and r.json()["ok"], r.text[:200]
-                    return await run_async(via_http, c, seconds)
-
-            h = asyncio.run(http_cell())
-            rows.append({"image": label, "frame": f"{image.width}x{image.height}", "conc": c,
-                         "core": a, "handle": b, "http": h, "ratio": b["per_s"] / a["per_s"]})
-
+    with local_cluster(4, serve=True) as port:
+        handle = serve.run(build_app({}), name="tools", route_prefix="/tools")
+        url = f"http://127.0.0.1:{port}/tools/{NAME}"
+        for label, image in images.items():
+            ref = ray.put(image)
+            t = time.perf_counter()
+            assert handle.call.remote(NAME, image_arg(ref), {"bbox_2d": BOXES[0]}).result().ok
+            cold[label] = 1e3 * (time.perf_counter() - t)  # first call on a fresh ref: fetch + cache
+            rows += measure_image(label, image, ref, handle, url, opts.concurrency, seconds)
     head = (f"{'source':>10} {'frame':>10} {'conc':>4} | {'core/s':>8} {'p50ms':>6} {'p99ms':>6} | "
             f"{'handle/s':>8} {'p50ms':>6} {'p99ms':>6} | {'http/s':>7} {'p50ms':>7} {'p99ms':>7} | (b)/(a)")
     print(head)
@@ -191,9 +191,7 @@ def main() -> None:
         f"http_crops_per_s_448_c{cmax}": round(by[("448x448", cmax)]["http"]["per_s"], 1),
         f"http_crops_per_s_4k_c{cmax}": round(by[("3840x2160", cmax)]["http"]["per_s"], 1),
     }
-    serve.shutdown()
-    ray.shutdown()
-    print(json.dumps(headline))
+    print_headline(headline)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ its own, on the same rows the scenario writes:
    frame's quarter and the cold-start thought repeats it right before the call) and on the uncued
    one (`zoom_find`: find the frame by sight).
 
-  python bench/zoom_learnability.py [--rows 256] [--read-steps 100] [--find-steps 200]
+  python -m bench.zoom_learnability [--rows 256] [--read-steps 100] [--find-steps 200]
 
 Prints a table and ends with one JSON line of the headline figures.
 """
@@ -25,31 +25,27 @@ Prints a table and ends with one JSON line of the headline figures.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from deepeyes.config import load_config  # noqa: E402
-from deepeyes.data import ZOOM_ORIENTATIONS, read_deepeyes, write_synthetic, zoom_stripes  # noqa: E402
-from deepeyes.policy import build_tiny_policy, load_policy, process_images, resize_for_model  # noqa: E402
-from services.tools.registry import tool_schemas  # noqa: E402
-from trainer.packing import make_example, pack, packed_forward, plan_micro_batches  # noqa: E402
-from trainer.sft import conversation_tokens, sft_answer, tool_conversation  # noqa: E402
+from bench.runner import REPO_ROOT, print_headline
+from deepeyes.config import load_config
+from deepeyes.data import ZOOM_ORIENTATIONS, read_deepeyes, write_synthetic, zoom_stripes
+from deepeyes.policy import build_tiny_policy, load_policy, process_images, resize_for_model
+from services.tools.registry import tool_schemas
+from trainer.packing import make_example, pack, packed_forward, plan_micro_batches
+from trainer.sft import conversation_tokens, sft_answer, tool_conversation
 
 
 def invisibility() -> dict[str, float]:
     """Max |difference| between orientations: frame without/with the ramp, and the crop."""
-    from PIL import Image
-
     out = {}
     for fade in (0, 14):
         worst = crop_worst = 0
@@ -174,7 +170,7 @@ def main() -> None:
     ap.add_argument("--find-steps", type=int, default=200)
     args = ap.parse_args()
     torch.manual_seed(0)
-    cfg = load_config(str(Path(__file__).resolve().parents[1] / "deploy/configs/tiny-zoom.yaml"), [])
+    cfg = load_config(str(REPO_ROOT / "deploy/configs/tiny-zoom.yaml"), [])
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         train = read_deepeyes([write_synthetic(os.path.join(d, "tr.parquet"), args.rows, 11, mix={"zoom": 1.0})],
@@ -211,11 +207,12 @@ def main() -> None:
     for (s, b), (_, u) in zip(finding, finding_uncued):
         print(f"{f'box cell (x1, y1), question names the quarter, step {s}':<58} {'':>8} {b:>9.3f}")
         print(f"{f'box cell (x1, y1), found by sight (zoom_find), step {s}':<58} {'':>8} {u:>9.3f}")
-    print(json.dumps({"frame_diff_levels": inv["frame_fade14"], "crop_diff_levels": inv["crop"],
-                      "probe_crop_random": probes["random"]["crop"], "probe_crop_oriented": probes["oriented"]["crop"],
-                      "probe_frame_oriented": probes["oriented"]["frame"],
-                      "read_acc_oriented": reading["oriented"][-1][1], "read_acc_random": reading["random"][-1][1],
-                      "find_acc_cued": finding[-1][1], "find_acc_by_sight": finding_uncued[-1][1], "read_steps": args.read_steps, "find_steps": args.find_steps}))
+    print_headline({"frame_diff_levels": inv["frame_fade14"], "crop_diff_levels": inv["crop"],
+                    "probe_crop_random": probes["random"]["crop"], "probe_crop_oriented": probes["oriented"]["crop"],
+                    "probe_frame_oriented": probes["oriented"]["frame"],
+                    "read_acc_oriented": reading["oriented"][-1][1], "read_acc_random": reading["random"][-1][1],
+                    "find_acc_cued": finding[-1][1], "find_acc_by_sight": finding_uncued[-1][1],
+                    "read_steps": args.read_steps, "find_steps": args.find_steps})
 
 
 if __name__ == "__main__":

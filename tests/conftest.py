@@ -20,7 +20,14 @@ def _has_cuda() -> bool:
         return False
 
 
+GROUPS = ("unit", "integration", "e2e", "chaos", "fuzz")  # one per folder under tests/: `pytest -m GROUP`
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:  # the group mark follows the folder (README: "Tests, by group")
+        group = item.path.parent.name
+        if group in GROUPS:
+            item.add_marker(getattr(pytest.mark, group))
     if _has_cuda():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU and the gpu extra")

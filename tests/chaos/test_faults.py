@@ -9,18 +9,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
+from bench.runner import process_cmdlines, start_until, train_worker_pids
+from bench.runner import trainer_command as job  # the chaos job shape (bench.runner.CHAOS_SHAPE)
 
-TINY = ["rollout.n=2", "trainer.batch_size=2", "trainer.num_workers=2", "trainer.test_every=0",
-        "trainer.val_rows=2", "rollout.max_new_tokens_per_turn=16", "rollout.max_response_length=128",
-        "data.synthetic_train_rows=8", "data.synthetic_val_rows=2", "model.warm_start=false",
-        "logging.progress=false", "trainer.lr=1e-2"]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def closed_port() -> int:
@@ -31,10 +28,6 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-def job(run_dir: Path, cache: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "trainer", f"trainer.run_dir={run_dir}", f"model.cache_dir={cache}", *TINY, *extra]
-
-
 def metric_steps(run_dir: Path) -> list[int]:
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
     return [r["step"] for r in rows if "reward/score" in r]
@@ -42,30 +35,7 @@ def metric_steps(run_dir: Path) -> list[int]:
 
 def leftovers(marker: str) -> list[str]:
     """Command lines of live processes that mention marker (a run's own Ray temp dir)."""
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmd:
-            out.append(f"{pid}: {cmd[:160]}")
-    return out
-
-
-def start_until(cmd: list[str], marker: str, timeout_s: float = 600.0) -> tuple[subprocess.Popen, list[str]]:
-    """Start the job and read its output until a line holds marker (or it ends); (process, lines)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if marker in line or not line:
-            break
-    return proc, lines
+    return [f"{pid}: {cmd[:160]}" for pid, cmd in process_cmdlines().items() if marker in cmd]
 
 
 def test_a_dead_judge_stops_the_run_with_a_clear_error(tmp_path, tiny_policy_dir):
@@ -109,19 +79,7 @@ def test_sigterm_unwinds_and_resume_redoes_the_lost_steps_once(tmp_path, tiny_po
 def processes(prefix: str) -> list[int]:
     """PIDs of live processes whose command line starts with prefix (a Ray actor's is
     `ray::<Class>...`; tests run one job at a time, so these are that job's)."""
-    pids = []
-    for pid in os.listdir("/proc"):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") if pid.isdigit() else ""
-        except OSError:
-            continue
-        if cmd.startswith(prefix):
-            pids.append(int(pid))
-    return pids
-
-
-def train_workers() -> list[int]:
-    return processes("ray::RayTrainWorker")
+    return [pid for pid, cmd in process_cmdlines().items() if cmd.startswith(prefix)]
 
 
 def test_a_killed_train_worker_restarts_from_the_latest_checkpoint(tmp_path, tiny_policy_dir):
@@ -129,7 +87,7 @@ def test_a_killed_train_worker_restarts_from_the_latest_checkpoint(tmp_path, tin
     cmd = job(run_dir, str(tiny_policy_dir.parent), "trainer.steps=5", "trainer.save_every=2",
               "trainer.max_failures=1")
     proc, lines = start_until(cmd, "step 3/5")
-    victims = train_workers()
+    victims = train_worker_pids()
     assert victims, "".join(lines)[-3000:]
     os.kill(victims[-1], signal.SIGKILL)
     rest, _ = proc.communicate(timeout=600)

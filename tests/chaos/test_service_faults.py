@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from test_faults import job, metric_steps, processes, start_until
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def metric_rows(run_dir: Path) -> list[dict]:

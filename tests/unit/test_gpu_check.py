@@ -1,7 +1,8 @@
-"""bench/gpu_check.py --tiny: the one-shot GPU check's whole path (one-rank process group, FSDP2,
-packed image+text episodes, PPO-clip update, AdamW, full-state-dict gather) runs on CPU with gloo
-and ends with one JSON line of finite figures. It runs as on the GPU machine it is written for:
-with `ray` and `vllm` unimportable. The 7B run itself needs a CUDA machine."""
+"""`python -m bench.gpu_check --tiny`: the one-shot GPU check's whole path (one-rank process
+group, FSDP2, packed image+text episodes, PPO-clip update, AdamW, full-state-dict gather) runs on
+CPU with gloo and ends with one JSON line of finite figures. It runs as on the GPU machine it is
+written for: from the repository root, with `ray` and `vllm` unimportable. The 7B run itself
+needs a CUDA machine."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def tiny_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess[str], dict]:
         (blockers / name).mkdir()
         (blockers / name / "__init__.py").write_text(f"raise ImportError('no {name} on the GPU machine')\n")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2", "PYTHONPATH": str(blockers)}
-    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--tiny"], cwd=REPO_ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--tiny"], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc, json.loads(proc.stdout.strip().splitlines()[-1])
@@ -72,12 +73,9 @@ def test_figures_follow_their_formulas(tiny_run) -> None:
 
 def test_gather_returns_the_whole_model(tiny_run) -> None:
     _, summary = tiny_run
-    sys.path.insert(0, str(REPO_ROOT / "bench"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.pop(0)
     from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from bench import gpu_check
 
     model = Qwen2_5_VLForConditionalGeneration._from_config(gpu_check.build_config(gpu_check.TINY))
     state = model.state_dict()
