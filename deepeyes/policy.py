@@ -63,6 +63,7 @@ class Policy:
 
 def smart_resize_hw(height: int, width: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """The (h, w) the Qwen2-VL processor resizes an image to (transformers' own function)."""
+    # transformers: heavy, loaded on first use
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
     return smart_resize(height, width, factor=FACTOR, min_pixels=min_pixels, max_pixels=max_pixels)
@@ -145,6 +146,7 @@ def _number_regex() -> str:
     stop a number it must spell digit by digit (it wrote 13-digit coordinates), while one token
     per coordinate under 1000 is easy. Real checkpoints keep their own tokenizer.
     """
+    # transformers: heavy, loaded on first use
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     rx = PRETOKENIZE_REGEX.replace(r"\p{N}|", r"\p{N}{1,3}|")
@@ -154,6 +156,7 @@ def _number_regex() -> str:
 
 def build_tiny_tokenizer(seed: int = 0, vocab_size: int = 2400) -> Any:
     """Byte-level BPE trained on the generated corpus, with the Qwen2.5 added tokens in order."""
+    # tokenizers: only the tiny builder
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import AddedToken
     from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
@@ -196,7 +199,7 @@ def build_tiny_tokenizer(seed: int = 0, vocab_size: int = 2400) -> Any:
 
 
 def tiny_model_config(tokenizer: Any) -> Any:
-    from transformers import Qwen2_5_VLConfig
+    from transformers import Qwen2_5_VLConfig  # transformers: heavy, loaded on first use
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t, _ in QWEN_ADDED_TOKENS}
     hidden, heads = 128, 4
@@ -255,6 +258,7 @@ def oriented_filter_bank(weight: torch.Tensor, periods: Sequence[float] = (4.0, 
 
 
 def _image_processor(min_pixels: int, max_pixels: int) -> Any:
+    # transformers: heavy, loaded on first use
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels,
@@ -265,7 +269,7 @@ def build_tiny_policy(folder: str | os.PathLike[str], seed: int = 0,
                       min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
                       vision: str = "random") -> Path:
     """Write the tiny Qwen2.5-VL folder; the same arguments give byte-identical files."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration  # transformers: heavy, loaded on first use
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -333,6 +337,7 @@ def load_image_processor(path: str | os.PathLike[str], min_pixels: int | None = 
     The config owns the visual frame: every loader (this module's `load_policy`, the rollout
     service's tokenizer-only `PolicyIO.from_folder`) passes model.min/max_pixels here.
     """
+    # transformers: heavy, loaded on first use
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(path))
@@ -351,6 +356,7 @@ def load_policy(path: str | os.PathLike[str], *, device: str | torch.device = "c
 
     min/max_pixels override the folder's processor settings (the config owns the visual frame).
     """
+    # transformers: heavy, loaded on first use
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     path = str(path)

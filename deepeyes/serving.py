@@ -83,7 +83,7 @@ def actor_threads(configured: int = 0) -> int:
     if configured > 0:
         return configured
     try:
-        import ray
+        import ray  # Ray: only on a cluster
 
         if ray.is_initialized():
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
@@ -97,7 +97,7 @@ def actor_threads(configured: int = 0) -> int:
 def gauge_refresh_s() -> float:
     """Half of Ray's metrics report interval (10 s by default; a cluster may set it lower)."""
     try:
-        import ray
+        import ray  # Ray: only on a cluster
 
         return max(0.2, ray._config.metrics_report_interval_ms() / 2000)  # _raylet's config object
     except Exception:  # not inside Ray: the default interval's half
@@ -147,7 +147,7 @@ async def read_json_body(request: "Request", model: type[ModelT], cap: int, cap_
     """The capped body parsed into `model` (a pydantic model): 413 over `cap` (naming `cap_key`),
     a 422 naming each bad field for bad JSON, too-deep nesting or invalid fields. Check the
     bearer token before calling it."""
-    from fastapi import HTTPException
+    from fastapi import HTTPException  # fastapi: only the HTTP error path
     from fastapi.exceptions import RequestValidationError
     from pydantic import ValidationError
 

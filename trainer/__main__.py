@@ -28,13 +28,13 @@ def main(argv: list[str] | None = None) -> int:
         ap = argparse.ArgumentParser(prog="python -m trainer plot", description="render PNG curves of a run")
         ap.add_argument("run_dir", help="run folder (holds metrics.jsonl)")
         args = ap.parse_args(argv[1:])
-        from trainer.plots import render_plots
+        from trainer.plots import render_plots  # start-up: --help and the other commands stay light
 
         for path in render_plots(args.run_dir):
             print(path)
         return 0
     if argv and argv[0] == "eval":
-        from trainer.eval.cli import main as eval_main
+        from trainer.eval.cli import main as eval_main  # start-up: --help and the other commands stay light
 
         return eval_main(argv[1:])
     if argv and argv[0] == "view":
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: 127.0.0.1; no authentication: trusted networks only)")
         args = ap.parse_args(argv[1:])
-        from trainer.view.app import serve
+        from trainer.view.app import serve  # start-up: --help and the other commands stay light
 
         run_dir = Path(args.run_dir)
         if not run_dir.is_dir():

@@ -42,6 +42,7 @@ def full_optimizer_state(model: Any, optimizer: Any, fsdp: bool) -> dict[str, An
     only rank 0 holds (other ranks get an empty dict)."""
     if not fsdp:
         return optimizer.state_dict()
+    # torch.distributed: only with FSDP2 or a process group
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -52,6 +53,7 @@ def load_optimizer_state(model: Any, optimizer: Any, state: dict[str, Any], fsdp
     if not fsdp:
         optimizer.load_state_dict(state)
         return
+    # torch.distributed: only with FSDP2 or a process group
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state,

@@ -53,7 +53,7 @@ def trainer_without_pg_cleaner(base: type) -> type:
 
 def release_cluster(started_ray: bool, deployed: list[str]) -> None:
     """Stop the cluster this process started, or on a shared cluster delete only the apps it deployed."""
-    import ray
+    import ray  # Ray: only on a cluster
     from ray import serve
 
     if not ray.is_initialized():
@@ -68,7 +68,7 @@ def release_cluster(started_ray: bool, deployed: list[str]) -> None:
 
 def connect_ray(cfg: Config) -> bool:
     """Join the cluster named by ray.address / RAY_ADDRESS, else start a local one. True if started."""
-    import ray
+    import ray  # Ray: only on a cluster
 
     os.environ.update(TRAIN_ENV)
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
@@ -90,7 +90,7 @@ def connect_ray(cfg: Config) -> bool:
 
 def deploy_services(cfg: Config, run_dir: Path, policy_dir: Path) -> list[str]:
     """Deploy tools, judge and rollout (those not running) together; returns the ones deployed."""
-    from ray import serve
+    from ray import serve  # Ray: only on a cluster
 
     from services.judge.app import build_app as judge_app
     from services.rollout.app import build_app as rollout_app
@@ -117,7 +117,7 @@ def deploy_services(cfg: Config, run_dir: Path, policy_dir: Path) -> list[str]:
 
 def wait_for_apps(names: set[str], timeout_s: float = 600.0) -> set[str]:
     """Wait until these Serve apps are RUNNING; an app that fails is an error naming it."""
-    from ray import serve
+    from ray import serve  # Ray: only on a cluster
 
     deadline = time.monotonic() + timeout_s
     while True:

@@ -81,7 +81,7 @@ def shard_fsdp2(model: Any) -> None:
     like `all_reduce_grads`), and parameters unused on a rank (no image) reduce as zeros.
     Every rank must run the same number of forward/backward passes (micro-batches).
     """
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard  # torch.distributed: only with FSDP2 or a process group
 
     for layer in model.model.language_model.layers:
         fully_shard(layer)
@@ -96,6 +96,7 @@ def shard_fsdp2(model: Any) -> None:
 def cpu_state_dict(model: Any) -> dict[str, torch.Tensor]:
     """Full CPU state dict; under FSDP2 gathered from the shards onto rank 0 only (others get {})."""
     try:
+        # torch.distributed: only with FSDP2 or a process group
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         if dist.is_initialized() and any(type(p).__name__ == "DTensor" for p in model.parameters()):

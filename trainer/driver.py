@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from tqdm import tqdm
 
 from deepeyes.config import Config, ConfigError, to_dict
 from deepeyes.data import ZOOM_TASKS, ParquetRows, write_synthetic, write_synthetic_suite
@@ -97,7 +98,7 @@ class GRPORecipe:
 
     # ------------------------------------------------------------------ train
     def train(self) -> None:
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train import FailureConfig, RunConfig, ScalingConfig  # Ray Train: only a run needs it
         from ray.train.torch import TorchTrainer
 
         cfg = self.cfg
@@ -163,7 +164,7 @@ class GRPORecipe:
         if val:
             out["validation"] = {k: round(v, 4) for k, v in val[-1].items() if k.startswith("val/")}
         if self.cfg.logging.plots and rows:
-            from trainer.plots import render_plots
+            from trainer.plots import render_plots  # matplotlib: only when plotting
 
             out["plots"] = [str(p) for p in render_plots(self.run_dir)]
         (self.run_dir / "summary.json").write_text(json.dumps(out, indent=2))
@@ -211,8 +212,6 @@ def follow_progress(run_dir: Path, worker: threading.Thread, enabled: bool, step
 
     The workers print nothing themselves: Ray forwarded each of their lines to the log twice.
     """
-    from tqdm import tqdm
-
     def rows_now() -> list[dict[str, float]]:
         try:
             return read_metrics(run_dir)

@@ -106,7 +106,7 @@ def lockstep_micro_batches(model: Any, examples: Sequence[Example], budget: int)
     run as many passes; a rank with fewer (shorter or fewer episodes) adds one-token examples
     with an empty loss mask, which add exactly zero loss, gradient and token count.
     """
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule  # torch.distributed: only with FSDP2 or a process group
 
     bins = [[examples[i] for i in mb] for mb in plan_micro_batches([len(e) for e in examples], budget)]
     if not isinstance(model, FSDPModule):

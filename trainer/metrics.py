@@ -274,7 +274,7 @@ class MetricsSink:
             self.path.write_text("".join(line + "\n" for line in kept))
         self.tb = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # TensorBoard: only with logging.tensorboard
 
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
         self.gauges: dict[str, Any] = {}
@@ -283,7 +283,7 @@ class MetricsSink:
 
     def _gauge(self, name: str) -> Any:
         if name not in self.gauges:
-            from ray.util.metrics import Gauge
+            from ray.util.metrics import Gauge  # Ray: only on a cluster
 
             self.gauges[name] = Gauge(prometheus_name(name), description=f"deepeyes {name}",
                                       tag_keys=("app", "phase"))
@@ -313,7 +313,7 @@ class MetricsSink:
         if not self.ray_metrics or not staleness:
             return
         if self._staleness is None:
-            from ray.util.metrics import Histogram
+            from ray.util.metrics import Histogram  # Ray: only on a cluster
 
             self._staleness = Histogram("deepeyes_async_staleness", boundaries=list(STALENESS_BOUNDS),
                                         description="deepeyes async/staleness: versions between an episode's "

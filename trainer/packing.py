@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from deepeyes.policy import mrope_position_ids
+from services.rollout.logprobs import sequence_logprobs
 
 
 @dataclass
@@ -146,8 +147,6 @@ def padded_forward(model: Any, examples: Sequence[Example], pad_id: int,
     Returns per example (L,) next-token log-probs (position t scores token t+1; the last is 0),
     aligned like `packed_forward`. Positions come from the attention mask, not from the packing.
     """
-    from services.rollout.logprobs import sequence_logprobs
-
     L = max(len(e) for e in examples)
     ids = torch.full((len(examples), L), pad_id, dtype=torch.long)
     att = torch.zeros((len(examples), L), dtype=torch.long)

@@ -28,10 +28,10 @@ def moving_average(ys: list[float], window: int) -> list[float]:
 
 def render_plots(run_dir: str | os.PathLike[str]) -> list[Path]:
     """Write plots/curves.png (one panel per metric group) and plots/timing.png; return the paths."""
-    import matplotlib
+    import matplotlib  # matplotlib: only when plotting
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib: only when plotting
 
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
@@ -93,10 +93,10 @@ def render_plots(run_dir: str | os.PathLike[str]) -> list[Path]:
 def render_eval_bars(results: dict, out_dir: str | os.PathLike[str]) -> list[Path]:
     """One PNG per benchmark: Avg@k per category (and overall), one bar per mode (with / without
     the tool) side by side; `results` is eval.json's "benchmarks" ({bench: {mode: summary}})."""
-    import matplotlib
+    import matplotlib  # matplotlib: only when plotting
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib: only when plotting
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

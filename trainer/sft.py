@@ -30,9 +30,14 @@ from PIL import Image
 
 from deepeyes.chat import THOUGHT_ANSWER, THOUGHT_DIRECT, THOUGHT_ZOOM, THOUGHT_ZOOM_AT
 from deepeyes.config import Config, ConfigError, load_config
-from deepeyes.data import ZOOM_PLACES
 from deepeyes.boxes import box_scale
+from deepeyes.data import ZOOM_PLACES, ZOOM_TASKS, read_deepeyes, write_synthetic
 from deepeyes.policy import Policy, build_cached, load_policy, resize_for_model, resolve_policy_path
+import asyncio
+from deepeyes.images import decode_image
+from services.rollout.agent_loop import run_episode
+from services.rollout.hf_engine import HFEngine
+from services.rollout.types import EpisodeRequest, PolicyIO
 from services.tools.registry import execute_tool, tool_schemas
 from trainer.packing import make_example
 from trainer.perception import perceiving_policy_path
@@ -132,13 +137,6 @@ def tool_call_rate(policy: Policy, rows: Sequence[Any], cfg: Config, seed: int =
     Returns the fraction of episodes with a valid zoom call (a crop came back), with any
     executed call, and with an <answer>: what GRPO will start from.
     """
-    import asyncio
-
-    from deepeyes.images import decode_image
-    from services.rollout.agent_loop import run_episode
-    from services.rollout.hf_engine import HFEngine
-    from services.rollout.types import EpisodeRequest, PolicyIO
-
     engine = HFEngine(policy, max_batch_size=cfg.rollout.max_batch_size, batch_wait_ms=cfg.rollout.batch_wait_ms)
     io = PolicyIO.from_policy(policy)
 
@@ -164,8 +162,6 @@ def tool_call_rate(policy: Policy, rows: Sequence[Any], cfg: Config, seed: int =
 
 
 def _sft_rows(cfg: Config, rows: int, seed: int) -> list[Any]:
-    from deepeyes.data import ZOOM_TASKS, read_deepeyes, write_synthetic
-
     with tempfile.TemporaryDirectory() as d:
         task = cfg.data.synthetic_task
         mix = {task: 1.0} if task in ZOOM_TASKS else None  # the run's own task

@@ -8,6 +8,7 @@ import collections
 import dataclasses
 import logging
 import os
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -60,8 +61,6 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.cmd == "synth":
-        import time
-
         t0 = time.perf_counter()
         paths = write_synthetic_suite(args.out, args.rows, args.seed, args.split)
         for p in paths:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow.parquet as pq
+from pyarrow import fs
 from PIL import Image
 from tqdm import tqdm
 
@@ -57,8 +58,6 @@ class _Group:
 def _open_parquet(path: str) -> pq.ParquetFile:
     """A local path or any URI pyarrow's filesystems accept (s3://, gs://, hdfs://, file://)."""
     if "://" in path:
-        from pyarrow import fs
-
         filesystem, inner = fs.FileSystem.from_uri(path)
         try:
             return pq.ParquetFile(filesystem.open_input_file(inner))

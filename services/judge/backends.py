@@ -285,7 +285,7 @@ class OpenAIJudge(ChatJudge):
     name = "openai"
 
     def __init__(self, cfg: JudgeConfig, model: str | None = None) -> None:
-        from openai import AsyncOpenAI
+        from openai import AsyncOpenAI  # openai: only the openai backend
 
         super().__init__(cfg)
         self.base_url = cfg.base_url.rstrip("/")
@@ -315,7 +315,7 @@ class OpenAIJudge(ChatJudge):
         return resp.choices[0].message.content or ""
 
     async def complete(self, messages: list[dict[str, str]]) -> str:
-        import openai
+        import openai  # openai: only the openai backend
 
         attempts = self.cfg.max_retries + 1
         cause = ""
@@ -347,7 +347,7 @@ async def check_reachable(cfg: JudgeConfig) -> list[str]:
 
     Returns the model ids the server lists ([] for the local backends, which reach nothing).
     """
-    import httpx
+    import httpx  # httpx: only the reachability probe
 
     if cfg.backend not in ("openai", "serve-llm"):
         return []

@@ -22,7 +22,7 @@ TINY_TEXT_VERSION = "tiny-text-judge-v2"  # v2: head size 32 (vLLM CPU attention
 
 def build_tiny_text_model(folder: str | os.PathLike[str], seed: int = 0) -> Path:
     """Write a tiny random-init Qwen2ForCausalLM with the project's tiny tokenizer."""
-    import torch
+    import torch  # torch: only the hf backend computes here
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from deepeyes.policy import build_tiny_tokenizer
@@ -45,7 +45,7 @@ def build_tiny_text_model(folder: str | os.PathLike[str], seed: int = 0) -> Path
 
 def tiny_text_model_path(cache_dir: str = DEFAULT_CACHE_DIR, seed: int = 0) -> Path:
     """The cached tiny text model folder, built on first use."""
-    from deepeyes.policy import build_cached
+    from deepeyes.policy import build_cached  # deepeyes.policy pulls transformers: only the hf judge
 
     key = hashlib.sha1(f"{TINY_TEXT_VERSION}-{seed}".encode()).hexdigest()[:10]
     return build_cached(cache_dir, f"tiny-text-{key}", lambda tmp: build_tiny_text_model(tmp, seed))
@@ -55,7 +55,7 @@ class HFGenerator:
     """Chat completion with a local causal LM; concurrent requests are batched (left padding)."""
 
     def __init__(self, path: str | os.PathLike[str], max_batch: int = 32) -> None:
-        import torch
+        import torch  # torch: only the hf backend computes here
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.path = str(path)
@@ -72,7 +72,7 @@ class HFGenerator:
 
     def _generate_batch(self, prompts: list[str], max_tokens: int,
                         temperature: float) -> list[tuple[str, int, int, str]]:
-        import torch
+        import torch  # torch: only the hf backend computes here
 
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         sample = temperature > 0

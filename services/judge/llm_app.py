@@ -35,7 +35,7 @@ def resolve_source(source: str, cache_dir: str) -> str:
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """The ray.serve.llm OpenAI app for `judge.*` of the scenario ({"config": path, "overrides": [...]})."""
     try:
-        from ray.serve.llm import LLMConfig, build_openai_app
+        from ray.serve.llm import LLMConfig, build_openai_app  # ray.serve.llm pulls vLLM: only this app
     except ImportError as e:
         raise RuntimeError(f"judge.backend=serve-llm needs ray.serve.llm and vLLM (the gpu or cpu extra; "
                            f"scripts/setup.sh installs one): {e}") from e

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     model = args.model
     if model == "tiny-text":
-        from services.judge.hf import tiny_text_model_path
+        from services.judge.hf import tiny_text_model_path  # the hf judge's model: only for the tiny stand-in
 
         model = str(tiny_text_model_path(args.cache_dir))
     cmd = server_command(model, args.port, host=args.host, kv_cache_gb=args.kv_cache_gb)

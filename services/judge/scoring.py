@@ -33,7 +33,7 @@ def math_equal(reference: str, answer: str) -> bool:
     either side does not parse (the judge then decides). Timeouts are off: math-verify's use
     signal.alarm, which only works in the main thread (Serve runs handlers elsewhere); answers
     reaching here are already capped at max_answer_chars."""
-    from math_verify import parse, verify
+    from math_verify import parse, verify  # math_verify (sympy): heavy, only math answers
 
     try:
         gold = parse(reference, parsing_timeout=None) or parse(f"${reference}$", parsing_timeout=None)

@@ -8,6 +8,8 @@ vLLM replica builds it from the model folder without loading the model into torc
 from __future__ import annotations
 
 import os
+import json
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -79,10 +81,7 @@ class PolicyIO:
     def from_folder(cls, path: str | os.PathLike[str], min_pixels: int | None = None,
                     max_pixels: int | None = None) -> "PolicyIO":
         """From a model folder without loading weights (vLLM replicas hold the model elsewhere)."""
-        import json
-        from pathlib import Path
-
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # transformers: heavy, loaded on first use
 
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         image_processor = load_image_processor(path, min_pixels, max_pixels)

@@ -36,6 +36,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import tempfile
+import json
+from pathlib import Path
 import os
 import time
 from typing import Any, Callable, Iterable
@@ -124,9 +127,7 @@ def weight_buckets(state_dict: dict[str, Any], bucket_bytes: int = WEIGHT_BUCKET
 
 def write_bucket(bucket: list[tuple[str, Any]], folder: str) -> str:
     """One bucket as a safetensors file in `folder` (shared memory); returns its path."""
-    import tempfile
-
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # safetensors: only the weight file path
 
     fd, path = tempfile.mkstemp(prefix="deepeyes-weights-", suffix=".safetensors", dir=folder)
     os.close(fd)
@@ -136,8 +137,6 @@ def write_bucket(bucket: list[tuple[str, Any]], folder: str) -> str:
 
 def shared_memory_dir() -> str:
     """/dev/shm where it exists (RAM-backed), else the temp dir."""
-    import tempfile
-
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
 
 
@@ -172,7 +171,7 @@ class WeightLoaderExtension:
     """vLLM worker extension: stage safetensors buckets, then reload them all in place at once."""
 
     def stage_weights(self, path: str) -> int:
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # safetensors: only the weight file path
 
         staged = getattr(self, "_deepeyes_staged", None)
         if staged is None:
@@ -211,7 +210,7 @@ class VLLMEngine:
     """
 
     def __init__(self, folder: Any, model_cfg: Any, rollout_cfg: Any, version: int = 0) -> None:
-        from vllm import AsyncEngineArgs
+        from vllm import AsyncEngineArgs  # vLLM: heavy, only this engine
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.version = version
@@ -239,7 +238,7 @@ class VLLMEngine:
 
     async def generate(self, prompt_ids: list[int], images: list[Image.Image],
                        sampling: SamplingParams) -> GenerateResult:
-        from vllm import SamplingParams as VSamplingParams
+        from vllm import SamplingParams as VSamplingParams  # vLLM: heavy, only this engine
 
         prompt = to_vllm_prompt(prompt_ids, images, self.image_pad_id)
         params = VSamplingParams(**to_vllm_sampling_kwargs(sampling))
@@ -314,7 +313,4 @@ class VLLMEngine:
 
 
 def _image_pad_id(folder: Any) -> int:
-    import json
-    from pathlib import Path
-
     return int(json.loads(Path(folder, "config.json").read_text())["image_token_id"])

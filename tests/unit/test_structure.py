@@ -183,3 +183,28 @@ def test_files_and_functions_are_of_a_readable_size():
 @pytest.mark.parametrize("name", ["deepeyes.contracts", "deepeyes.boxes"])
 def test_the_ground_floor_contracts_import_no_service(name):
     assert not {t for m, n, _ in _imports(MODULES[name]) for t in _targets(m, n) if not t.startswith("deepeyes")}
+
+
+def _commented(lines: list[str], lineno: int) -> bool:
+    """A comment on the import's line, on an import of the same run just above, or on the line above the run."""
+    j = lineno - 1
+    if "#" in lines[j]:
+        return True
+    j -= 1
+    while j >= 0 and (not lines[j].strip() or lines[j].strip().startswith(("import ", "from "))):
+        if "#" in lines[j]:
+            return True
+        j -= 1
+    return j >= 0 and "#" in lines[j] and not lines[j].lstrip().startswith(("def ", "async def "))
+
+
+def test_every_import_inside_a_function_says_why():
+    bad = []
+    for path in MODULES.values():
+        src = path.read_text()
+        lines = src.splitlines()
+        for fn in ast.walk(ast.parse(src)):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                bad += [f"{path.relative_to(ROOT)}:{n.lineno}: {lines[n.lineno - 1].strip()}" for n in ast.walk(fn)
+                        if isinstance(n, (ast.Import, ast.ImportFrom)) and not _commented(lines, n.lineno)]
+    assert sorted(set(bad)) == []

@@ -63,7 +63,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def benchmarks(args: argparse.Namespace, cfg: Any, out: Path) -> list[tuple[str, Any]]:
     """(name, a callable giving a fresh item iterator) per benchmark source asked for."""
-    from trainer.eval.items import limit
+    from trainer.eval.items import limit  # start-up: --help and argument errors stay light
 
     benches = registry()
     sources = {b.name: list(getattr(args, b.name)) for b in benches}  # argparse sets one list per flag
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"eval: {e}", file=sys.stderr)
         return 2
 
-    from trainer.cluster import exit_on_sigterm
+    from trainer.cluster import exit_on_sigterm  # start-up: --help and argument errors stay light
 
     exit_on_sigterm()
     cluster = EvalCluster(cfg, out)
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
                     results[bench][m]["wall_s"] = round(time.perf_counter() - tb, 1)
     finally:
         cluster.stop()
-    from trainer.plots import render_eval_bars
+    from trainer.plots import render_eval_bars  # start-up: --help and argument errors stay light
 
     summary = {"model": str(cluster.policy_dir or cfg.model.path),
                "protocol": {"k": args.k, "seed": args.seed, "greedy": args.temperature <= 0,

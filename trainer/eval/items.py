@@ -234,7 +234,7 @@ def item_from_row(row: Any, benchmark: str = "synthetic") -> Item:
 
 def read_parquet(files: list[str], data_cfg: Any, benchmark: str = "synthetic") -> Iterator[Item]:
     """Items of DeepEyes-schema parquet files, rows checked by deepeyes.data as they stream."""
-    import deepeyes.data as data
+    import deepeyes.data as data  # the viewer imports this module: it stays light
 
     if hasattr(data, "ParquetRows"):  # one row group in memory at a time
         rows: Iterable[Any] = data.ParquetRows(files, data_cfg).iter_rows()

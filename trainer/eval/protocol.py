@@ -63,7 +63,7 @@ def sample_prompt(item: Item, sample: int, seed: int, shuffle: bool = True) -> S
 def decode_item_image(item: Item, min_side: int = 28) -> tuple[Any, tuple[int, int]]:
     """(the item's image as RGB, tiny images upscaled to `min_side` as the data reader does; its
     stored size, the frame of target_bbox)."""
-    from PIL import Image
+    from PIL import Image  # the viewer imports this module: it stays light
 
     from deepeyes.data import upscale_to_min_side
 
@@ -76,7 +76,7 @@ def episode_request(item: Item, prompt: SamplePrompt, *, mode: str, frame: Any, 
                     orig_size: tuple[int, int] | None = None, system_prompt: str | None = None) -> Any:
     """The EpisodeRequest of one sample: the frame as the image; with `map_crops` the encoded
     original as crop_source (the zoom is cut from it); mode no_tool drops the tools."""
-    from deepeyes.chat import SYSTEM_PROMPT
+    from deepeyes.chat import SYSTEM_PROMPT  # the viewer imports this module: it stays light
     from services.rollout.types import EpisodeRequest
 
     use_tools = mode == "tool"
@@ -147,7 +147,7 @@ def outcome_from(traj: Any, item: Item, prompt: SamplePrompt, mode: str, sample:
     Multiple choice: the rule matcher decides when the answer names an option; otherwise (and for
     free-form items) `judge_verdict(traj, prompt)` -> (correct, ok) decides, recorded as `judge`.
     """
-    from services.judge.reward import extract_answer
+    from services.judge.reward import extract_answer  # the viewer imports this module: it stays light
 
     answer = extract_answer(traj.response_text)
     chosen = match_answer(answer, prompt.shown) if prompt.correct_letter else None

@@ -105,7 +105,7 @@ class RunFolder:
 
     def eval_summary(self) -> dict[str, Any]:
         """Per benchmark and mode: the headline figures and how many episodes items.jsonl holds."""
-        from trainer.eval.protocol import Outcome, summarize
+        from trainer.eval.protocol import Outcome, summarize  # eval folders only: a run folder's viewer stays light
 
         try:
             done = json.loads((self.root / "eval.json").read_text())
@@ -185,7 +185,7 @@ def build_app(run_dir: str | Path) -> FastAPI:
 
 
 def serve(run_dir: str | Path, host: str, port: int) -> None:
-    import uvicorn
+    import uvicorn  # uvicorn: only when serving
 
     print(f"viewing {Path(run_dir).resolve()} at http://{host}:{port}/ (Ctrl-C stops)", flush=True)
     uvicorn.run(build_app(run_dir), host=host, port=port, log_level="warning")
