@@ -1,6 +1,6 @@
 """The one-shot GPU check's model and data (bench.gpu_check runs them): the Qwen2.5-VL-7B
 architecture and a toy one of the same layout, the one-rank process group, FSDP2 as
-trainer/loop.py shards, and packed rows of synthetic multi-turn tool episodes.
+trainer/distributed.py shards, and packed rows of synthetic multi-turn tool episodes.
 
 Like bench.gpu_check, it imports neither Ray nor vLLM, and transformers only inside the functions
 that build (the check imports them inside its guarded run, so a broken install still ends in its
@@ -157,7 +157,7 @@ def build_model(cfg: Any, device: torch.device, dtype: torch.dtype, attn: str) -
 
 
 def shard(model: Any, device: torch.device) -> tuple[bool, str]:
-    """FSDP2 as trainer/loop.py: each decoder layer, then the root. (ok, note)."""
+    """FSDP2 as trainer/distributed.py: each decoder layer, then the root. (ok, note)."""
     if not dist.is_initialized():
         return False, "no process group; running unsharded"
     try:

@@ -10,7 +10,7 @@ What one run does:
   Qwen2.5-VL-7B-Instruct (its config.json values, in bench/gpu_build.py: 8.29e9 parameters,
   0.68e9 of them in the vision tower), bf16, built directly on the device.
 - SHARD: `torch.distributed` on one rank (file store on local disk; NCCL on CUDA, gloo on CPU),
-  FSDP2 `fully_shard` on every decoder layer and then the root, as trainer/loop.py does on GPU.
+  FSDP2 `fully_shard` on every decoder layer and then the root, as trainer/distributed.py does on GPU.
   Should `fully_shard` fail, the run goes on unsharded and says so (`"fsdp2": false`).
 - DATA: packed rows of synthetic multi-turn episodes (docs/design.md, "Chat format"):
   system/question text, one high-resolution image, assistant turns (the only loss tokens), tool
@@ -227,7 +227,7 @@ def gather_state_dict(model: Any, device: torch.device) -> tuple[float, float, i
     t0 = time.perf_counter()
     if dist.is_initialized():
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:  # trainer/loop.py cpu_state_dict's path without a process group
+    else:  # trainer/distributed.py cpu_state_dict's path without a process group
         sd = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     sync(device)
     secs = time.perf_counter() - t0

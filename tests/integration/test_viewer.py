@@ -93,7 +93,7 @@ def step_episodes(step: int) -> list[Trajectory]:
 
 
 def write_step(run: Path, sink: MetricsSink, step: int, image_kb: int = 1024) -> list[Trajectory]:
-    """What trainer/loop.py writes after a step: the metric row, then the saved episodes."""
+    """What trainer/worker.py writes after a step: the metric row, then the saved episodes."""
     trajs = step_episodes(step)
     adv = group_advantages([t.reward.score for t in trajs], [t.group_id for t in trajs])
     sink.write(step, trajectory_metrics([episode_summary(t) for t in trajs]))
