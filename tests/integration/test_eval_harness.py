@@ -19,7 +19,8 @@ def test_eval_on_the_twins_with_and_without_the_tool(tmp_path, tiny_policy_dir):
     out = tmp_path / "eval"
     cmd = [sys.executable, "-m", "trainer", "eval", "--twins", "--twin-items", "3", "--k", "2",
            "--out", str(out), f"model.cache_dir={tiny_policy_dir.parent}", "model.warm_start=false",
-           "rollout.max_new_tokens_per_turn=24", "rollout.max_response_length=256", "logging.progress=false"]
+           "rollout.max_new_tokens_per_turn=24", "rollout.max_response_length=256", "logging.progress=false",
+           "ray.include_dashboard=false"]  # the dashboard: tested in test_deploy_job; 38 s a run here
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=240)
