@@ -13,20 +13,35 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from deepeyes.policy import Policy
 
 STATE_FILE = "trainer_state.json"
 STOPPED_FILE = "stopped.json"  # in the run folder: why the loop stopped early (the driver reports it)
+MASTER_FILE = "master.safetensors"  # the master weights, when hf/ holds another dtype
 STARTUP_FILE = "startup.json"  # rank 0: when the workers started and sent the first rollout
 
 
 def save_checkpoint(folder: Path, policy: Policy, model_state: dict[str, torch.Tensor],
-                    optim_state: dict[str, Any], state: dict[str, Any]) -> None:
-    """Model (HF format under hf/, loadable by from_pretrained and vLLM), optimizer, trainer state."""
+                    optim_state: dict[str, Any], state: dict[str, Any], export_dtype: torch.dtype | None = None) -> None:
+    """Model (HF format under hf/, loadable by from_pretrained and vLLM, in `export_dtype`), the
+    master weights beside it when the export's dtype is another (master.safetensors), optimizer,
+    trainer state."""
     hf = folder / "hf"
     hf.mkdir(parents=True, exist_ok=True)
-    policy.model.save_pretrained(hf, state_dict=model_state)
+    master = next((v.dtype for v in model_state.values() if v.is_floating_point()), None)
+    export_dtype = export_dtype or master
+    if export_dtype != master:
+        save_file(model_state, str(folder / MASTER_FILE))  # resume continues from these, not the export
+    policy.model.save_pretrained(hf, state_dict={k: v.to(export_dtype) if v.is_floating_point() else v
+                                                 for k, v in model_state.items()})
+    if export_dtype != master:  # save_pretrained names the model's own dtype: name the export's
+        config = json.loads((hf / "config.json").read_text())
+        for c in (config, config.get("text_config"), config.get("vision_config")):
+            if isinstance(c, dict) and "dtype" in c:
+                c["dtype"] = str(export_dtype).removeprefix("torch.")
+        (hf / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     src = Path(policy.path)
     for f in src.iterdir():  # tokenizer, processor, template: everything but the weights
         if f.is_file() and not f.name.endswith(".safetensors") and f.name not in ("config.json", "generation_config.json"):
@@ -35,6 +50,17 @@ def save_checkpoint(folder: Path, policy: Policy, model_state: dict[str, torch.T
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     torch.save(rng, folder / "rng.pt")
     (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def load_masters(folder: Path, model: Any) -> bool:
+    """Load a checkpoint's master weights (master.safetensors) into `model`, if it has them."""
+    path = folder / MASTER_FILE
+    if not path.exists():
+        return False
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{path}: does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return True
 
 
 def full_optimizer_state(model: Any, optimizer: Any, fsdp: bool) -> dict[str, Any]:

@@ -72,20 +72,22 @@ def use_fsdp2(cfg: Config, world_size: int) -> bool:
     return parallel == "fsdp2"
 
 
-def shard_fsdp2(model: Any) -> None:
+def shard_fsdp2(model: Any, mp_policy: Any = None) -> None:
     """FSDP2 (gloo on CPU, NCCL on GPU): one unit per decoder layer; the root unit holds the rest.
 
     The vision tower stays in the root unit: a unit of its own would all-gather only on ranks
     whose micro-batch has images, and the ranks' collectives would no longer pair up. Gradients
     are summed, not averaged, over ranks (the loss is already divided by the global token count,
     like `all_reduce_grads`), and parameters unused on a rank (no image) reduce as zeros.
-    Every rank must run the same number of forward/backward passes (micro-batches).
+    Every rank must run the same number of forward/backward passes (micro-batches). With
+    `mp_policy` (trainer/precision.py) the shards stay in the master dtype and compute is cast.
     """
     from torch.distributed.fsdp import FSDPModule, fully_shard  # torch.distributed: only with FSDP2 or a process group
 
+    kwargs = {} if mp_policy is None else {"mp_policy": mp_policy}  # trainer/precision.py
     for layer in model.model.language_model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)

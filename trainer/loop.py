@@ -13,9 +13,10 @@ Invariant: generation for step s uses exactly the weights published after step s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 
@@ -130,15 +131,18 @@ def _store_old_logp(batch: Sequence[Example], lp: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def behaviour_logprobs(model: Any, examples: Sequence[Example], budget: int, temperature: float) -> None:
+def behaviour_logprobs(model: Any, examples: Sequence[Example], budget: int, temperature: float,
+                       autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> None:
     """Old log-probs (per token of each example) from a teacher-forced pass, before the update."""
     for batch in lockstep_micro_batches(model, examples, budget):
-        lp, _ = packed_forward(model, pack(batch), temperature)
+        with autocast():
+            lp, _ = packed_forward(model, pack(batch), temperature)
         _store_old_logp(batch, lp)
 
 
 def update(model: Any, optimizer: Any, examples: Sequence[Example], cfg: Config, global_tokens: float,
-           temperature: float, sync_grads: Any) -> UpdateStats:
+           temperature: float, sync_grads: Any,
+           autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> UpdateStats:
     """One optimizer step over the local examples; loss normalised by the global token count.
 
     Examples without old_logp take it from this forward, detached: the weights do not change
@@ -152,7 +156,8 @@ def update(model: Any, optimizer: Any, examples: Sequence[Example], cfg: Config,
     optimizer.zero_grad(set_to_none=True)
     for batch in lockstep_micro_batches(model, examples, t.micro_batch_tokens):
         pk = pack(batch)
-        logp, ent = packed_forward(model, pk, temperature, with_entropy=True)
+        with autocast():  # compute in model.dtype over fp32 masters (trainer/precision.py)
+            logp, ent = packed_forward(model, pk, temperature, with_entropy=True)
         old_logp = pk.old_logp
         if old_logp is None:  # on-policy, one update: this forward is the behaviour policy
             old_logp = logp.detach()

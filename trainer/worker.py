@@ -31,7 +31,8 @@ from deepeyes.policy import load_policy
 from deepeyes.serving import APP_NAMES, DEPLOYMENT_NAMES, actor_threads
 from services.rollout.trajectory import Trajectory
 from services.rollout.weights import get_or_create_weight_store, publish_weights
-from trainer.checkpoint import STARTUP_FILE, STATE_FILE, STOPPED_FILE, full_optimizer_state, load_optimizer_state, save_checkpoint
+from trainer.checkpoint import (STARTUP_FILE, STATE_FILE, STOPPED_FILE, full_optimizer_state, load_masters,
+                                load_optimizer_state, save_checkpoint)
 from trainer.distributed import all_gather_objects, all_max, all_reduce_grads, all_sum, cpu_state_dict, shard_fsdp2, use_fsdp2, world
 from trainer.evaluate import validate
 from trainer.grpo import group_advantages, zero_variance_groups
@@ -40,6 +41,8 @@ from trainer.loop import (STORE_TIMEOUT_S, RunHealth, behaviour_logprobs, build_
 from trainer.metrics import (MetricsSink, UpdateStats, engine_stamps, episode_summary, latest_stamps,
                              rollout_idle_share, step_metrics, write_trajectories)
 from trainer.packing import Example
+from trainer.precision import (enable_gradient_checkpointing, engine_weights, forward_context, fsdp_mixed_precision,
+                               torch_dtype)
 from trainer.rollouts import Rollouts, dynamic_sampling
 
 log = logging.getLogger("deepeyes.trainer")
@@ -121,20 +124,26 @@ class TrainWorker:
     def _load_models(self, resume_from: Path | None) -> None:
         cfg, lc = self.cfg, self.loop_config
         # A resumed run starts from the checkpoint's HF export (loaded before any sharding).
+        # The masters in trainer.master_dtype; a checkpoint's own masters replace its export's weights.
         self.policy = load_policy(resume_from / "hf" if resume_from else lc["policy_dir"], device=self.device,
-                                  dtype=cfg.model.dtype, min_pixels=cfg.model.min_pixels,
+                                  dtype=cfg.trainer.master_dtype, min_pixels=cfg.model.min_pixels,
                                   max_pixels=cfg.model.max_pixels, attn_implementation=cfg.model.attn_implementation,
                                   trainable=True)
+        if resume_from is not None:
+            load_masters(resume_from, self.policy.model)
         self.policy.path = lc["policy_dir"]  # tokenizer/processor files for checkpoint exports
         self.model = self.policy.model
         self.ref_model = None
         if cfg.trainer.kl_coef > 0:  # the reference policy is the run's starting point, not the checkpoint
             self.ref_model = load_policy(lc["policy_dir"], device=self.device, dtype=cfg.model.dtype).model
+        if cfg.trainer.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
         self.sync_grads = all_reduce_grads
         self.fsdp = use_fsdp2(cfg, self.world_size)
         if self.fsdp:  # FSDP2 reduce-scatters the gradients in backward itself
-            shard_fsdp2(self.model)
+            shard_fsdp2(self.model, fsdp_mixed_precision(cfg))
             self.sync_grads = lambda m: None  # noqa: E731
+        self.autocast = forward_context(cfg, self.device, self.fsdp)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.trainer.lr,
                                            weight_decay=cfg.trainer.weight_decay)
 
@@ -170,7 +179,7 @@ class TrainWorker:
         version = max(self.version, int(ray.get(self.store.version.remote(), timeout=STORE_TIMEOUT_S)) + 1)
         state_dict = cpu_state_dict(self.model)  # a collective under FSDP2: every rank takes part
         if self.rank == 0:
-            publish_weights(state_dict, version)
+            publish_weights(engine_weights(state_dict, self.cfg), version)
         self.version = int(all_max(version, self.device))
 
     def _barrier(self) -> None:
@@ -247,7 +256,8 @@ class TrainWorker:
         t0 = time.perf_counter()
         if cfg.trainer.old_logprob_pass == "always":
             model.eval()
-            behaviour_logprobs(model, r.examples, cfg.trainer.micro_batch_tokens, cfg.rollout.temperature)
+            behaviour_logprobs(model, r.examples, cfg.trainer.micro_batch_tokens, cfg.rollout.temperature,
+                               self.autocast)
         if self.ref_model is not None:
             refs = [Example(e.input_ids, e.loss_mask, e.advantage, e.pixel_values, e.image_grid_thw, e.positions)
                     for e in r.examples]
@@ -264,7 +274,7 @@ class TrainWorker:
             log.warning("step %d: no policy tokens in the batch; optimizer step skipped", step)
         for _ in range(cfg.trainer.updates_per_step if global_tokens > 0 else 0):
             r.stats = update(model, self.optimizer, r.examples, cfg, global_tokens, cfg.rollout.temperature,
-                             self.sync_grads)
+                             self.sync_grads, self.autocast)
         r.timings["update"] = time.perf_counter() - t0
         r.mismatch = logprob_mismatch(r.trajs, r.examples)  # old_logp: the separate pass's or the update's
 
@@ -273,7 +283,7 @@ class TrainWorker:
         t0 = time.perf_counter()
         r.state_dict = cpu_state_dict(self.model)  # collective under FSDP2: every rank takes part
         if self.rank == 0:
-            publish_weights(r.state_dict, self.version + 1)
+            publish_weights(engine_weights(r.state_dict, self.cfg), self.version + 1)
         self._barrier()
         self.version += 1
         r.timings["publish"] = time.perf_counter() - t0
@@ -329,7 +339,8 @@ class TrainWorker:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if self.rank == 0:
-                save_checkpoint(Path(tmp), self.policy, r.state_dict, optim_state, state)
+                save_checkpoint(Path(tmp), self.policy, r.state_dict, optim_state, state,
+                                export_dtype=torch_dtype(tc.export_dtype or self.cfg.model.dtype))
                 ckpt = Checkpoint.from_directory(tmp)
             ray.train.report({"step": step, "reward/score": metrics["reward/score"]}, checkpoint=ckpt,
                              checkpoint_dir_name=f"step_{step:06d}")

@@ -7,8 +7,8 @@ values of the wrong type are errors that name the key (loading.py). `python -m t
 prints this whole tree.
 """
 
-from deepeyes.config.loading import (config_from_dict, help_text, load_config, parse_overrides, read_scenario, to_dict,
-                                     validate)
+from deepeyes.config.loading import (check_master_precision, config_from_dict, help_text, load_config, parse_overrides,
+                                     read_scenario, to_dict, validate)
 from deepeyes.config.schema import (CONFIG_DIR, DEFAULT_CACHE_DIR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS,
                                     DEFAULT_SCENARIO, REPO_ROOT, Config, ConfigError, DataConfig, DeploymentConfig,
                                     JudgeConfig, LoggingConfig, ModelConfig, RayConfig, RolloutConfig, ServeConfig,
@@ -17,4 +17,4 @@ from deepeyes.config.schema import (CONFIG_DIR, DEFAULT_CACHE_DIR, DEFAULT_MAX_P
 __all__ = ["CONFIG_DIR", "DEFAULT_CACHE_DIR", "DEFAULT_MAX_PIXELS", "DEFAULT_MIN_PIXELS", "DEFAULT_SCENARIO",
            "REPO_ROOT", "Config", "ConfigError", "DataConfig", "DeploymentConfig", "JudgeConfig", "LoggingConfig",
            "ModelConfig", "RayConfig", "RolloutConfig", "ServeConfig", "ToolsConfig", "TrainerConfig",
-           "config_from_dict", "help_text", "load_config", "parse_overrides", "read_scenario", "to_dict", "validate"]
+           "check_master_precision", "config_from_dict", "help_text", "load_config", "parse_overrides", "read_scenario", "to_dict", "validate"]

@@ -171,6 +171,25 @@ def validate(cfg: Config) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    check_master_precision(cfg.trainer.master_dtype, cfg.trainer.lr)
+
+
+# The smallest relative change a rounding to the master dtype keeps: half a unit in the last place.
+HALF_ULP = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11, "float32": 2.0 ** -24}
+TYPICAL_WEIGHT = 0.02  # the init scale of transformer weights (initializer_range); most trained ones are near it
+
+
+def check_master_precision(master_dtype: str, lr: float) -> None:
+    """Refuse master weights too coarse for the learning rate: an AdamW step moves a weight by
+    about lr, which rounds away unless it is over half a unit in the last place of a typical
+    weight (bf16: 0.02 * 2^-8 = 7.8e-5)."""
+    floor = TYPICAL_WEIGHT * HALF_ULP[master_dtype]
+    if master_dtype != "float32" and 0 < lr < floor:
+        raise ConfigError(
+            f"trainer.master_dtype={master_dtype} with trainer.lr={lr:g}: an AdamW step of about {lr:g} is "
+            f"under half a {master_dtype} step of a typical weight ({TYPICAL_WEIGHT} x {HALF_ULP[master_dtype]:g} "
+            f"= {floor:.2g}), so almost no weight would move; set trainer.master_dtype=float32 (fp32 master "
+            f"weights and optimizer state; model.dtype stays the compute dtype)")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -37,7 +37,9 @@ class ModelConfig:
     warm_start: bool = _f(True, "with path=tiny: use the tiny model after its cached SFT warm start "
                                 "(so the policy calls the tool); false = the raw random init")
     cache_dir: str = _f(DEFAULT_CACHE_DIR, "where built artefacts (tiny model, warm start) are cached")
-    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "parameter dtype of the policy")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f(
+        "float32", "compute dtype of the policy: the rollout engines' weights, and the Train workers' forward "
+                   "and backward (their parameters stay in trainer.master_dtype)")
     attn_implementation: str = _f("sdpa", "transformers attention backend (sdpa, eager, flash_attention_2)")
     min_pixels: int = _f(DEFAULT_MIN_PIXELS, "image processor min_pixels: smallest image area after smart-resize")
     max_pixels: int = _f(DEFAULT_MAX_PIXELS, "image processor max_pixels: largest image area after smart-resize "
@@ -195,6 +197,15 @@ class TrainerConfig:
     entropy_coef: float = _f(0.0, "entropy bonus (0 = off, the recipe)")
     updates_per_step: int = _f(1, "optimizer updates per GRPO step over the same batch")
     micro_batch_tokens: int = _f(8192, "token budget of one packed micro-batch")
+    master_dtype: Literal["float32", "bfloat16", "float16"] = _f(
+        "float32", "dtype of the Train workers' parameters and AdamW state (the master weights); compute runs "
+                   "in model.dtype: FSDP2's MixedPrecisionPolicy, or autocast under DDP. bf16 masters are "
+                   "refused when trainer.lr is below bf16's resolution (the weights would not move)")
+    gradient_checkpointing: bool = _f(False, "recompute each decoder layer's activations in backward instead of "
+                                             "keeping them (less memory, about one more forward of compute)")
+    export_dtype: Literal["", "float32", "bfloat16", "float16"] = _f(
+        "", "dtype of a checkpoint's HF export (hf/); empty = model.dtype, what the rollout engines load; "
+            "the fp32 masters are kept beside it (master.safetensors) for resume")
     old_logprob_pass: Literal["auto", "always"] = _f(
         "auto", "where the PPO ratio's old log-probs come from: auto = the first update's own forward "
                 "(the weights have not moved yet, so it is the behaviour policy; saves a forward over "

@@ -231,3 +231,158 @@ def test_fsdp2_matches_ddp_and_checkpoints_round_trip(tiny_policy_dir, tmp_path:
     assert r0["roundtrip_model"] and r0["roundtrip_optim"] and r0["optim_state_tensors"] == 3 * 57
     assert r0["reload_step_equal"]
     assert r1["stats2_r"] == r1["stats2_f"] and r0["stats2_r"] == r0["stats2_f"]
+
+
+# ---------------------------------------------------------------------------------------------
+# mixed precision: fp32 masters, bf16 compute (the 7B recipe's settings), FSDP2 against DDP
+
+MIXED = ["trainer.micro_batch_tokens=160", "trainer.grad_clip=1.0", "trainer.parallel=fsdp2",
+         "model.dtype=bfloat16", "trainer.master_dtype=float32", "trainer.lr=1e-6"]
+
+
+def _mixed_worker(rank: int, port: int, policy_dir: str, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
+    try:
+        _compare_mixed(rank, policy_dir, Path(out_dir))
+    finally:
+        dist.destroy_process_group()
+
+
+def _compare_mixed(rank: int, policy_dir: str, out: Path) -> None:
+    from deepeyes.config import load_config
+    from deepeyes.policy import load_policy
+    from trainer.checkpoint import full_optimizer_state, load_masters, load_optimizer_state, save_checkpoint
+    from trainer.distributed import all_reduce_grads, all_sum, cpu_state_dict, shard_fsdp2
+    from trainer.grpo import group_advantages
+    from trainer.loop import behaviour_logprobs, build_examples, update
+    from trainer.precision import engine_weights, forward_context, fsdp_mixed_precision, torch_dtype
+
+    cfg = load_config(None, MIXED)
+    t, temp, cpu = cfg.trainer, cfg.rollout.temperature, torch.device("cpu")
+    master = torch_dtype(t.master_dtype)
+
+    def setup(fsdp: bool, folder: str = policy_dir, masters: Path | None = None) -> tuple[Any, Any, Any, Any]:
+        policy = load_policy(folder, trainable=True, dtype=t.master_dtype)
+        if masters is not None:  # resume: the checkpoint's fp32 masters, not its bf16 export
+            assert load_masters(masters, policy.model)
+        if fsdp:
+            shard_fsdp2(policy.model, fsdp_mixed_precision(cfg))
+        opt = torch.optim.AdamW(policy.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        return policy, policy.model, opt, forward_context(cfg, cpu, fsdp)
+
+    def examples(policy: Any, model: Any, autocast: Any) -> list[Any]:
+        trajs = _trajectories(policy, rank)
+        adv = group_advantages([x.reward.score for x in trajs], [x.group_id for x in trajs])
+        exs = build_examples(policy, trajs, adv, t.mask_over_turn, cpu)
+        model.eval()
+        behaviour_logprobs(model, exs, t.micro_batch_tokens, temp, autocast)
+        model.train()
+        return exs
+
+    no_sync = lambda m: None  # noqa: E731
+    res: dict[str, Any] = {"rank": rank}
+    pol_d, model_d, opt_d, ac_d = setup(False)
+    pol_f, model_f, opt_f, ac_f = setup(True)
+    start = cpu_state_dict(model_d)
+    exs_d, exs_f = examples(pol_d, model_d, ac_d), examples(pol_f, model_f, ac_f)
+    res["old_logp"] = max((a.old_logp - b.old_logp).abs().max().item() for a, b in zip(exs_d, exs_f))
+    global_tokens = all_sum([sum(float(e.loss_mask[1:].sum()) for e in exs_d)], cpu)[0]
+    st_d = update(model_d, opt_d, exs_d, cfg, global_tokens, temp, all_reduce_grads, ac_d)
+    st_f = update(model_f, opt_f, exs_f, cfg, global_tokens, temp, no_sync, ac_f)
+    res["stats1_d"], res["stats1_f"] = st_d.__dict__, st_f.__dict__
+    res["master_dtypes"] = sorted({str(p.to_local().dtype if hasattr(p, "to_local") else p.dtype)
+                                   for p in model_f.parameters()} | {str(p.dtype) for p in model_d.parameters()})
+    g_d, g_f = _full_grads(model_d), _full_grads(model_f)
+    res["grads"], res["grads_scale"] = _max_diff(g_d, g_f), _max_abs(g_d)
+    sd_d, sd_f = cpu_state_dict(model_d), cpu_state_dict(model_f)
+    osd_f = full_optimizer_state(model_f, opt_f, True)
+    if rank == 0:
+        # both moved by about lr wherever the gradient was not ~0: the fp32 masters kept the step
+        res["moved_d"] = sum(int(((sd_d[k] - start[k]).abs() > 0.5 * t.lr).sum()) for k in start)
+        res["moved_f"] = sum(int(((sd_f[k] - start[k]).abs() > 0.5 * t.lr).sum()) for k in start)
+        res["moved_both"] = sum(int((((sd_d[k] - start[k]).abs() > 0.5 * t.lr)
+                                     & ((sd_f[k] - start[k]).abs() > 0.5 * t.lr)).sum()) for k in start)
+        res["step_sign_agree"] = sum(int(((sd_d[k] - start[k]).sign() == (sd_f[k] - start[k]).sign())[
+            (sd_d[k] - start[k]).abs() > 0.5 * t.lr].sum()) for k in start) / max(res["moved_d"], 1)
+        sync = engine_weights(sd_f, cfg)  # what weight sync publishes
+        res["sync_dtypes"] = sorted({str(v.dtype) for v in sync.values()})
+        res["sync_is_cast_masters"] = all(torch.equal(sync[k], sd_f[k].to(torch.bfloat16)) for k in sd_f)
+        save_checkpoint(out / "ckpt", pol_f, sd_f, osd_f, {"step": 1}, export_dtype=torch.bfloat16)
+        exported = json.loads((out / "ckpt" / "hf" / "config.json").read_text())
+        res["export_dtypes"] = sorted({exported["dtype"], exported["text_config"]["dtype"],
+                                       exported["vision_config"]["dtype"]})
+    dist.barrier()
+    # resume from the checkpoint: masters (not the bf16 export) and the optimizer (only rank 0 held
+    # the full state; every rank reads it from the file), then step 2 = the step without a reload
+    _, model_r, opt_r, _ = setup(True, str(out / "ckpt" / "hf"), out / "ckpt")  # loads bf16, then the masters
+    load_optimizer_state(model_r, opt_r, torch.load(out / "ckpt" / "optimizer.pt", weights_only=False), True)
+    sd_r = cpu_state_dict(model_r)
+    if rank == 0:
+        res["resumed_masters_equal"] = _equal_nested(sd_r, sd_f)
+    st2_f = update(model_f, opt_f, exs_f, cfg, global_tokens, temp, no_sync, ac_f)
+    st2_r = update(model_r, opt_r, exs_f, cfg, global_tokens, temp, no_sync, ac_f)
+    res["stats2_f"], res["stats2_r"] = st2_f.__dict__, st2_r.__dict__
+    sd2_f, sd2_r = cpu_state_dict(model_f), cpu_state_dict(model_r)
+    if rank == 0:
+        res["reload_step_equal"] = _equal_nested(sd2_f, sd2_r)
+    # the DDP path likewise: its checkpoint (every rank holds the whole optimizer state), resume, step 2
+    if rank == 0:
+        save_checkpoint(out / "ckpt_d", pol_d, sd_d, full_optimizer_state(model_d, opt_d, False), {"step": 1},
+                        export_dtype=torch.bfloat16)
+    dist.barrier()
+    _, model_dr, opt_dr, _ = setup(False, str(out / "ckpt_d" / "hf"), out / "ckpt_d")
+    load_optimizer_state(model_dr, opt_dr, torch.load(out / "ckpt_d" / "optimizer.pt", weights_only=False), False)
+    res["ddp_resumed_masters_equal"] = _equal_nested(cpu_state_dict(model_dr), sd_d)
+    st2_d = update(model_d, opt_d, exs_d, cfg, global_tokens, temp, all_reduce_grads, ac_d)
+    st2_dr = update(model_dr, opt_dr, exs_d, cfg, global_tokens, temp, all_reduce_grads, ac_d)
+    res["ddp_reload_step_equal"] = st2_d.__dict__ == st2_dr.__dict__ and _equal_nested(
+        cpu_state_dict(model_d), cpu_state_dict(model_dr))
+    (out / f"mixed{rank}.json").write_text(json.dumps(res))
+
+
+def test_fsdp2_mixed_precision_matches_ddp_autocast_and_resumes_from_fp32_masters(tiny_policy_dir, tmp_path):
+    mp.spawn(_mixed_worker, args=(free_port(), str(tiny_policy_dir), str(tmp_path)), nprocs=WORLD, join=True)
+    r0, r1 = (json.loads((tmp_path / f"mixed{r}.json").read_text()) for r in range(WORLD))
+    print(json.dumps([r0, r1], indent=1))
+    # Tolerances, measured (torch 2.13 CPU, 1 thread per rank): FSDP2's policy runs the whole forward
+    # in bf16 while autocast keeps norms and softmax in fp32, so the two differ by bf16 rounding:
+    # old log-probs 3.9e-3, losses 6e-7 relative, grad norms 8e-4, gradients 7e-3 of the largest.
+    for r in (r0, r1):
+        assert r["old_logp"] < 2e-2
+        d, f = r["stats1_d"], r["stats1_f"]
+        assert f["tokens"] == d["tokens"] and _rel(f["pg_loss"], d["pg_loss"]) < 1e-3
+        assert _rel(f["grad_norm"], d["grad_norm"]) < 1e-2
+        assert r["master_dtypes"] == ["torch.float32"]  # both paths keep fp32 masters
+    assert r0["grads"] / r0["grads_scale"] < 3e-2
+    # at lr 1e-6 both steps moved ~all weights with a gradient (822k of 1.08M) by about lr, the same way
+    assert r0["moved_d"] > 0.7 * 1_077_696 and r0["moved_both"] > 0.99 * r0["moved_d"]
+    assert r0["step_sign_agree"] > 0.99
+    # weight sync publishes the masters cast to the engines' dtype; the export is bf16, named so
+    assert r0["sync_dtypes"] == ["torch.bfloat16"] and r0["sync_is_cast_masters"]
+    assert r0["export_dtypes"] == ["bfloat16"]
+    # resume restores the fp32 masters exactly (not the bf16 export) and steps as if never stopped
+    assert r0["resumed_masters_equal"] and r0["reload_step_equal"]
+    assert r0["stats2_r"] == r0["stats2_f"] and r1["stats2_r"] == r1["stats2_f"]
+    assert all(r["ddp_resumed_masters_equal"] and r["ddp_reload_step_equal"] for r in (r0, r1))
+    # Tolerances, measured (torch 2.13 CPU, 1 thread per rank): FSDP2's policy runs the whole forward
+    # in bf16 while autocast keeps norms and softmax in fp32, so the two differ by bf16 rounding:
+    # old log-probs 3.9e-3, losses 6e-7 relative, grad norms 8e-4, gradients 7e-3 of the largest.
+    for r in (r0, r1):
+        assert r["old_logp"] < 2e-2
+        d, f = r["stats1_d"], r["stats1_f"]
+        assert f["tokens"] == d["tokens"] and _rel(f["pg_loss"], d["pg_loss"]) < 1e-3
+        assert _rel(f["grad_norm"], d["grad_norm"]) < 1e-2
+        assert r["master_dtypes"] == ["torch.float32"]  # both paths keep fp32 masters
+    assert r0["grads"] / r0["grads_scale"] < 3e-2
+    # at lr 1e-6 both steps moved ~all weights with a gradient (822k of 1.08M) by about lr, the same way
+    assert r0["moved_d"] > 0.7 * 1_077_696 and r0["moved_both"] > 0.99 * r0["moved_d"]
+    assert r0["step_sign_agree"] > 0.99
+    # weight sync publishes the masters cast to the engines' dtype; the export is bf16, named so
+    assert r0["sync_dtypes"] == ["torch.bfloat16"] and r0["sync_is_cast_masters"]
+    assert r0["export_dtypes"] == ["bfloat16"]
+    # resume restores the fp32 masters exactly (not the bf16 export) and steps as if never stopped
+    assert r0["resumed_masters_equal"] and r0["reload_step_equal"]
+    assert r0["stats2_r"] == r0["stats2_f"] and r1["stats2_r"] == r1["stats2_f"]
+    assert all(r["ddp_resumed_masters_equal"] and r["ddp_reload_step_equal"] for r in (r0, r1))
