@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from deepeyes.policy import mrope_position_ids
 from services.rollout.logprobs import sequence_logprobs
@@ -134,10 +135,60 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
 
 def packed_forward(model: Any, packed: Packed, temperature: float = 1.0,
                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-position log-prob of the next token (T,) for a packed row, and entropy if asked."""
+    """Per-position log-prob of the next token (T,) for a packed row, and entropy if asked.
+
+    A model with a `LogprobHead` (trainer.logit_chunk_tokens) returns them from its head, a chunk
+    of positions at a time; otherwise from the full (T, V) logits."""
+    head = model.lm_head
+    if isinstance(head, LogprobHead):
+        head.targets, head.temperature = packed.targets, temperature
+        try:
+            out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None,
+                        pixel_values=packed.pixel_values, image_grid_thw=packed.image_grid_thw, use_cache=False)
+        finally:
+            head.targets = None
+        return out.logits[0, :, 0], out.logits[0, :, 1] if with_entropy else None
     out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None,
                 pixel_values=packed.pixel_values, image_grid_thw=packed.image_grid_thw, use_cache=False)
     return token_logprobs(out.logits[0], packed.targets, temperature, with_entropy)
+
+
+class LogprobHead(torch.nn.Module):
+    """The output projection that never holds the whole (T, V) logits: given the targets, it returns
+    (1, T, 2) = per position [log p(target), entropy], computed `chunk` positions at a time, each
+    chunk's logits recomputed in backward (activation checkpointing). At the 7B's vocabulary
+    (152,064) one fp32 copy of the logits is 0.6 MB a token, 15 GB at a 24,576-token micro-batch;
+    with chunks of 2,048 positions the head holds about 1.2 GB at a time (`python -m trainer plan`).
+    It runs inside the model's forward, so FSDP2 has the projection's weight gathered; it holds
+    the projection's own Parameter as `weight`, so state dicts keep the name `lm_head.weight`."""
+
+    def __init__(self, weight: torch.nn.Parameter, chunk: int):
+        super().__init__()
+        self.weight, self.chunk = weight, chunk
+        self.targets: torch.Tensor | None = None
+        self.temperature = 1.0
+
+    def _chunk(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logp, ent = token_logprobs(F.linear(hidden, self.weight), targets, self.temperature, with_entropy=True)
+        return torch.stack([logp, ent], dim=-1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.targets is None:  # not from packed_forward (e.g. generate): the plain projection
+            return F.linear(hidden, self.weight)
+        h = hidden[0]
+        parts = [torch.utils.checkpoint.checkpoint(self._chunk, h[i:i + self.chunk], self.targets[i:i + self.chunk],
+                                                   use_reentrant=False)
+                 for i in range(0, h.shape[0], self.chunk)]
+        return torch.cat(parts)[None]
+
+
+def install_logprob_head(model: Any, chunk: int) -> None:
+    """Replace the model's output projection (a Linear without bias) by a `LogprobHead` over the
+    same weight; before FSDP2 sharding (the head then owns the parameter)."""
+    if chunk > 0 and not isinstance(model.lm_head, LogprobHead):
+        if model.lm_head.bias is not None:
+            raise ValueError("trainer.logit_chunk_tokens: the output projection has a bias; set it to 0")
+        model.lm_head = LogprobHead(model.lm_head.weight, chunk)
 
 
 def padded_forward(model: Any, examples: Sequence[Example], pad_id: int,

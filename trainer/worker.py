@@ -40,7 +40,7 @@ from trainer.loop import (STORE_TIMEOUT_S, RunHealth, behaviour_logprobs, build_
                           total_steps, update)
 from trainer.metrics import (MetricsSink, UpdateStats, engine_stamps, episode_summary, latest_stamps,
                              rollout_idle_share, step_metrics, write_trajectories)
-from trainer.packing import Example
+from trainer.packing import Example, install_logprob_head
 from trainer.precision import (enable_gradient_checkpointing, engine_weights, forward_context, fsdp_mixed_precision,
                                torch_dtype)
 from trainer.rollouts import Rollouts, dynamic_sampling
@@ -138,6 +138,7 @@ class TrainWorker:
             self.ref_model = load_policy(lc["policy_dir"], device=self.device, dtype=cfg.model.dtype).model
         if cfg.trainer.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
+        install_logprob_head(self.model, cfg.trainer.logit_chunk_tokens)
         self.sync_grads = all_reduce_grads
         self.fsdp = use_fsdp2(cfg, self.world_size)
         if self.fsdp:  # FSDP2 reduce-scatters the gradients in backward itself

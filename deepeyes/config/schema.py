@@ -201,6 +201,9 @@ class TrainerConfig:
         "float32", "dtype of the Train workers' parameters and AdamW state (the master weights); compute runs "
                    "in model.dtype: FSDP2's MixedPrecisionPolicy, or autocast under DDP. bf16 masters are "
                    "refused when trainer.lr is below bf16's resolution (the weights would not move)")
+    logit_chunk_tokens: int = _f(0, "compute the update's log-probs from the output projection this many "
+                                    "positions at a time, never the whole (tokens x vocabulary) logits (each "
+                                    "chunk recomputed in backward); 0 = all at once")
     gradient_checkpointing: bool = _f(False, "recompute each decoder layer's activations in backward instead of "
                                              "keeping them (less memory, about one more forward of compute)")
     export_dtype: Literal["", "float32", "bfloat16", "float16"] = _f(
