@@ -198,18 +198,21 @@ def build_tiny_tokenizer(seed: int = 0, vocab_size: int = 2400) -> Any:
 # the tiny model
 
 
-def tiny_model_config(tokenizer: Any) -> Any:
+def tiny_model_config(tokenizer: Any, hidden: int = 128, layers: int = 2, intermediate: int = 256, heads: int = 4,
+                      kv_heads: int = 2) -> Any:
+    """The tiny Qwen2.5-VL's config; the sizes can grow (the memory plan's CPU check builds a larger
+    twin the same way: tests/unit/test_memory_plan.py)."""
     from transformers import Qwen2_5_VLConfig  # transformers: heavy, loaded on first use
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t, _ in QWEN_ADDED_TOKENS}
-    hidden, heads = 128, 4
     vocab = ((len(tokenizer) + 63) // 64) * 64
+    half = hidden // heads // 2  # M-RoPE splits half the head dim into (t, h, w): 1/4, 3/8, 3/8
     return Qwen2_5_VLConfig(
         text_config=dict(
-            vocab_size=vocab, hidden_size=hidden, intermediate_size=256, num_hidden_layers=2,
-            num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=32768,
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=32768,
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                             "mrope_section": [4, 6, 6]},  # sums to head_dim/2 = (128/4)/2
+                             "mrope_section": [half // 4, 3 * half // 8, 3 * half // 8]},
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False,
         ),

@@ -4,6 +4,7 @@
   python -m trainer plot RUN_DIR                                             render PNG curves
   python -m trainer view RUN_DIR [--port 8080] [--host 127.0.0.1]            look at its episodes
   python -m trainer eval [--model DIR] [--vstar DIR] [--hrbench TSV] [--twins]  benchmarks, +/- tool
+  python -m trainer plan [--config FILE] [--gpu-gib 80]                      GPU memory per Train / rollout GPU
   python -m trainer --dry-run [--config ...] [key=value ...]                 check, say what a run would do
   python -m trainer --help                                                   this text + every knob
 
@@ -37,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.eval.cli import main as eval_main  # start-up: --help and the other commands stay light
 
         return eval_main(argv[1:])
+    if argv and argv[0] == "plan":
+        from trainer.plan import main as plan_main  # start-up: --help and the other commands stay light
+
+        return plan_main(argv[1:])
     if argv and argv[0] == "view":
         ap = argparse.ArgumentParser(
             prog="python -m trainer view",
