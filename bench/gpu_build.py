@@ -156,8 +156,9 @@ def build_model(cfg: Any, device: torch.device, dtype: torch.dtype, attn: str) -
     return model
 
 
-def shard(model: Any, device: torch.device) -> tuple[bool, str]:
-    """FSDP2 as trainer/distributed.py: each decoder layer, then the root. (ok, note)."""
+def shard(model: Any, device: torch.device, mp_policy: Any = None) -> tuple[bool, str]:
+    """FSDP2 as trainer/distributed.py: each decoder layer, then the root, with `mp_policy`
+    (trainer/precision.py: bf16 compute over fp32 masters). (ok, note)."""
     if not dist.is_initialized():
         return False, "no process group; running unsharded"
     try:
@@ -166,9 +167,10 @@ def shard(model: Any, device: torch.device) -> tuple[bool, str]:
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        kw = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
         for layer in model.model.language_model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(layer, **kw)
+        fully_shard(model, **kw)
         n = len(model.model.language_model.layers)
         return True, f"fully_shard on {n} decoder layers + root, mesh {device.type} x{dist.get_world_size()}"
     except Exception as e:  # noqa: BLE001 -- measured unsharded instead, and said so

@@ -24,16 +24,15 @@ What one run does:
 
 Cases (7B): 8k and 16k tokens with gradient checkpointing (16k is the headline), then the gather,
 then two probes that may run out of memory on one GPU and are reported as such: 32k tokens (the
-7B scenario's `trainer.micro_batch_tokens`) with checkpointing, 8k without checkpointing (the
-trainer does not enable it today).
+7B scenario's `trainer.micro_batch_tokens`) with checkpointing, 8k without checkpointing.
 
-Memory plan (7B, one GPU): parameters and gradients in bf16 (16.6 GB each) and AdamW's two
-states in the parameters' dtype, bf16 (33.2 GB) -- torch's AdamW keeps its states in the
-parameter dtype and the trainer builds it on the bf16 model, so this is the trainer's footprint:
-about 66 GB before activations. The log-prob path holds (T, 152064) logits in fp32 several times
-(log-softmax, entropy): about 4 x 10 GB at 16k tokens. Without checkpointing the 28 layers keep
-roughly 3-4 GB of activations each at 16k tokens, which cannot fit next to that; with it they
-keep one (T, 3584) input each.
+Precision and memory (the 7B scenario's): fp32 master weights and AdamW moments, bf16 compute
+(FSDP2's MixedPrecisionPolicy; autocast when unsharded), gradient checkpointing, the chunked
+log-prob head (trainer.logit_chunk_tokens, 2,048 positions). On one GPU the fp32 states of all 28
+layers (133 GB) leave no room for activations, so the 7B mode keeps LAYERS_7B = 12 decoder layers
+(`--layers` changes it): every per-layer figure is the full model's; the 4-worker FSDP2 plan of
+`python -m trainer plan` shards all 28. Each case reports the plan's estimate for itself
+(`plan_gib`); on CUDA the headline's `peak_over_plan` is the measured peak over it.
 
 Figures:
 - peak memory: torch.cuda.max_memory_allocated() over the case (reset before it); on CPU the
@@ -44,10 +43,9 @@ Figures:
   dense bf16 peak. It counts neither attention FLOPs nor the checkpoint recompute, so it reads
   low against hardware FLOP counters;
 - gather: seconds and GiB of the full CPU state dict;
-- param_change_frac: share of layer 0's down_proj elements that the case's AdamW steps changed.
-  With bf16 parameters (the 7B scenario's model.dtype) an lr-1e-6 step is below bf16's
-  resolution for most weights (spacing ~|w|/128), so this reads near 0.02 where fp32 reads 1.0:
-  the update rounds away unless the optimizer keeps fp32 master weights.
+- param_change_frac: share of layer 0's down_proj elements that the case's AdamW steps changed:
+  with fp32 masters an lr-1e-6 step moves them all (1.0); bf16 parameters read about 0.02 (the
+  step is below bf16's resolution for most weights).
 
 From the repository root (copied to the GPU machine with the repo; bench.runner, which needs Ray,
 is not imported):
@@ -62,6 +60,7 @@ the set-up fails: then `"ok": false` and `"error"`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -88,11 +87,15 @@ import torch.distributed as dist  # noqa: E402
 from bench.gpu_build import (QWEN25_VL_7B, SHAPE_7B, SHAPE_TINY, TINY, Shape, build_config,  # noqa: E402
                              build_model, cut_layers, init_dist, packed_row, pick_attn, set_grad_ckpt, shard)
 from trainer.grpo import clipped_policy_loss  # noqa: E402
-from trainer.packing import packed_forward  # noqa: E402
+from trainer.packing import install_logprob_head, packed_forward  # noqa: E402
+from trainer.plan import Dims, activation_bytes  # noqa: E402
 
 H200_BF16_PEAK = 989e12  # FLOP/s, dense bf16 (H100/H200 SXM)
 CLIP_EPS = 0.2
 LR, WEIGHT_DECAY, GRAD_CLIP = 1e-6, 0.01, 1.0  # deploy/configs/deepeyes-7b.yaml
+MASTER, COMPUTE = torch.float32, torch.bfloat16  # the 7B scenario: fp32 masters and moments, bf16 compute
+LOGIT_CHUNK = {"7b": 2048, "tiny": 128}  # trainer.logit_chunk_tokens (the 7B scenario's; smaller for tiny rows)
+LAYERS_7B = 12  # decoder layers on one GPU: fp32 states of all 28 (133 GB) leave no room for activations
 
 
 @dataclass
@@ -118,6 +121,7 @@ class CaseResult:
     tokens_per_s: float = float("nan")
     mfu: float = float("nan")
     peak_mem_gib: float = float("nan")
+    plan_gib: float = float("nan")  # trainer/plan.py's estimate of the same case on this one device
     losses: list[float] = field(default_factory=list)
     loss_on_policy: float = float("nan")  # -mean advantage over loss tokens: the first step's loss (ratio 1)
     grad_norms: list[float] = field(default_factory=list)
@@ -151,6 +155,7 @@ def run_case(model: Any, optimizer: Any, case: Case, args: argparse.Namespace, s
              deadline: float) -> CaseResult:
     res = CaseResult(case=case)
     set_grad_ckpt(model, case.grad_ckpt)
+    res.plan_gib = plan_gib(model, case, spec)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     pk = packed_row(model, case.tokens, shape, spec, seed=case.tokens, dtype=dtype, device=device)
@@ -162,7 +167,7 @@ def run_case(model: Any, optimizer: Any, case: Case, args: argparse.Namespace, s
     # OLD LOG-PROBS: the behaviour policy's, one no-grad forward (trainer: behaviour_logprobs)
     sync(device)
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), compute_context(model, device):
         old_logp, _ = packed_forward(model, pk)
     sync(device)
     res.logprob_fwd_s = time.perf_counter() - t0
@@ -181,7 +186,8 @@ def run_case(model: Any, optimizer: Any, case: Case, args: argparse.Namespace, s
         sync(device)
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        logp, ent = packed_forward(model, pk, with_entropy=True)
+        with compute_context(model, device):
+            logp, ent = packed_forward(model, pk, with_entropy=True)
         parts = clipped_policy_loss(logp, pk.old_logp, pk.advantages, pk.target_mask, CLIP_EPS)
         (parts.pg_loss_sum / max(res.loss_tokens, 1)).backward()  # token-mean over loss tokens
         sync(device)
@@ -209,6 +215,26 @@ def run_case(model: Any, optimizer: Any, case: Case, args: argparse.Namespace, s
     res.peak_mem_gib = peak_mem_gib(device)
     res.status = "ok"
     return res
+
+
+def compute_context(model: Any, device: torch.device) -> Any:
+    """bf16 compute over the fp32 masters: FSDP2's policy casts; unsharded, autocast does."""
+    sharded = any(hasattr(p, "to_local") for p in model.parameters())
+    return contextlib.nullcontext() if sharded else torch.autocast(device_type=device.type, dtype=COMPUTE)
+
+
+def plan_gib(model: Any, case: Case, spec: dict[str, Any]) -> float:
+    """The plan's estimate for this case on one device (trainer/plan.py): fp32 masters, gradients
+    and moments, bf16 gathered copies of the root unit and two layers (and their gradients), and
+    the activations of the case's tokens (checkpointed or not, the chunked head)."""
+    d = Dims.from_config(build_config(spec).to_dict())
+    n = sum(p.numel() for p in model.parameters())
+    n_layer = sum(p.numel() for p in model.model.language_model.layers[0].parameters())
+    root = n - len(model.model.language_model.layers) * n_layer
+    states = 4 * n * 4  # masters, gradients, two moments: fp32
+    copies = 2 * (root + 2 * n_layer) * 2  # bf16 gathered parameters and their gradients
+    act = activation_bytes(d, case.tokens, 2, case.grad_ckpt, model.lm_head.chunk, 0.0)
+    return (states + copies + act) / 2 ** 30
 
 
 def peak_mem_gib(device: torch.device) -> float:
@@ -279,7 +305,7 @@ def sig(x: float, digits: int = 4) -> float | None:
 def case_summary(r: CaseResult) -> dict[str, Any]:
     return {"name": r.case.name, "status": r.status, "tokens": r.packed_tokens, "grad_ckpt": r.case.grad_ckpt,
             "step_s": sig(r.step_s), "tokens_per_s": sig(r.tokens_per_s), "mfu": sig(r.mfu),
-            "peak_mem_gib": sig(r.peak_mem_gib),
+            "peak_mem_gib": sig(r.peak_mem_gib), "plan_gib": sig(r.plan_gib),
             **({"error": r.error[:200]} if r.error else {})}
 
 
@@ -311,13 +337,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def plan(args: argparse.Namespace) -> tuple[dict[str, Any], Shape, torch.device, torch.dtype, list[Case], str]:
     """(spec, shape, device, dtype, cases, name of the headline case) for the arguments."""
     spec, shape = (TINY, SHAPE_TINY) if args.tiny else (QWEN25_VL_7B, SHAPE_7B)
-    if args.layers:
-        spec = cut_layers(spec, args.layers)
+    layers = args.layers or (None if args.tiny else LAYERS_7B)
+    if layers:
+        spec = cut_layers(spec, layers)
     if args.device == "auto":
         device = torch.device("cpu") if args.tiny or not torch.cuda.is_available() else torch.device("cuda", 0)
     else:
         device = torch.device(args.device if args.device != "cuda" else "cuda:0")
-    dtype = torch.float32 if device.type == "cpu" and args.tiny else torch.bfloat16
+    dtype = MASTER  # the masters; compute is bf16 (compute_context)
     if args.tiny:
         cases = [Case("tiny-256", 256, True), Case("tiny-512", 512, True),
                  Case("tiny-256-nockpt", 256, False, probe=True)]
@@ -351,6 +378,7 @@ def set_up(spec: dict[str, Any], args: argparse.Namespace, device: torch.device,
     summary["backend"] = init_dist(device, store)
     t0 = time.perf_counter()
     model = build_model(cfg, device, dtype, attn)
+    install_logprob_head(model, LOGIT_CHUNK["tiny" if args.tiny else "7b"])
     sync(device)
     summary["build_s"] = sig(time.perf_counter() - t0)
     n_params = sum(p.numel() for p in model.parameters())
@@ -359,12 +387,16 @@ def set_up(spec: dict[str, Any], args: argparse.Namespace, device: torch.device,
     summary["vision_params"] = n_vision
     print(f"model: {n_params:,} params ({n_vision:,} in the vision tower), {attn}, {summary['dtype']}, "
           f"built in {summary['build_s']} s")
-    fsdp, note = shard(model, device)
+    from torch.distributed.fsdp import MixedPrecisionPolicy  # the guarded run: a torch without it still reports
+
+    fsdp, note = shard(model, device, MixedPrecisionPolicy(param_dtype=COMPUTE, reduce_dtype=torch.float32))
     summary["fsdp2"] = fsdp
     summary["fsdp2_note"] = note
     print(f"fsdp2: {note}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-    summary["adamw_state_dtype"] = summary["dtype"]  # torch AdamW keeps states in the param dtype
+    summary["adamw_state_dtype"] = summary["dtype"]  # torch AdamW keeps states in the param (master) dtype
+    summary["compute_dtype"] = str(COMPUTE).replace("torch.", "")
+    summary["logit_chunk_tokens"] = model.lm_head.chunk
     return model, optimizer, n_params
 
 
@@ -415,12 +447,17 @@ def headline(results: list[CaseResult], headline_name: str, summary: dict[str, A
             "adamw_s": sig(head.optim_s), "logprob_fwd_s": sig(head.logprob_fwd_s),
             "loss_first": sig(head.losses[0], 6), "loss_on_policy": sig(head.loss_on_policy, 6),
             "loss": sig(head.losses[-1], 6), "grad_norm": sig(head.grad_norms[-1]), "clipfrac": sig(head.clipfrac),
-            "param_change_frac": sig(head.param_change_frac),
+            "param_change_frac": sig(head.param_change_frac), "plan_gib": sig(head.plan_gib),
+            "peak_over_plan": sig(head.peak_mem_gib / head.plan_gib) if device_is_cuda(summary) else None,
         })
     summary["ok"] = bool(head is not None and required_ok and "gather_error" not in summary)
     if not summary["ok"] and "error" not in summary:
         summary["error"] = "; ".join(f"{r.case.name}: {r.status} {r.error}" for r in results
                                      if r.status != "ok" and not r.case.probe) or summary.get("gather_error", "")
+
+
+def device_is_cuda(summary: dict[str, Any]) -> bool:
+    return str(summary.get("device", "")).startswith("cuda")
 
 
 def main(argv: list[str] | None = None) -> int:
