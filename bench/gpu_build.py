@@ -9,6 +9,7 @@ JSON line).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import sys
@@ -31,6 +32,7 @@ except ImportError:
 
 from deepeyes.policy import mrope_position_ids  # noqa: E402  (after the PIL stand-in)
 from trainer.packing import Example, pack  # noqa: E402
+from trainer.plan import Dims, activation_bytes  # noqa: E402
 
 # Qwen/Qwen2.5-VL-7B-Instruct config.json (architecture fields), in the checkpoint's own flat
 # layout, which transformers 4.x and 5.x both read.
@@ -175,6 +177,26 @@ def shard(model: Any, device: torch.device, mp_policy: Any = None) -> tuple[bool
         return True, f"fully_shard on {n} decoder layers + root, mesh {device.type} x{dist.get_world_size()}"
     except Exception as e:  # noqa: BLE001 -- measured unsharded instead, and said so
         return False, f"fully_shard failed ({type(e).__name__}: {e}); running unsharded"
+
+
+def compute_context(model: Any, device: torch.device) -> Any:
+    """bf16 compute over the fp32 masters: FSDP2's policy casts; unsharded, autocast does."""
+    sharded = any(hasattr(p, "to_local") for p in model.parameters())
+    return contextlib.nullcontext() if sharded else torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def plan_gib(model: Any, tokens: int, grad_ckpt: bool, spec: dict[str, Any]) -> float:
+    """The plan's estimate for this case on one device (trainer/plan.py): fp32 masters, gradients
+    and moments, bf16 gathered copies of the root unit and two layers (and their gradients), and
+    the activations of the case's tokens (checkpointed or not, the chunked head)."""
+    d = Dims.from_config(build_config(spec).to_dict())
+    n = sum(p.numel() for p in model.parameters())
+    n_layer = sum(p.numel() for p in model.model.language_model.layers[0].parameters())
+    root = n - len(model.model.language_model.layers) * n_layer
+    states = 4 * n * 4  # masters, gradients, two moments: fp32
+    copies = 2 * (root + 2 * n_layer) * 2  # bf16 gathered parameters and their gradients
+    act = activation_bytes(d, tokens, 2, grad_ckpt, model.lm_head.chunk, 0.0)
+    return (states + copies + act) / 2 ** 30
 
 
 def set_grad_ckpt(model: Any, on: bool) -> None:

@@ -60,7 +60,6 @@ the set-up fails: then `"ok": false` and `"error"`).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math
@@ -85,10 +84,10 @@ import torch.distributed as dist  # noqa: E402
 
 # bench.gpu_build first: it puts a PIL stand-in in place where Pillow is missing, before deepeyes loads
 from bench.gpu_build import (QWEN25_VL_7B, SHAPE_7B, SHAPE_TINY, TINY, Shape, build_config,  # noqa: E402
-                             build_model, cut_layers, init_dist, packed_row, pick_attn, set_grad_ckpt, shard)
+                             build_model, compute_context, cut_layers, init_dist, packed_row, pick_attn, plan_gib,
+                             set_grad_ckpt, shard)
 from trainer.grpo import clipped_policy_loss  # noqa: E402
 from trainer.packing import install_logprob_head, packed_forward  # noqa: E402
-from trainer.plan import Dims, activation_bytes  # noqa: E402
 
 H200_BF16_PEAK = 989e12  # FLOP/s, dense bf16 (H100/H200 SXM)
 CLIP_EPS = 0.2
@@ -155,7 +154,7 @@ def run_case(model: Any, optimizer: Any, case: Case, args: argparse.Namespace, s
              deadline: float) -> CaseResult:
     res = CaseResult(case=case)
     set_grad_ckpt(model, case.grad_ckpt)
-    res.plan_gib = plan_gib(model, case, spec)
+    res.plan_gib = plan_gib(model, case.tokens, case.grad_ckpt, spec)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     pk = packed_row(model, case.tokens, shape, spec, seed=case.tokens, dtype=dtype, device=device)
@@ -215,26 +214,6 @@ def run_case(model: Any, optimizer: Any, case: Case, args: argparse.Namespace, s
     res.peak_mem_gib = peak_mem_gib(device)
     res.status = "ok"
     return res
-
-
-def compute_context(model: Any, device: torch.device) -> Any:
-    """bf16 compute over the fp32 masters: FSDP2's policy casts; unsharded, autocast does."""
-    sharded = any(hasattr(p, "to_local") for p in model.parameters())
-    return contextlib.nullcontext() if sharded else torch.autocast(device_type=device.type, dtype=COMPUTE)
-
-
-def plan_gib(model: Any, case: Case, spec: dict[str, Any]) -> float:
-    """The plan's estimate for this case on one device (trainer/plan.py): fp32 masters, gradients
-    and moments, bf16 gathered copies of the root unit and two layers (and their gradients), and
-    the activations of the case's tokens (checkpointed or not, the chunked head)."""
-    d = Dims.from_config(build_config(spec).to_dict())
-    n = sum(p.numel() for p in model.parameters())
-    n_layer = sum(p.numel() for p in model.model.language_model.layers[0].parameters())
-    root = n - len(model.model.language_model.layers) * n_layer
-    states = 4 * n * 4  # masters, gradients, two moments: fp32
-    copies = 2 * (root + 2 * n_layer) * 2  # bf16 gathered parameters and their gradients
-    act = activation_bytes(d, case.tokens, 2, case.grad_ckpt, model.lm_head.chunk, 0.0)
-    return (states + copies + act) / 2 ** 30
 
 
 def peak_mem_gib(device: torch.device) -> float:
