@@ -15,6 +15,14 @@ from typing import Any
 
 from deepeyes.config import Config
 from deepeyes.serving import APP_NAMES, ROUTE_PREFIXES
+# The app builders are imported here, before ray.init. Imported after it (inside deploy_services),
+# a `ray job submit --working-dir` job on two nodes of one machine failed twice in a row with "No
+# module named 'services.judge.app'" (tests/integration/test_multinode.py): find_spec found nothing
+# although the unpacked package held the file. Suspected, not proven: the second node unpacking the
+# same package into the same folder after ray.init. Imported first, the test passes.
+from services.judge.app import build_app as judge_app
+from services.rollout.app import build_app as rollout_app
+from services.tools.app import build_app as tools_app
 
 log = logging.getLogger("deepeyes.driver")
 
@@ -91,10 +99,6 @@ def connect_ray(cfg: Config) -> bool:
 def deploy_services(cfg: Config, run_dir: Path, policy_dir: Path) -> list[str]:
     """Deploy tools, judge and rollout (those not running) together; returns the ones deployed."""
     from ray import serve  # Ray: only on a cluster
-
-    from services.judge.app import build_app as judge_app
-    from services.rollout.app import build_app as rollout_app
-    from services.tools.app import build_app as tools_app
 
     # The judge app probes its judge once at start (judge.check_at_startup); an unreachable judge
     # fails that deploy with a message naming the URL, which wait_for_apps reports.

