@@ -32,7 +32,7 @@ except ImportError:
 
 from deepeyes.policy import mrope_position_ids  # noqa: E402  (after the PIL stand-in)
 from trainer.packing import Example, pack  # noqa: E402
-from trainer.plan import Dims, activation_bytes  # noqa: E402
+from trainer.plan import Dims, train_rows  # noqa: E402
 
 # Qwen/Qwen2.5-VL-7B-Instruct config.json (architecture fields), in the checkpoint's own flat
 # layout, which transformers 4.x and 5.x both read.
@@ -186,17 +186,11 @@ def compute_context(model: Any, device: torch.device) -> Any:
 
 
 def plan_gib(model: Any, tokens: int, grad_ckpt: bool, spec: dict[str, Any]) -> float:
-    """The plan's estimate for this case on one device (trainer/plan.py): fp32 masters, gradients
-    and moments, bf16 gathered copies of the root unit and two layers (and their gradients), and
-    the activations of the case's tokens (checkpointed or not, the chunked head)."""
+    """The plan's estimate for this case on one device (trainer/plan.py `train_rows`): fp32 masters,
+    gradients and moments, bf16 gathered copies of the root unit and two layers (and their
+    gradients), and the activations of the case's tokens (checkpointed or not, the chunked head)."""
     d = Dims.from_config(build_config(spec).to_dict())
-    n = sum(p.numel() for p in model.parameters())
-    n_layer = sum(p.numel() for p in model.model.language_model.layers[0].parameters())
-    root = n - len(model.model.language_model.layers) * n_layer
-    states = 4 * n * 4  # masters, gradients, two moments: fp32
-    copies = 2 * (root + 2 * n_layer) * 2  # bf16 gathered parameters and their gradients
-    act = activation_bytes(d, tokens, 2, grad_ckpt, model.lm_head.chunk, 0.0)
-    return (states + copies + act) / 2 ** 30
+    return sum(gib for _, gib in train_rows(d, 4, 2, 1, True, tokens, grad_ckpt, model.lm_head.chunk))
 
 
 def set_grad_ckpt(model: Any, on: bool) -> None:

@@ -139,17 +139,17 @@ def packed_forward(model: Any, packed: Packed, temperature: float = 1.0,
 
     A model with a `LogprobHead` (trainer.logit_chunk_tokens) returns them from its head, a chunk
     of positions at a time; otherwise from the full (T, V) logits."""
-    head = model.lm_head
-    if isinstance(head, LogprobHead):
+    head = model.lm_head if isinstance(model.lm_head, LogprobHead) else None
+    if head is not None:
         head.targets, head.temperature = packed.targets, temperature
-        try:
-            out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None,
-                        pixel_values=packed.pixel_values, image_grid_thw=packed.image_grid_thw, use_cache=False)
-        finally:
+    try:
+        out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None,
+                    pixel_values=packed.pixel_values, image_grid_thw=packed.image_grid_thw, use_cache=False)
+    finally:
+        if head is not None:
             head.targets = None
+    if head is not None:  # (1, T, 2): [log p(target), entropy] per position
         return out.logits[0, :, 0], out.logits[0, :, 1] if with_entropy else None
-    out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None,
-                pixel_values=packed.pixel_values, image_grid_thw=packed.image_grid_thw, use_cache=False)
     return token_logprobs(out.logits[0], packed.targets, temperature, with_entropy)
 
 

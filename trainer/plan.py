@@ -137,6 +137,21 @@ class Plan:
         return not self.fixes
 
 
+def train_rows(d: Dims, m: int, c: int, share: int, fsdp: bool, tokens: int, checkpointing: bool,
+               chunk: int) -> list[tuple[str, float]]:
+    """(row, GiB) of one Train worker GPU: master bytes `m`, compute bytes `c`, model states sharded
+    over `share` workers, the activations of a `tokens` micro-batch (the framework allowance apart)."""
+    total, layer, root = param_counts(d)
+    if fsdp:
+        copies = (c * (root + 2 * layer) * 2) if c != m or share > 1 else 0  # gathered params and their grads
+    else:
+        copies = c * total if c != m else 0  # autocast's cast weights
+    return [("master weights", m * total / share / GIB), ("gradients", m * total / share / GIB),
+            ("AdamW moments", 2 * m * total / share / GIB), ("compute copies (gathered / cast)", copies / GIB),
+            (f"activations, {tokens} tokens" + (", checkpointed" if checkpointing else ""),
+             activation_bytes(d, tokens, c, checkpointing, chunk, 0.0) / GIB)]
+
+
 def plan(cfg: Config, gpu_gib: float = 80.0, dims: Dims | None = None) -> Plan:
     d = dims or model_dims(cfg)
     t, r = cfg.trainer, cfg.rollout
@@ -144,20 +159,11 @@ def plan(cfg: Config, gpu_gib: float = 80.0, dims: Dims | None = None) -> Plan:
     workers = t.num_workers
     fsdp = use_fsdp2(cfg, workers) if t.parallel != "fsdp2" else True
     share = workers if fsdp else 1
-    total, layer, root = param_counts(d)
+    total = param_counts(d)[0]
     sequence = r.max_prompt_length + r.max_response_length
     tokens = max(t.micro_batch_tokens, sequence)  # a sequence is never split over micro-batches
-    grads = m * total / share
-    if fsdp:
-        copies = (c * (root + 2 * layer) * 2) if c != m or share > 1 else 0  # gathered params and their grads
-    else:
-        copies = c * total if c != m else 0  # autocast's cast weights
-    train = [("master weights", m * total / share / GIB), ("gradients", grads / GIB),
-             ("AdamW moments", 2 * m * total / share / GIB),
-             ("compute copies (gathered / cast)", copies / GIB),
-             (f"activations, {tokens} tokens" + (", checkpointed" if t.gradient_checkpointing else ""),
-              (activation_bytes(d, tokens, c, t.gradient_checkpointing, t.logit_chunk_tokens, 0.0)) / GIB),
-             ("framework allowance", FRAMEWORK_GIB)]
+    train = train_rows(d, m, c, share, fsdp, tokens, t.gradient_checkpointing, t.logit_chunk_tokens)
+    train.append(("framework allowance", FRAMEWORK_GIB))
     weights = c * total / max(r.tensor_parallel_size, 1)
     kv_per_token = 2 * d.layers * d.kv_dim * c / max(r.tensor_parallel_size, 1)
     budget = r.gpu_memory_utilization * gpu_gib * GIB

@@ -111,12 +111,13 @@ def _equal_nested(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _worker(rank: int, port: int, policy_dir: str, out_dir: str) -> None:
+def _worker(rank: int, compare: Any, port: int, policy_dir: str, out_dir: str) -> None:
+    """One gloo rank running `compare(rank, policy_dir, out_dir)`."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
     try:
-        _compare(rank, policy_dir, Path(out_dir))
+        compare(rank, policy_dir, Path(out_dir))
     finally:
         dist.destroy_process_group()
 
@@ -205,7 +206,7 @@ def _rel(a: float, b: float) -> float:
 
 
 def test_fsdp2_matches_ddp_and_checkpoints_round_trip(tiny_policy_dir, tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(free_port(), str(tiny_policy_dir), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(_compare, free_port(), str(tiny_policy_dir), str(tmp_path)), nprocs=WORLD, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD))
     print(json.dumps([r0, r1], indent=1))
     # the ranks really differ: uneven micro-batch counts, one image-free micro-batch on rank 1
@@ -240,16 +241,6 @@ MIXED = ["trainer.micro_batch_tokens=160", "trainer.grad_clip=1.0", "trainer.par
          "model.dtype=bfloat16", "trainer.master_dtype=float32", "trainer.lr=1e-6"]
 
 
-def _mixed_worker(rank: int, port: int, policy_dir: str, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
-    try:
-        _compare_mixed(rank, policy_dir, Path(out_dir))
-    finally:
-        dist.destroy_process_group()
-
-
 def _compare_mixed(rank: int, policy_dir: str, out: Path) -> None:
     from deepeyes.config import load_config
     from deepeyes.policy import load_policy
@@ -257,11 +248,10 @@ def _compare_mixed(rank: int, policy_dir: str, out: Path) -> None:
     from trainer.distributed import all_reduce_grads, all_sum, cpu_state_dict, shard_fsdp2
     from trainer.grpo import group_advantages
     from trainer.loop import behaviour_logprobs, build_examples, update
-    from trainer.precision import engine_weights, forward_context, fsdp_mixed_precision, torch_dtype
+    from trainer.precision import engine_weights, forward_context, fsdp_mixed_precision
 
     cfg = load_config(None, MIXED)
     t, temp, cpu = cfg.trainer, cfg.rollout.temperature, torch.device("cpu")
-    master = torch_dtype(t.master_dtype)
 
     def setup(fsdp: bool, folder: str = policy_dir, masters: Path | None = None) -> tuple[Any, Any, Any, Any]:
         policy = load_policy(folder, trainable=True, dtype=t.master_dtype)
@@ -343,7 +333,7 @@ def _compare_mixed(rank: int, policy_dir: str, out: Path) -> None:
 
 
 def test_fsdp2_mixed_precision_matches_ddp_autocast_and_resumes_from_fp32_masters(tiny_policy_dir, tmp_path):
-    mp.spawn(_mixed_worker, args=(free_port(), str(tiny_policy_dir), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(_compare_mixed, free_port(), str(tiny_policy_dir), str(tmp_path)), nprocs=WORLD, join=True)
     r0, r1 = (json.loads((tmp_path / f"mixed{r}.json").read_text()) for r in range(WORLD))
     print(json.dumps([r0, r1], indent=1))
     # Tolerances, measured (torch 2.13 CPU, 1 thread per rank): FSDP2's policy runs the whole forward
