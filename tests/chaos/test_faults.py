@@ -54,45 +54,48 @@ def test_a_dead_judge_stops_the_run_with_a_clear_error(tmp_path, tiny_policy_dir
     assert json.loads((run_dir / "stopped.json").read_text())["step"] == 2
 
 
-def test_sigterm_unwinds_and_resume_redoes_the_lost_steps_once(tmp_path, tiny_policy_dir):
-    run_dir, temp = tmp_path / "run", f"/tmp/ray-chaos-{os.getpid()}"
-    cache = str(tiny_policy_dir.parent)
-    cmd = job(run_dir, cache, "trainer.steps=5", "trainer.save_every=2", f"ray.temp_dir={temp}")
-    proc, lines = start_until(cmd, "step 3/5")
-    assert any("step 3/5" in l for l in lines), "".join(lines)[-3000:]
-    proc.send_signal(signal.SIGTERM)
-    rest, _ = proc.communicate(timeout=180)
-    (tmp_path / "job-1.log").write_text("".join(lines) + rest)
-    assert proc.returncode == 143, rest[-3000:]
-    time.sleep(2)
-    assert leftovers(temp) == []  # the cluster this run started is gone, agents included
-    done = metric_steps(run_dir)
-    assert done[:3] == [1, 2, 3]
-
-    again = subprocess.run(cmd + ["trainer.resume=auto"], capture_output=True, text=True, timeout=600)
-    (tmp_path / "job-2.log").write_text(again.stdout + again.stderr)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert metric_steps(run_dir) == [1, 2, 3, 4, 5]  # step 3 redone from the step-2 checkpoint, once
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 5
-
-
 def processes(prefix: str) -> list[int]:
     """PIDs of live processes whose command line starts with prefix (a Ray actor's is
     `ray::<Class>...`; tests run one job at a time, so these are that job's)."""
     return [pid for pid, cmd in process_cmdlines().items() if cmd.startswith(prefix)]
 
 
-def test_a_killed_train_worker_restarts_from_the_latest_checkpoint(tmp_path, tiny_policy_dir):
-    run_dir = tmp_path / "run"
-    cmd = job(run_dir, str(tiny_policy_dir.parent), "trainer.steps=5", "trainer.save_every=2",
-              "trainer.max_failures=1")
-    proc, lines = start_until(cmd, "step 3/5")
+def read_until(proc: subprocess.Popen, marker: str, timeout_s: float = 600.0) -> list[str]:
+    """Go on reading the job's output until a line holds marker (or it ends)."""
+    lines, deadline = [], time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        lines.append(proc.stdout.readline())
+        if marker in lines[-1] or not lines[-1]:
+            break
+    return lines
+
+
+def test_a_killed_train_worker_then_sigterm_then_resume_each_step_once(tmp_path, tiny_policy_dir):
+    """Two faults in one run, as a long run meets them: a Train worker SIGKILLed during step 4
+    (the group restarts from the step-2 checkpoint and redoes steps 3-4), then SIGTERM during
+    step 6 (the run unwinds: exit 143, nothing left running), then a resume from the step-4
+    checkpoint. One run serves both faults: each run costs the suite about 50 s of start-up."""
+    run_dir, temp = tmp_path / "run", f"/tmp/ray-chaos-{os.getpid()}"
+    cache = str(tiny_policy_dir.parent)
+    cmd = job(run_dir, cache, "trainer.steps=6", "trainer.save_every=2", "trainer.max_failures=1",
+              f"ray.temp_dir={temp}")
+    proc, lines = start_until(cmd, "step 3/6")
     victims = train_worker_pids()
     assert victims, "".join(lines)[-3000:]
     os.kill(victims[-1], signal.SIGKILL)
-    rest, _ = proc.communicate(timeout=600)
-    log = "".join(lines) + rest
-    (tmp_path / "job.log").write_text(log)
-    assert proc.returncode == 0, log[-4000:]
-    assert "worker group restarted: resuming from" in log
-    assert metric_steps(run_dir) == [1, 2, 3, 4, 5]  # the lost steps redone once, nothing doubled
+    lines += read_until(proc, "step 5/6")
+    assert any("step 5/6" in l for l in lines), "".join(lines)[-4000:]
+    assert "worker group restarted: resuming from" in "".join(lines)
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=180)
+    (tmp_path / "job-1.log").write_text("".join(lines) + rest)
+    assert proc.returncode == 143, rest[-3000:]
+    time.sleep(2)
+    assert leftovers(temp) == []  # the cluster this run started is gone, agents included
+    assert metric_steps(run_dir)[:5] == [1, 2, 3, 4, 5]  # steps 3-4 redone after the kill, not doubled
+
+    again = subprocess.run(cmd + ["trainer.resume=auto"], capture_output=True, text=True, timeout=600)
+    (tmp_path / "job-2.log").write_text(again.stdout + again.stderr)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert metric_steps(run_dir) == [1, 2, 3, 4, 5, 6]  # step 5 redone from the step-4 checkpoint, once
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 6

@@ -1,4 +1,4 @@
-"""The main job end to end: 2 GRPO steps with 2 CPU Train workers, then resume for 1 more step.
+"""The main job end to end: 2 GRPO steps with 2 CPU Train workers; the async run resumes for a third.
 
 Real everything: local Ray cluster, the three Serve apps, Ray Train, the rule judge, the tiny
 policy, synthetic parquet. Runs the real entry point (`python -m trainer`) as a user would.
@@ -39,7 +39,9 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
-def test_two_steps_then_resume(tmp_path, tiny_policy_dir):
+def test_two_steps_and_a_refused_silent_resume(tmp_path, tiny_policy_dir):
+    """Resuming itself (data order, sampler, weights) is the async test's second run below and
+    the chaos tests': one resumed run per scenario is enough (each costs about 50 s here)."""
     run_dir = tmp_path / "run"
     cache = str(tiny_policy_dir.parent)
     first = _run(run_dir, cache, "trainer.steps=2")
@@ -79,20 +81,6 @@ def test_two_steps_then_resume(tmp_path, tiny_policy_dir):
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "trainer.resume=auto" in refused.stderr
 
-    _run(run_dir, cache, "trainer.steps=3", "trainer.resume=auto")
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train_rows = [r for r in rows if "reward/score" in r]
-    assert [r["step"] for r in train_rows] == [1, 2, 3]  # the same series, continued
-    ck3 = run_dir / "train" / "step_000003"
-    state3 = json.loads((ck3 / "trainer_state.json").read_text())
-    assert state3["step"] == 3 and state3["sampler"] != state["sampler"]
-    # the data order (issue 14): each step's prompts are the seeded stream's next batch, and the
-    # resumed step 3 continues it exactly (rank 0 keeps the even rows of a batch; its episodes are saved)
-    expected = _stream_batches(run_dir, 3)
-    for s in (1, 2, 3):
-        assert _prompt_ids(_saved(run_dir, s)) == expected[s], s
-    w3 = _weights(ck3 / "hf")
-    assert max((w3[k] - w2[k]).abs().max().item() for k in w2) > 0
     assert (run_dir / "plots" / "curves.png").stat().st_size > 10_000
     assert (run_dir / "tensorboard").is_dir() and any((run_dir / "tensorboard").iterdir())
 
@@ -147,6 +135,8 @@ def test_async_one_version_stale_then_resume(tmp_path, tiny_policy_dir):
         version = train_rows[step]["sync/version"] - 1  # the policy this step trained (published one more)
         assert all(0 <= version - t["version"] <= 1 for t in saved), (step, [t["version"] for t in saved])
     assert any(train_rows[2]["sync/version"] - 2 == t["version"] for t in _saved(run_dir, 2))  # one version old
+    states = [json.loads((run_dir / "train" / f"step_00000{s}" / "trainer_state.json").read_text()) for s in (2, 3)]
+    assert [st["step"] for st in states] == [2, 3] and states[0]["sampler"] != states[1]["sampler"]
     w2, w3 = _weights(run_dir / "train" / "step_000002" / "hf"), _weights(run_dir / "train" / "step_000003" / "hf")
     assert max((w3[k].float() - w2[k].float()).abs().max().item() for k in w2) > 0
     # the export is bf16 (model.dtype), the masters beside it fp32, and the resumed run trained from them

@@ -139,17 +139,16 @@ def apps(ray_cluster, tiny_policy_dir):
     chat_cfg = load_config(overrides=[f"serve.auth_token_env={TOKEN_ENV}", "judge.backend=hf",
                                       "judge.check_at_startup=false"])
     env = {"runtime_env": {"env_vars": {TOKEN_ENV: TOKEN}}}
-    handles = {
-        "tools": serve.run(ToolService.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1, **env})
-                           .bind(cfg.tools, TOKEN), name="tools", route_prefix="/tools"),
-        "judge": serve.run(JudgeService.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1, **env})
-                           .bind(cfg), name="judge", route_prefix="/judge"),
-        "judge-chat": serve.run(JudgeService.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1, **env})
-                                .bind(chat_cfg), name="judge-chat", route_prefix="/judge-chat"),
-        "rollout": serve.run(RolloutWorker.options(num_replicas=1, max_ongoing_requests=64,
-                                                   ray_actor_options={"num_cpus": 0.25, **env})
-                             .bind(cfg), name="rollout", route_prefix="/rollout"),
+    apps = {
+        "tools": ToolService.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1, **env}).bind(cfg.tools, TOKEN),
+        "judge": JudgeService.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1, **env}).bind(cfg),
+        "judge-chat": JudgeService.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1, **env}).bind(chat_cfg),
+        "rollout": RolloutWorker.options(num_replicas=1, max_ongoing_requests=64,
+                                         ray_actor_options={"num_cpus": 0.25, **env}).bind(cfg),
     }
+    # one call: the four replicas start side by side, not one after another
+    handles = dict(zip(apps, serve.run_many([serve.RunTarget(app, name=name, route_prefix=f"/{name}")
+                                             for name, app in apps.items()])))
     state = {"handles": handles, "base": f"http://127.0.0.1:{ray_cluster['http_port']}", "cfg": cfg,
              "report": {}}
     yield state
@@ -157,8 +156,11 @@ def apps(ray_cluster, tiny_policy_dir):
     if report_path:
         with open(report_path, "w") as f:
             json.dump(state["report"], f, indent=1)
-    for name in handles:
-        serve.delete(name)
+    for name in handles:  # all four stop side by side (12 s one after another); then wait until gone
+        serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + 120
+    while set(handles) & set(serve.status().applications) and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def pids(apps) -> dict[str, int]:

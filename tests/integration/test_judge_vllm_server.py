@@ -100,10 +100,11 @@ def test_timeouts_are_retried_counted_and_surfaced(server):
                                         cfg_for(server, timeout_s=0.001, max_retries=0))).score)
 
 
-def test_a_stopped_server_is_a_connection_error_not_a_zero(judge_dir, tmp_path):
-    srv = LocalOpenAIServer(judge_dir, free_port(), tmp_path / "server.log").start()
-    url = srv.base_url
-    srv.stop()
+def test_a_stopped_server_is_a_connection_error_not_a_zero(server):
+    # Last in this file: it stops the module's server (a second start of vLLM cost the suite 38 s);
+    # stop is idempotent, the fixture's teardown still checks nothing was left behind.
+    url = server.base_url
+    server.stop()
     judge = OpenAIJudge(JudgeConfig(backend="openai", base_url=url, model="judge", max_retries=1, backoff_s=0.01))
     v = asyncio.run(judge.judge(*CASES[1]))
     assert not v.ok and "connection error" in v.error and judge.stats()["calls"] == 2
