@@ -25,6 +25,24 @@ def scale_box(box: Sequence[float], src_size: Sequence[float], dst_size: Sequenc
     return [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
 
 
+RELATIVE_SIDE = 1000.0  # a relative box (Qwen3-VL's) runs 0..1000 along each side of the frame
+
+
+def box_to_frame(box: Sequence[float], frame_size: Sequence[float], box_scale: str) -> list[float]:
+    """A box as the model wrote it -> model-frame pixels: `absolute` is already that, `relative`
+    (0-1000 per side, what Qwen3-VL checkpoints write) is scaled to the frame's sides."""
+    if box_scale == "relative":
+        return scale_box(box, (RELATIVE_SIDE, RELATIVE_SIDE), frame_size)
+    return list(box)  # as given: the tool's rules handle any number (an int past float range included)
+
+
+def box_from_frame(box: Sequence[float], frame_size: Sequence[float], box_scale: str) -> list[int]:
+    """Model-frame pixels -> the integer box the model would write under `box_scale`."""
+    if box_scale == "relative":
+        return [round(v) for v in scale_box(box, frame_size, (RELATIVE_SIDE, RELATIVE_SIDE))]
+    return [round(v) for v in box]
+
+
 def parse_box(arguments: Any) -> list[float] | None:
     """A tool call's `bbox_2d` as 4 finite floats (model-frame pixels, as the model wrote it), else None."""
     box = arguments.get("bbox_2d") if isinstance(arguments, dict) else None

@@ -137,6 +137,13 @@ QWEN_ADDED_TOKENS: list[tuple[str, bool]] = [
     ("<|repo_name|>", False),
     ("<|file_sep|>", False),
 ]
+# Qwen3 (and Qwen3-VL) add four after these, in this order; none is special.
+QWEN3_ADDED_TOKENS: list[tuple[str, bool]] = QWEN_ADDED_TOKENS + [
+    ("<tool_response>", False),
+    ("</tool_response>", False),
+    ("<think>", False),
+    ("</think>", False),
+]
 
 
 # What the cold-start SFT conversations think (trainer.sft); the tiny tokenizer learns these words.

@@ -1,4 +1,5 @@
-"""The policy: the embedded tiny Qwen2.5-VL, built offline, and the one loader for any Qwen2.5-VL.
+"""The policy: the embedded tiny Qwen2.5-VL / Qwen3-VL, built offline, and the one loader for any policy
+of a supported family (deepeyes/family.py: Qwen2.5-VL, Qwen3-VL dense and MoE).
 
 `load_policy(path)` is the only way the project loads a policy: the tiny default and a real 7B
 checkpoint go through the same `from_pretrained` calls. `build_tiny_policy(folder)` writes a
@@ -22,17 +23,22 @@ from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from deepeyes.chat import (CHAT_TEMPLATE, QWEN_ADDED_TOKENS, SYSTEM_PROMPT, THOUGHT_ANSWER, THOUGHT_DIRECT,
                            THOUGHT_ZOOM, THOUGHT_ZOOM_AT, TOOLS_HEAD, TOOLS_TAIL, ZOOM_IN_SCHEMA)
 from deepeyes.config import DEFAULT_CACHE_DIR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from deepeyes.family import (FAMILIES, Family, checkpoint_layout, family_named, folder_family,
+                             relaid_out)
 from deepeyes.hub import hub_snapshot, is_hub_id
 from deepeyes.images import to_rgb
+from deepeyes.tiny_qwen3 import tiny_qwen3_config, tiny_qwen3_model
 
 TINY_VERSION = "tiny-qwen2.5-vl-v5"
 PATCH = 14
 MERGE = 2
-FACTOR = PATCH * MERGE  # 28: the smart-resize grid
+FACTOR = PATCH * MERGE  # 28: Qwen2.5-VL's smart-resize grid (Qwen3-VL's is 32: deepeyes/family.py)
 
 
 @dataclass
@@ -43,6 +49,15 @@ class Policy:
     tokenizer: Any
     image_processor: Any
     path: str
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[{f.model_type: k for k, f in FAMILIES.items()}[self.model.config.model_type]]
+
+    @property
+    def factor(self) -> int:
+        """The smart-resize grid of this policy's processor (28 or 32 px)."""
+        return int(self.image_processor.patch_size) * int(self.image_processor.merge_size)
 
     @property
     def image_pad_id(self) -> int:
@@ -61,22 +76,23 @@ class Policy:
 # image geometry
 
 
-def smart_resize_hw(height: int, width: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """The (h, w) the Qwen2-VL processor resizes an image to (transformers' own function)."""
+def smart_resize_hw(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = FACTOR) -> tuple[int, int]:
+    """The (h, w) the Qwen2-VL processor resizes an image to (transformers' own function); factor is
+    the family's grid (28 for Qwen2.5-VL, 32 for Qwen3-VL)."""
     # transformers: heavy, loaded on first use
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-    return smart_resize(height, width, factor=FACTOR, min_pixels=min_pixels, max_pixels=max_pixels)
+    return smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
 
 
-def resize_for_model(image: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
-    """The image in the frame the model sees: RGB, sides multiples of 28, area within bounds.
+def resize_for_model(image: Image.Image, min_pixels: int, max_pixels: int, factor: int = FACTOR) -> Image.Image:
+    """The image in the frame the model sees: RGB, sides multiples of `factor`, area within bounds.
 
     The processor would do the same resize itself; doing it once up front gives the crop tool
     and the model one shared pixel frame, and the processor's own resize is then the identity.
     """
     image = to_rgb(image)  # transparent pixels over white, as the Qwen reference does
-    h, w = smart_resize_hw(image.height, image.width, min_pixels, max_pixels)
+    h, w = smart_resize_hw(image.height, image.width, min_pixels, max_pixels, factor)
     if (w, h) != image.size:
         image = image.resize((w, h), Image.Resampling.BICUBIC)
     return image
@@ -154,8 +170,9 @@ def _number_regex() -> str:
     return rx
 
 
-def build_tiny_tokenizer(seed: int = 0, vocab_size: int = 2400) -> Any:
-    """Byte-level BPE trained on the generated corpus, with the Qwen2.5 added tokens in order."""
+def build_tiny_tokenizer(seed: int = 0, vocab_size: int = 2400,
+                         added_tokens: Sequence[tuple[str, bool]] = QWEN_ADDED_TOKENS) -> Any:
+    """Byte-level BPE trained on the generated corpus, with the family's added tokens in order."""
     # tokenizers: only the tiny builder
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import AddedToken
@@ -181,7 +198,7 @@ def build_tiny_tokenizer(seed: int = 0, vocab_size: int = 2400) -> Any:
     qt = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, pad_token=None, eos_token=None)
     qt.backend_tokenizer.pre_tokenizer = pre_tokenizer()  # saved in tokenizer.json, kept on load
     # Added tokens in the real Qwen2.5 order; eos/pad are set only after all exist (see notes).
-    for text, special in QWEN_ADDED_TOKENS:
+    for text, special in added_tokens:
         if text not in qt.get_vocab():
             qt.add_tokens([AddedToken(text, special=special, normalized=False)], special_tokens=special)
     # Saved as the generic fast tokenizer: Qwen2Tokenizer rebuilds its pre-tokenizer on load and
@@ -260,39 +277,60 @@ def oriented_filter_bank(weight: torch.Tensor, periods: Sequence[float] = (4.0, 
     return k
 
 
-def _image_processor(min_pixels: int, max_pixels: int) -> Any:
+def _image_processor(min_pixels: int, max_pixels: int, patch: int = PATCH) -> Any:
     # transformers: heavy, loaded on first use
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels,
-                                    patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2)
+                                    patch_size=patch, merge_size=MERGE, temporal_patch_size=2)
 
 
 def build_tiny_policy(folder: str | os.PathLike[str], seed: int = 0,
                       min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
-                      vision: str = "random") -> Path:
-    """Write the tiny Qwen2.5-VL folder; the same arguments give byte-identical files."""
+                      vision: str = "random", family: str = "qwen2_5_vl") -> Path:
+    """Write the tiny policy folder of `family` (qwen2_5_vl, qwen3_vl, qwen3_vl_moe); the same
+    arguments give byte-identical files."""
     from transformers import Qwen2_5_VLForConditionalGeneration  # transformers: heavy, loaded on first use
 
+    fam = family_named(family)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tiny_tokenizer(seed)
-    config = tiny_model_config(tokenizer)
+    tokenizer = build_tiny_tokenizer(seed, added_tokens=fam.added_tokens)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    if fam.name == "qwen2_5_vl":
+        config = tiny_model_config(tokenizer)
+        model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    else:
+        config = tiny_qwen3_config(tokenizer, moe=fam.name == "qwen3_vl_moe")
+        model = tiny_qwen3_model(config)
     if vision == "oriented":
         oriented_filter_bank(model.model.visual.patch_embed.proj.weight)
     elif vision != "random":
         raise ValueError(f"tiny vision {vision!r}: use random or oriented")
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     model.generation_config.pad_token_id = config.text_config.pad_token_id
-    model.save_pretrained(folder)
+    save_policy(model, folder)
     tokenizer.save_pretrained(folder)
-    _image_processor(min_pixels, max_pixels).save_pretrained(folder)
+    _image_processor(min_pixels, max_pixels, fam.patch).save_pretrained(folder)
     # Keep the folder portable: name the standard processor class, ship the template alone too.
-    (folder / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2_5_VLProcessor"}, indent=2) + "\n")
+    processor = "Qwen2_5_VLProcessor" if fam.name == "qwen2_5_vl" else "Qwen3VLProcessor"
+    (folder / "processor_config.json").write_text(json.dumps({"processor_class": processor}, indent=2) + "\n")
     (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     return folder
+
+
+def save_policy(model: Any, folder: str | os.PathLike[str], state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """`model.save_pretrained`, with the weights in the family's released-checkpoint layout
+    (deepeyes/family.py, `checkpoint_layout`: Qwen3-VL-MoE's fused experts), so the folder loads in
+    vLLM as a downloaded checkpoint does and in transformers through its own conversion."""
+    model.save_pretrained(folder, state_dict=state_dict)
+    model_type = model.config.model_type
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            keys = list(f.keys())
+        if relaid_out(keys, model_type):
+            tensors = checkpoint_layout(load_file(str(shard)), model_type)
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(shard), metadata={"format": "pt"})
 
 
 def build_cached(cache_dir: str | os.PathLike[str], name: str, build: Callable[[Path], Any]) -> Path:
@@ -320,13 +358,16 @@ def build_cached(cache_dir: str | os.PathLike[str], name: str, build: Callable[[
 
 def tiny_policy_path(cache_dir: str = DEFAULT_CACHE_DIR, seed: int = 0,
                      min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
-                     vision: str = "random") -> Path:
+                     vision: str = "random", family: str = "qwen2_5_vl") -> Path:
     """The cached tiny folder for these settings, built on first use."""
     tag = "" if vision == "random" else f"-{vision}"  # the random tiny model keeps its key
+    if family != "qwen2_5_vl":
+        tag += f"-{family}"
     key = hashlib.sha1(f"{TINY_VERSION}-{seed}-{min_pixels}-{max_pixels}{tag}".encode()).hexdigest()[:10]
-    return build_cached(cache_dir, f"tiny-qwen2.5-vl-{key}",
+    name = "tiny-qwen2.5-vl" if family == "qwen2_5_vl" else f"tiny-{family.replace('_', '-')}"
+    return build_cached(cache_dir, f"{name}-{key}",
                         lambda tmp: build_tiny_policy(tmp, seed=seed, min_pixels=min_pixels, max_pixels=max_pixels,
-                                                      vision=vision))
+                                                      vision=vision, family=family))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,24 +396,25 @@ def load_policy(path: str | os.PathLike[str], *, device: str | torch.device = "c
                 dtype: str | torch.dtype = "float32", min_pixels: int | None = None,
                 max_pixels: int | None = None, attn_implementation: str = "sdpa",
                 trainable: bool = False) -> Policy:
-    """Load model, tokenizer and PIL image processor from a Qwen2.5-VL folder (tiny or 7B).
+    """Load model, tokenizer and PIL image processor from a policy folder (tiny or 7B) of any
+    supported family; its config.json's model_type picks the class (deepeyes/family.py).
 
     min/max_pixels override the folder's processor settings (the config owns the visual frame).
     """
-    # transformers: heavy, loaded on first use
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    import transformers  # heavy, loaded on first use
+    from transformers import AutoTokenizer
 
     path = str(path)
     if not Path(path, "config.json").exists():
         raise FileNotFoundError(
-            f"no Qwen2.5-VL folder at {path} (config.json missing): set model.path to a folder "
+            f"no policy folder at {path} (config.json missing): set model.path to a folder "
             f"holding a checkpoint, or model.path=tiny for the embedded default")
+    model_class = getattr(transformers, folder_family(path).model_class)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = load_image_processor(path, min_pixels, max_pixels)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation).to(device)
+    model = model_class.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation).to(device)
     model.train(trainable)
     if not trainable:
         model.requires_grad_(False)
@@ -384,10 +426,15 @@ def resolve_policy_path(model_cfg: Any) -> Path:
     snapshot in the Hugging Face cache, downloaded on first use (deepeyes/hub.py); else the path itself."""
     if model_cfg.path == "tiny":
         return tiny_policy_path(model_cfg.cache_dir, model_cfg.seed, model_cfg.min_pixels, model_cfg.max_pixels,
-                                model_cfg.tiny_vision)
+                                model_cfg.tiny_vision, tiny_family(model_cfg))
     if is_hub_id(model_cfg.path):
         return hub_snapshot(model_cfg.path)
     return Path(os.path.expanduser(model_cfg.path))
+
+
+def tiny_family(model_cfg: Any) -> str:
+    """The family the tiny default is built as: model.family, with auto = Qwen2.5-VL."""
+    return "qwen2_5_vl" if model_cfg.family == "auto" else model_cfg.family
 
 
 def process_images(policy: Policy, images: Sequence[Image.Image]) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from deepeyes.policy import Policy
+from deepeyes.policy import Policy, save_policy
 
 STATE_FILE = "trainer_state.json"
 STOPPED_FILE = "stopped.json"  # in the run folder: why the loop stopped early (the driver reports it)
@@ -34,8 +34,8 @@ def save_checkpoint(folder: Path, policy: Policy, model_state: dict[str, torch.T
     export_dtype = export_dtype or master
     if export_dtype != master:
         save_file(model_state, str(folder / MASTER_FILE))  # resume continues from these, not the export
-    policy.model.save_pretrained(hf, state_dict={k: v.to(export_dtype) if v.is_floating_point() else v
-                                                 for k, v in model_state.items()})
+    save_policy(policy.model, hf, state_dict={k: v.to(export_dtype) if v.is_floating_point() else v
+                                              for k, v in model_state.items()})
     if export_dtype != master:  # save_pretrained names the model's own dtype: name the export's
         config = json.loads((hf / "config.json").read_text())
         for c in (config, config.get("text_config"), config.get("vision_config")):

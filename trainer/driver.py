@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from deepeyes.config import Config, ConfigError, to_dict
 from deepeyes.data import ZOOM_TASKS, ParquetRows, write_synthetic, write_synthetic_suite
+from deepeyes.policy_family import check_family, resolve_family
 from trainer.checkpoint import STARTUP_FILE, STATE_FILE, STOPPED_FILE, latest_checkpoint
 from trainer.cluster import connect_ray, deploy_services, release_cluster, trainer_without_pg_cleaner
 from trainer.loop import total_steps
@@ -61,11 +62,19 @@ class GRPORecipe:
         elif latest_checkpoint(self.run_dir) is not None:
             raise ConfigError(f"{self.run_dir} already holds checkpoints: pass trainer.resume=auto to "
                               f"continue that run, or choose a new trainer.run_dir")
+        try:  # every service and worker reads the same resolved family and box scale
+            self.cfg = cfg = resolve_family(cfg)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
         t = time.perf_counter()
         self.policy_dir = prepared_policy_path(cfg, progress=cfg.logging.progress)
+        try:
+            check_family(cfg, self.policy_dir)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.timings["policy_s"] = time.perf_counter() - t
         t = time.perf_counter()
         self.train_files, self.val_files = prepare_data(cfg, self.run_dir)

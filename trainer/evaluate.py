@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from deepeyes.boxes import scale_box
+from deepeyes.boxes import box_to_frame, scale_box
 from deepeyes.config import Config
+from deepeyes.policy_family import zoom_box_scale
 from services.rollout.trajectory import Trajectory
 from trainer.eval.harness import EvalPlan, run_items
 from trainer.eval.items import item_from_row, limit
@@ -22,7 +23,7 @@ def iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def grounding(t: Trajectory) -> tuple[float, float] | None:
+def grounding(t: Trajectory, box_scale: str = "absolute") -> tuple[float, float] | None:
     """(IoU, contains-centre) of the first valid zoom box vs the target box in the model frame.
 
     None when the row has no target box. Tiny targets (a few pixels in the frame) cap the IoU of
@@ -36,7 +37,7 @@ def grounding(t: Trajectory) -> tuple[float, float] | None:
     for c in t.tool_calls:
         box = (c.arguments or {}).get("bbox_2d") if isinstance(c.arguments, dict) else None
         if c.executed and c.ok and isinstance(box, list) and len(box) == 4:
-            b = [float(v) for v in box]
+            b = box_to_frame([float(v) for v in box], t.images[0].size, box_scale)
             return iou(b, tb), float(b[0] <= cx <= b[2] and b[1] <= cy <= b[3])
     return 0.0, 0.0
 
@@ -67,7 +68,7 @@ def validate(cfg: Config, handle: Any, judge_handle: Any, val: Any, step: int, v
     def keep(record: dict[str, Any], traj: Any) -> None:
         if traj is None or record.get("mode") != "tool":
             return
-        g = grounding(traj)
+        g = grounding(traj, zoom_box_scale(cfg))
         if g is not None:
             ground.append(g)
         if traj.reward is not None and traj.reward.judge_ok:

@@ -18,7 +18,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-from deepeyes.boxes import parse_box, scale_box
+from deepeyes.boxes import box_to_frame, parse_box, scale_box
 from deepeyes.images import to_rgb
 
 REWARD = ("reward/score", "reward/acc", "reward/format", "reward/tool")
@@ -180,6 +180,14 @@ def target_box(t: Any) -> list[float] | None:
     return scale_box(target, orig, t.images[0].size)
 
 
+def frame_box_of(arguments: Any, t: Any, box_scale: str) -> list[float] | None:
+    """A call's box in model-frame pixels (what the viewer draws), whatever scale the model wrote."""
+    box = parse_box(arguments)
+    if box is None or not t.images:
+        return box
+    return box_to_frame(box, t.images[0].size, box_scale)
+
+
 def _turns(t: Any, decode: Callable[[list[int]], str]) -> list[dict[str, Any]]:
     """The response as turns: each run of policy tokens (loss mask 1) is an assistant turn, decoded
     as the agent loop decodes it; each run of observation tokens (mask 0) is a tool turn."""
@@ -201,7 +209,7 @@ def thumbnail_jpeg(image: Any) -> bytes:
 
 
 def write_trajectories(path: Path, trajs: Sequence[Any], advantages: Sequence[float], keep: int,
-                       decode: Callable[[list[int]], str], image_kb: int) -> None:
+                       decode: Callable[[list[int]], str], image_kb: int, box_scale: str = "absolute") -> None:
     """The first `keep` episodes of a step, for people to read and `python -m trainer view` to show.
 
     `path` (`trajectories/step_000001.jsonl`) gets one line per episode: text per turn, tool calls
@@ -250,7 +258,7 @@ def write_trajectories(path: Path, trajs: Sequence[Any], advantages: Sequence[fl
                 "policy_tokens": sum(t.loss_mask), "turns": _turns(t, decode),
                 "tool_calls": [{"turn": c.turn, "name": c.name, "arguments": c.arguments, "ok": c.ok, "text": c.text,
                                 "executed": c.executed, "appended": c.appended,
-                                "box": parse_box(c.arguments),
+                                "box": frame_box_of(c.arguments, t, box_scale),
                                 "image": files.get((i, crop_of[id(c)])) if id(c) in crop_of else None}
                                for c in t.tool_calls],
                 # sizes in the model frame: the boxes' coordinates; "file" is None past the image budget

@@ -29,6 +29,7 @@ from deepeyes.boxes import box_scale
 from deepeyes.config import Config
 from deepeyes.data import TARGET_COLOURS, ZOOM_ORIENTATIONS, zoom_question, zoom_task
 from deepeyes.policy import Policy, build_cached, load_policy, resize_for_model
+from deepeyes.policy_family import frame_factor
 from services.tools.registry import execute_tool
 from trainer.packing import make_example, pack
 from trainer.supervised import conversation_tokens, save_trained_copy, supervised_steps
@@ -53,7 +54,7 @@ def closeup(rng: np.random.Generator, cfg: Config) -> tuple[Image.Image, str, st
     colour = str(rng.choice(list(TARGET_COLOURS)))
     made = zoom_task(rng, cued=False, target=colour)
     original = made["image"]
-    frame = resize_for_model(original, cfg.model.min_pixels, cfg.model.max_pixels)
+    frame = resize_for_model(original, cfg.model.min_pixels, cfg.model.max_pixels, frame_factor(cfg.model))
     sx, sy = box_scale(original.size, frame.size)
     x1, y1, x2, y2 = made["bbox"]
     cx = (x1 + x2) / 2 * sx + rng.uniform(-6, 6)
@@ -63,7 +64,7 @@ def closeup(rng: np.random.Generator, cfg: Config) -> tuple[Image.Image, str, st
     result = execute_tool("image_zoom_in_tool", original, {"bbox_2d": box}, frame_size=frame.size)
     if not result.ok:
         raise RuntimeError(f"perception close-up: the zoom tool refused {box}: {result.text}")
-    crop = resize_for_model(result.image, cfg.model.min_pixels, cfg.model.max_pixels)
+    crop = resize_for_model(result.image, cfg.model.min_pixels, cfg.model.max_pixels, frame_factor(cfg.model))
     options = [str(o) for o in rng.permutation(ZOOM_ORIENTATIONS)]
     return crop, zoom_question(colour, options), made["answer"]
 

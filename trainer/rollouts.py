@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 from deepeyes.config import Config
 from deepeyes.policy import resize_for_model
+from deepeyes.policy_family import frame_factor
 from services.judge.scoring import JudgeFailure
 from services.rollout.trajectory import Trajectory
 from services.rollout.types import EpisodeRequest
@@ -40,7 +41,7 @@ def episode_requests(cfg: Config, rows: Sequence[Any], row_ids: Sequence[int], s
     reqs = []
     for rid in row_ids:
         row = rows[rid]
-        frames = [resize_for_model(im, cfg.model.min_pixels, cfg.model.max_pixels) for im in row.images]
+        frames = [resize_for_model(im, cfg.model.min_pixels, cfg.model.max_pixels, frame_factor(cfg.model)) for im in row.images]
         source = row.image_bytes[0] if cfg.tools.crop_from == "original" and row.image_bytes else None
         # target_bbox is in the stored image's pixels (before any upscale of tiny images)
         extra = dict(row.extra, orig_size=list(row.image_sizes[0]) if row.image_sizes else None)

@@ -30,9 +30,10 @@ from PIL import Image
 
 from deepeyes.chat import THOUGHT_ANSWER, THOUGHT_DIRECT, THOUGHT_ZOOM, THOUGHT_ZOOM_AT
 from deepeyes.config import Config, ConfigError, load_config
-from deepeyes.boxes import box_scale
+from deepeyes.boxes import box_from_frame, box_scale
 from deepeyes.data import ZOOM_PLACES, ZOOM_TASKS, read_deepeyes, write_synthetic
 from deepeyes.policy import Policy, build_cached, load_policy, resize_for_model, resolve_policy_path
+from deepeyes.policy_family import frame_factor, resolve_family, zoom_box_scale
 import asyncio
 from deepeyes.images import decode_image
 from services.rollout.agent_loop import run_episode
@@ -86,7 +87,7 @@ def tool_conversation(row: Any, cfg: Config, answer_text: str | None = None, zoo
     at the box mapped from the frame. `answer_text` replaces the ground truth in the answer.
     `zoom` false (or a row with no target box) answers at once, without the tool."""
     original = row.images[0]  # decodes: read once
-    frame = resize_for_model(original, cfg.model.min_pixels, cfg.model.max_pixels)
+    frame = resize_for_model(original, cfg.model.min_pixels, cfg.model.max_pixels, frame_factor(cfg.model))
     messages = [dict(m) for m in row.messages]
     images = [frame]
     answer = f"<answer>{row.ground_truth if answer_text is None else answer_text}</answer>"
@@ -96,13 +97,16 @@ def tool_conversation(row: Any, cfg: Config, answer_text: str | None = None, zoo
         return messages, images
     bbox = frame_box(target, row.image_sizes[0], frame.size,  # the box is in the stored image's pixels
                      grid=cfg.trainer.sft_box_grid, min_side=cfg.trainer.sft_box_min)
-    arguments = {"bbox_2d": bbox, "label": "target"}
+    # written as the family's checkpoints write boxes: frame pixels, or 0-1000 relative (Qwen3-VL)
+    box_scale = zoom_box_scale(cfg)
+    arguments = {"bbox_2d": box_from_frame(bbox, frame.size, box_scale), "label": "target"}
     from_original = cfg.tools.crop_from == "original"
     result = execute_tool("image_zoom_in_tool", original if from_original else frame, arguments,
-                          min_side_policy=cfg.tools.min_side_policy, frame_size=frame.size if from_original else None)
+                          min_side_policy=cfg.tools.min_side_policy, frame_size=frame.size if from_original else None,
+                          box_scale=box_scale)
     if result.ok:  # the trajectory holds crops in the model frame (the agent loop resizes them too)
         result = dataclasses.replace(result, image=resize_for_model(result.image, cfg.model.min_pixels,
-                                                                     cfg.model.max_pixels))
+                                                                     cfg.model.max_pixels, frame_factor(cfg.model)))
     place = next((p for p in ZOOM_PLACES if f" {p} quarter" in str(row.extra.get("question", ""))), None)
     thought = THOUGHT_ZOOM_AT.format(place=place) if place else THOUGHT_ZOOM
     messages.append({"role": "assistant", "content": f"<think>{thought}</think>",
@@ -205,6 +209,7 @@ def warm_started_policy_path(cfg: Config, base: Path, progress: bool = True) -> 
 def prepared_policy_path(cfg: Config, progress: bool = True) -> Path:
     """The policy folder the rollout replicas and Train workers load: `model.path` as it is, or
     for the tiny policy its cached perception pre-stage and cold start (each built on first use)."""
+    cfg = resolve_family(cfg)  # the cold start writes boxes on the family's scale
     base = perceived_policy_path(cfg, progress)
     if cfg.model.path == "tiny" and cfg.model.warm_start:
         log.info("cold-start SFT of the tiny policy (cached after the first run)...")

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from deepeyes.chat import CHAT_TEMPLATE
 from deepeyes.config import Config
-from deepeyes.policy import Policy, encode_text_with_images, process_images
+from deepeyes.policy import Policy, encode_text_with_images, process_images, save_policy
 from trainer.packing import pack, packed_forward, plan_micro_batches
 
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
@@ -92,4 +92,4 @@ def save_trained_copy(policy: Policy, base: Path, folder: Path) -> None:
     for f in base.iterdir():
         if f.name != "model.safetensors":
             shutil.copy2(f, folder / f.name)
-    policy.model.save_pretrained(folder)
+    save_policy(policy.model, folder)

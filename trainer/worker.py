@@ -28,6 +28,7 @@ from ray.train import Checkpoint
 from deepeyes.config import config_from_dict
 from deepeyes.data import ParquetRows, RowStream
 from deepeyes.policy import load_policy
+from deepeyes.policy_family import zoom_box_scale
 from deepeyes.serving import APP_NAMES, DEPLOYMENT_NAMES, actor_threads
 from services.rollout.trajectory import Trajectory
 from services.rollout.weights import get_or_create_weight_store, publish_weights
@@ -314,7 +315,7 @@ class TrainWorker:
             write_trajectories(self.traj_dir / f"step_{step:06d}.jsonl", trajs, r.advantages,
                                cfg.logging.save_trajectories,
                                lambda ids: self.policy.tokenizer.decode(ids, skip_special_tokens=True),
-                               cfg.logging.trajectory_images_kb)
+                               cfg.logging.trajectory_images_kb, zoom_box_scale(cfg))
         return metrics
 
     def _validate(self, step: int) -> None:

@@ -48,6 +48,9 @@ class ModelConfig:
     tiny_vision: Literal["random", "oriented"] = _f(
         "random", "the tiny model's patch embedding: random init, or 16 of its 64 channels set to oriented "
                   "gratings (deepeyes.policy.oriented_filter_bank), a stand-in for a trained encoder's first layer")
+    family: Literal["auto", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"] = _f(
+        "auto", "policy family: auto = read from the folder's config.json (model_type); with path=tiny, auto "
+                "builds the tiny Qwen2.5-VL and qwen3_vl / qwen3_vl_moe the tiny Qwen3-VL (dense / MoE)")
     tiny_perception_steps: int = _f(0, "with path=tiny: supervised steps reading stripes in close-ups before the "
                                        "cold start (trainer.perception: the stand-in for what pre-training "
                                        "gives a real checkpoint; built once, cached); 0 = none")
@@ -86,6 +89,9 @@ class ToolsConfig:
         "frame", "what training zooms cut: the model-frame image (the verl port) or the original at the "
                  "box mapped from the frame, so a crop shows detail the downscaled frame lost (DeepEyes' "
                  "high-resolution point; the embedded demo needs it; evaluation always maps)")
+    box_scale: Literal["auto", "absolute", "relative"] = _f(
+        "auto", "what the zoom box's numbers mean: absolute pixels of the model frame, or 0-1000 relative to "
+                "its sides (what Qwen3-VL checkpoints emit); auto = the policy family's own")
     enabled: list[str] = _f(["image_zoom_in_tool"], "tools declared to the policy, by registry name")
     timeout_s: float = _f(10.0, "per-call timeout of a tool call from the rollout; on expiry the "
                                 "episode gets an error text")

@@ -101,7 +101,12 @@ class PolicyIO:
 
     def to_model_frame(self, image: Image.Image) -> Image.Image:
         """The image resized to the frame the model sees (the processor's resize is then the identity)."""
-        return resize_for_model(image, self.min_pixels, self.max_pixels)
+        return resize_for_model(image, self.min_pixels, self.max_pixels, self.factor)
+
+    @property
+    def factor(self) -> int:
+        """The processor's smart-resize grid: patch x merge (28 px for Qwen2.5-VL, 32 for Qwen3-VL)."""
+        return int(self.image_processor.patch_size) * int(self.image_processor.merge_size)
 
     def grids(self, images: Sequence[Image.Image]) -> list[list[int]]:
         """image_grid_thw of each image, from the processor itself (the one authority on it).

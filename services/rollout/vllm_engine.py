@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterable
 
 from PIL import Image
 
+from deepeyes.family import checkpoint_layout
 from services.rollout.engines import GenerateResult, SamplingParams
 
 BANNED_LOGIT_BIAS = -100.0
@@ -216,6 +217,8 @@ class VLLMEngine:
         self.version = version
         self.partial = rollout_cfg.partial
         self.image_pad_id = _image_pad_id(folder)
+        # the reload reads checkpoint-format tensors: Qwen3-VL-MoE's experts go transposed (deepeyes/family.py)
+        self.model_type = json.loads(Path(folder, "config.json").read_text())["model_type"]
         t0 = time.perf_counter()
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(folder, model_cfg, rollout_cfg)))
         self.start_s = time.perf_counter() - t0
@@ -271,7 +274,7 @@ class VLLMEngine:
             try:
                 paths: list[str] = []
                 try:
-                    for bucket in weight_buckets(state_dict):
+                    for bucket in weight_buckets(checkpoint_layout(state_dict, self.model_type)):
                         t = time.perf_counter()
                         paths.append(await asyncio.to_thread(write_bucket, bucket, shared_memory_dir()))
                         split["pack_s"] += time.perf_counter() - t

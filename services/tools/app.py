@@ -24,10 +24,11 @@ tool, 413 over a size cap, 504 timeout; error bodies have the same shape, with o
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import os
 import threading
 from collections import OrderedDict
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Literal
 
 import ray
 from fastapi import FastAPI, Request
@@ -49,6 +50,7 @@ class ResizeSpec(BaseModel):
 
     min_pixels: int
     max_pixels: int
+    factor: Literal[28, 32] = 28  # the policy family's grid: 28 px (Qwen2.5-VL) or 32 px (Qwen3-VL)
 
 
 class ToolRequest(BaseModel):
@@ -128,6 +130,8 @@ class ToolService:
 
     def __init__(self, tools: ToolsConfig, token: str | None = None):
         self.cfg = tools
+        # the builder resolves auto from the policy family (build_app); a bare ToolsConfig means pixels
+        self.box_scale = "absolute" if tools.box_scale == "auto" else tools.box_scale
         self._token = token
         self._cache = ImageCache(tools.image_cache_mb * 1024 * 1024)
         self.calls = 0
@@ -202,8 +206,8 @@ class ToolService:
         pil = await self._image(image)
         if isinstance(pil, ToolResult):
             return pil
-        return await asyncio.to_thread(execute_tool, name, pil, arguments,
-                                       min_side_policy=self.cfg.min_side_policy, frame_size=frame_size)
+        return await asyncio.to_thread(execute_tool, name, pil, arguments, min_side_policy=self.cfg.min_side_policy,
+                                       frame_size=frame_size, box_scale=self.box_scale)
 
     async def stats(self) -> dict[str, Any]:
         """Counters of this replica (tests check that no request restarted it)."""
@@ -296,8 +300,9 @@ class ToolService:
                                  f"{self.cfg.max_image_pixels}, got {lo}, {hi}")
             from deepeyes.policy import resize_for_model  # imports torch: only when asked
 
-            image = resize_for_model(image, lo, hi)
-        return execute_tool(name, image, req.arguments, min_side_policy=self.cfg.min_side_policy)
+            image = resize_for_model(image, lo, hi, req.resize.factor)
+        return execute_tool(name, image, req.arguments, min_side_policy=self.cfg.min_side_policy,
+                            box_scale=self.box_scale)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -311,4 +316,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     """
     cfg = config_from_args(args)
     token = bearer_token(cfg.serve.auth_token_env)
-    return ToolService.options(**deployment_options(cfg.serve.tools, cfg.serve.access_log)).bind(cfg.tools, token)
+    tools = cfg.tools
+    if tools.box_scale == "auto":  # the policy family's own scale (deepeyes/family.py)
+        from deepeyes.policy_family import model_family  # imports torch: only a builder with box_scale=auto needs it
+
+        tools = dataclasses.replace(tools, box_scale=model_family(cfg.model).box_scale)
+    return ToolService.options(**deployment_options(cfg.serve.tools, cfg.serve.access_log)).bind(tools, token)

@@ -81,7 +81,8 @@ def tool_schemas(names: list[str]) -> list[dict[str, Any]]:
 
 
 def execute_tool(name: Any, image: Image.Image, arguments: Any, *,
-                 min_side_policy: str = "expand", frame_size: tuple[int, int] | None = None) -> ToolResult:
+                 min_side_policy: str = "expand", frame_size: tuple[int, int] | None = None,
+                 box_scale: str = "absolute") -> ToolResult:
     """Run tool `name`; never raises: an unknown name or any failure is an error text.
 
     Args:
@@ -91,6 +92,7 @@ def execute_tool(name: Any, image: Image.Image, arguments: Any, *,
         min_side_policy: zoom-in only: `expand` (default) or `reject30` (DeepEyes original).
         frame_size: (w, h) of the model's frame when `image` is the original at another size
             (zoom-in maps the box to it; see services.tools.zoom.crop_image); None = `image` is it.
+        box_scale: zoom-in only: the box in `absolute` frame pixels or 0-1000 `relative` (Qwen3-VL).
     """
     _load_all()
     if not isinstance(name, str) or name not in _TOOLS:
@@ -99,6 +101,8 @@ def execute_tool(name: Any, image: Image.Image, arguments: Any, *,
         return ToolResult(False, f"Error: unknown tool {shown[:200]!r}; available tools: {known}.")
     try:
         options: dict[str, Any] = {"min_side_policy": min_side_policy}
+        if box_scale != "absolute":
+            options["box_scale"] = box_scale
         if frame_size is not None:
             options["frame_size"] = frame_size
         result = _TOOLS[name]().execute(image, arguments, **options)

@@ -33,7 +33,7 @@ from typing import Any
 from PIL import Image
 
 from deepeyes.chat import ZOOM_IN_SCHEMA  # the schema's one home (the tiny tokenizer reads it too)
-from deepeyes.boxes import scale_box
+from deepeyes.boxes import box_to_frame, scale_box
 from deepeyes.contracts import ToolResult
 from services.tools.registry import Tool, register
 
@@ -167,7 +167,7 @@ def map_box(box: tuple[int, int, int, int], frame_size: tuple[int, int],
     return max(0, math.floor(x1)), max(0, math.floor(y1)), min(W, math.ceil(x2)), min(H, math.ceil(y2))
 
 
-def crop_image(image: Image.Image, arguments: Any, *, min_side_policy: str = "expand",
+def crop_image(image: Image.Image, arguments: Any, *, min_side_policy: str = "expand", box_scale: str = "absolute",
                frame_size: tuple[int, int] | None = None) -> ToolResult:
     """Zoom in: crop `image` (the original, in the model's frame) to the model's bbox.
 
@@ -204,7 +204,11 @@ def crop_image(image: Image.Image, arguments: Any, *, min_side_policy: str = "ex
     fw, fh = (image.width, image.height) if frame_size is None else (int(frame_size[0]), int(frame_size[1]))
     if fw <= 0 or fh <= 0:
         return ToolResult(False, f"Error: the model frame size {frame_size!r} is not positive.")
-    box = zoom_box(bbox, fw, fh, min_side_policy)
+    if box_scale not in ("absolute", "relative"):
+        raise ValueError(f"box_scale {box_scale!r} is not absolute or relative (set tools.box_scale)")
+    # A relative box (0-1000 per side, Qwen3-VL's) becomes frame pixels first; every rule then applies
+    # in pixels, the 28 px minimum included. The texts show the box as the model wrote it.
+    box = zoom_box(box_to_frame(bbox, (fw, fh), box_scale), fw, fh, min_side_policy)
     if box is None:
         text = INVALID_REJECT30_TEXT if min_side_policy == "reject30" else INVALID_TEXT
         return ToolResult(False, text.format(bbox=_shown(bbox)))
@@ -227,5 +231,6 @@ class ZoomInTool(Tool):
     schema = ZOOM_IN_SCHEMA
 
     def execute(self, image: Image.Image, arguments: Any, *, min_side_policy: str = "expand",
-                frame_size: tuple[int, int] | None = None, **options: Any) -> ToolResult:
-        return crop_image(image, arguments, min_side_policy=min_side_policy, frame_size=frame_size)
+                frame_size: tuple[int, int] | None = None, box_scale: str = "absolute", **options: Any) -> ToolResult:
+        return crop_image(image, arguments, min_side_policy=min_side_policy, frame_size=frame_size,
+                          box_scale=box_scale)

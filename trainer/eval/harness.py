@@ -79,6 +79,7 @@ class EvalPlan:
     map_crops: bool
     min_pixels: int
     max_pixels: int
+    factor: int = 28  # the policy family's smart-resize grid (deepeyes/family.py)
     min_version: int = 0
     shuffle: bool = True
     chunk_items: int = 8
@@ -98,7 +99,7 @@ def run_items(handle: Any, judge_handle: Any, items: Iterable[Item], plan: EvalP
         reqs, meta = [], {}
         for item in chunk:
             image, orig_size = decode_item_image(item)
-            frame = resize_for_model(image, plan.min_pixels, plan.max_pixels)
+            frame = resize_for_model(image, plan.min_pixels, plan.max_pixels, plan.factor)
             del image
             for s in range(plan.k):
                 prompt = sample_prompt(item, s, plan.seed, plan.shuffle)
