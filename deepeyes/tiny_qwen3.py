@@ -44,7 +44,7 @@ def tiny_qwen3_config(tokenizer: Any, moe: bool = False, hidden: int = 128, laye
     if moe:
         # norm_topk_prob: transformers always renormalises the top-k router weights, vLLM only when this
         # says so (real Qwen3-VL MoE configs carry it; without it vLLM fails to start: no such attribute)
-        text.update(moe_intermediate_size=96, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+        text.update(moe_intermediate_size=192, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
                     norm_topk_prob=True)
     vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=PATCH,
                   spatial_merge_size=MERGE, temporal_patch_size=2, out_hidden_size=hidden,

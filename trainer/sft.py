@@ -180,6 +180,9 @@ def warm_start_key(base: Path, cfg: Config) -> str:
                          cfg.model.max_pixels, cfg.tools.enabled, cfg.trainer.sft_rows, cfg.trainer.sft_answers,
                          cfg.data.synthetic_task, cfg.tools.crop_from, cfg.trainer.seed, cfg.trainer.sft_box_grid,
                          cfg.trainer.sft_box_min, cfg.trainer.sft_zoom_share]).encode())
+    scale = zoom_box_scale(cfg)
+    if scale != "absolute":  # (absolute, the first families' scale, leaves the earlier keys as they were)
+        h.update(scale.encode())
     return h.hexdigest()[:12]
 
 
