@@ -18,6 +18,10 @@ its own, on the same rows the scenario writes:
    one (`zoom_find`: find the frame by sight).
 
   python -m bench.zoom_learnability [--rows 256] [--read-steps 100] [--find-steps 200]
+  python -m bench.zoom_learnability --family qwen3_vl --only find   # the finding probes on Qwen3-VL
+
+On Qwen3-VL (issue 28) the box is written 0-1000 relative (the family's scale) on a 32 px grid;
+the probe still scores x1 and y1, the tokens that name the cell.
 
 Prints a table and ends with one JSON line of the headline figures.
 """
@@ -168,9 +172,13 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=256, help="training rows (held out: a quarter as many)")
     ap.add_argument("--read-steps", type=int, default=100)
     ap.add_argument("--find-steps", type=int, default=200)
+    ap.add_argument("--family", default="qwen2_5_vl", choices=["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"],
+                    help="the tiny policy's family (default: the embedded Qwen2.5-VL)")
+    ap.add_argument("--only", choices=["all", "find"], default="all",
+                    help="find: only the two box-cell probes (cued and by sight)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    cfg = load_config(str(REPO_ROOT / "deploy/configs/tiny-zoom.yaml"), [])
+    cfg = load_config(str(REPO_ROOT / "deploy/configs/tiny-zoom.yaml"), [f"model.family={args.family}"])
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         train = read_deepeyes([write_synthetic(os.path.join(d, "tr.parquet"), args.rows, 11, mix={"zoom": 1.0})],
@@ -182,12 +190,16 @@ def main() -> None:
                                                     mix={"zoom_find": 1.0})], cfg.data).rows
         test_find = read_deepeyes([write_synthetic(os.path.join(d, "tef.parquet"), max(args.rows // 4, 16), 11,
                                                    mix={"zoom_find": 1.0}, split="test")], cfg.data).rows
-        folders = {v: build_tiny_policy(Path(d) / v, vision=v) for v in ("random", "oriented")}
+        folders = {v: build_tiny_policy(Path(d) / v, vision=v, family=args.family) for v in ("random", "oriented")}
 
         def fresh(v):
             return load_policy(folders[v], min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels,
                                trainable=True)
 
+        if args.only == "find":
+            finding = supervised(fresh("oriented"), train, test, cfg, args.find_steps, "box")
+            finding_uncued = supervised(fresh("oriented"), train_find, test_find, cfg, args.find_steps, "box")
+            return report_finding(args, finding, finding_uncued, time.perf_counter() - t0)
         inv = invisibility()
         probes = {v: probe(fresh(v), train, test, cfg) for v in folders}
         reading = {v: supervised(fresh(v), train, test, cfg, args.read_steps, "answer") for v in folders}
@@ -213,6 +225,16 @@ def main() -> None:
                     "read_acc_oriented": reading["oriented"][-1][1], "read_acc_random": reading["random"][-1][1],
                     "find_acc_cued": finding[-1][1], "find_acc_by_sight": finding_uncued[-1][1],
                     "read_steps": args.read_steps, "find_steps": args.find_steps})
+
+
+def report_finding(args, finding, finding_uncued, seconds: float) -> None:
+    print(f"family {args.family}, oriented vision, {args.rows} rows; {seconds:.0f} s\n")
+    print(f"{'box cell (x1 and y1 both right), held out, chance 0.25':<58} {'cued':>8} {'by sight':>9}")
+    print("-" * 77)
+    for (s, b), (_, u) in zip(finding, finding_uncued):
+        print(f"{f'step {s}':<58} {b:>8.3f} {u:>9.3f}")
+    print_headline({"family": args.family, "find_acc_cued": finding[-1][1], "find_acc_by_sight": finding_uncued[-1][1],
+                    "find_steps": args.find_steps})
 
 
 if __name__ == "__main__":

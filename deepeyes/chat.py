@@ -24,6 +24,23 @@ SYSTEM_PROMPT = (
     "inside <answer></answer>."
 )
 
+# The same for a policy that writes boxes 0-1000 relative (Qwen3-VL: tools.box_scale=relative).
+SYSTEM_PROMPT_RELATIVE = SYSTEM_PROMPT.replace(
+    "in pixels of the image you see", "on a 0-1000 scale of the image's width and height")
+
+
+def system_prompt_for(box_scale: str) -> str:
+    return SYSTEM_PROMPT_RELATIVE if box_scale == "relative" else SYSTEM_PROMPT
+
+
+def with_box_scale(messages: list[dict[str, Any]], box_scale: str) -> list[dict[str, Any]]:
+    """The messages with the project's system turn worded for `box_scale` (others left alone)."""
+    if box_scale != "relative":
+        return messages
+    return [dict(m, content=SYSTEM_PROMPT_RELATIVE) if m.get("role") == "system" and m.get("content") == SYSTEM_PROMPT
+            else m for m in messages]
+
+
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
 # The system turn's "# Tools" block (Hermes/Qwen2.5 wording, word for word): the tool schemas

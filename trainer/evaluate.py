@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from deepeyes.boxes import box_to_frame, scale_box
 from deepeyes.config import Config
-from deepeyes.policy_family import zoom_box_scale
+from deepeyes.policy_family import frame_factor, zoom_box_scale
 from services.rollout.trajectory import Trajectory
 from trainer.eval.harness import EvalPlan, run_items
 from trainer.eval.items import item_from_row, limit
@@ -79,7 +79,8 @@ def validate(cfg: Config, handle: Any, judge_handle: Any, val: Any, step: int, v
     plan = EvalPlan(k=k, modes=modes, seed=cfg.rollout.seed, greedy=greedy,
                     temperature=None if greedy else cfg.rollout.val_temperature,
                     map_crops=cfg.tools.crop_from == "original", min_pixels=cfg.model.min_pixels,
-                    max_pixels=cfg.model.max_pixels, min_version=version, tag=f"v{step}")
+                    max_pixels=cfg.model.max_pixels, factor=frame_factor(cfg.model), box_scale=zoom_box_scale(cfg),
+                    min_version=version, tag=f"v{step}")
     outcomes = run_items(handle, judge_handle, items, plan, on_record=keep)
     tool = [o for o in outcomes if o.mode == "tool"]
     s = summarize(tool, k)

@@ -15,7 +15,8 @@ from typing import Any, Callable, Sequence
 
 from deepeyes.config import Config
 from deepeyes.policy import resize_for_model
-from deepeyes.policy_family import frame_factor
+from deepeyes.chat import with_box_scale
+from deepeyes.policy_family import frame_factor, zoom_box_scale
 from services.judge.scoring import JudgeFailure
 from services.rollout.trajectory import Trajectory
 from services.rollout.types import EpisodeRequest
@@ -45,10 +46,11 @@ def episode_requests(cfg: Config, rows: Sequence[Any], row_ids: Sequence[int], s
         source = row.image_bytes[0] if cfg.tools.crop_from == "original" and row.image_bytes else None
         # target_bbox is in the stored image's pixels (before any upscale of tiny images)
         extra = dict(row.extra, orig_size=list(row.image_sizes[0]) if row.image_sizes else None)
+        messages = with_box_scale(row.messages, zoom_box_scale(cfg))  # the system turn names the box scale
         for k in range(n):
             reqs.append(EpisodeRequest(
                 uid=f"{tag}{step}-{row.index}-{k}", group_id=f"{tag}{step}-{row.index}",
-                messages=row.messages, images=frames, ground_truth=row.ground_truth,
+                messages=messages, images=frames, ground_truth=row.ground_truth,
                 question=row.question, data_source=row.data_source, extra=extra,
                 min_version=version, greedy=greedy, temperature=temperature, crop_source=source,
                 seed=(cfg.rollout.seed * 1_000_003 + step * 10_007 + rid * 101 + k) % (2**31)))

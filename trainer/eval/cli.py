@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     from trainer.cluster import exit_on_sigterm  # start-up: --help and argument errors stay light
 
     exit_on_sigterm()
-    from deepeyes.policy_family import frame_factor  # imports torch: kept out of --help
+    from deepeyes.policy_family import frame_factor, zoom_box_scale  # imports torch: kept out of --help
 
     cluster = EvalCluster(cfg, out)
     results: dict[str, dict[str, Any]] = {}
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
                 plan = EvalPlan(k=args.k, modes=modes, seed=args.seed, greedy=greedy,
                                 temperature=None if greedy else args.temperature, map_crops=not args.no_map_crops,
                                 min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels,
-                                factor=frame_factor(cfg.model),
+                                factor=frame_factor(cfg.model), box_scale=zoom_box_scale(cfg),
                                 shuffle=not args.no_shuffle, chunk_items=args.chunk_items, tag=bench)
                 outcomes = run_items(handle, judge, items(), plan, on_record=write)
                 write.flush()

@@ -80,6 +80,7 @@ class EvalPlan:
     min_pixels: int
     max_pixels: int
     factor: int = 28  # the policy family's smart-resize grid (deepeyes/family.py)
+    box_scale: str = "absolute"  # what the system prompt asks the boxes in (tools.box_scale, resolved)
     min_version: int = 0
     shuffle: bool = True
     chunk_items: int = 8
@@ -110,7 +111,7 @@ def run_items(handle: Any, judge_handle: Any, items: Iterable[Item], plan: EvalP
                                                 group_id=f"{plan.tag}-{mode}-{item.benchmark}-{item.id}",
                                                 greedy=plan.greedy, temperature=plan.temperature,
                                                 map_crops=plan.map_crops, min_version=plan.min_version,
-                                                orig_size=orig_size))
+                                                orig_size=orig_size, box_scale=plan.box_scale))
         trajs, _ = run_episodes(handle, reqs)
         by_uid = {t.uid: t for t in trajs}
         for uid, (item, prompt, mode, s) in meta.items():

@@ -73,14 +73,15 @@ def decode_item_image(item: Item, min_side: int = 28) -> tuple[Any, tuple[int, i
 
 def episode_request(item: Item, prompt: SamplePrompt, *, mode: str, frame: Any, uid: str, group_id: str,
                     greedy: bool, temperature: float | None, map_crops: bool, min_version: int = 0,
-                    orig_size: tuple[int, int] | None = None, system_prompt: str | None = None) -> Any:
+                    orig_size: tuple[int, int] | None = None, system_prompt: str | None = None,
+                    box_scale: str = "absolute") -> Any:
     """The EpisodeRequest of one sample: the frame as the image; with `map_crops` the encoded
     original as crop_source (the zoom is cut from it); mode no_tool drops the tools."""
-    from deepeyes.chat import SYSTEM_PROMPT  # the viewer imports this module: it stays light
+    from deepeyes.chat import system_prompt_for  # the viewer imports this module: it stays light
     from services.rollout.types import EpisodeRequest
 
     use_tools = mode == "tool"
-    system = system_prompt or (SYSTEM_PROMPT if use_tools else NO_TOOL_SYSTEM_PROMPT)
+    system = system_prompt or (system_prompt_for(box_scale) if use_tools else NO_TOOL_SYSTEM_PROMPT)
     messages = [{"role": "system", "content": system},
                 {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt.text}]}]
     return EpisodeRequest(uid=uid, group_id=group_id, messages=messages, images=[frame],
