@@ -45,6 +45,14 @@ from deepeyes.serving import authorized, bearer_token, config_from_args, deploym
 from services.tools.registry import execute_tool, get_tool, tool_names
 
 
+def resizer() -> Any:
+    """`deepeyes.policy.resize_for_model`, imported on first use (defined before the deployment
+    class: Serve pickles the class, and what it calls, as the module is first run)."""
+    from deepeyes.policy import resize_for_model  # imports torch and transformers: only a resize asks for it
+
+    return resize_for_model
+
+
 class ResizeSpec(BaseModel):
     """Smart-resize bounds for an HTTP image not yet in the model's frame."""
 
@@ -255,6 +263,10 @@ class ToolService:
             return _json(400, False, 'Error: the body must be JSON {"image": base64, "arguments": {...}}'
                                      f" ({e.error_count()} problem(s): {e.errors()[0]['msg']})")
         self.calls += 1
+        if req.resize is not None:
+            # the first resize imports torch and transformers (5-8 s here, more on a busy node):
+            # the replica's own start-up cost, not the tool call's, so it is outside the timeout
+            await asyncio.to_thread(resizer)
         try:
             result = await asyncio.wait_for(self._http_decoded_work(name, req), self.cfg.timeout_s)
         except asyncio.TimeoutError:
@@ -298,9 +310,7 @@ class ToolService:
             if not 0 < lo <= hi <= self.cfg.max_image_pixels:
                 raise ValueError(f"resize needs 0 < min_pixels <= max_pixels <= "
                                  f"{self.cfg.max_image_pixels}, got {lo}, {hi}")
-            from deepeyes.policy import resize_for_model  # imports torch: only when asked
-
-            image = resize_for_model(image, lo, hi, req.resize.factor)
+            image = resizer()(image, lo, hi, req.resize.factor)
         return execute_tool(name, image, req.arguments, min_side_policy=self.cfg.min_side_policy,
                             box_scale=self.box_scale)
 

@@ -144,7 +144,8 @@ def test_http_route(tools):
         big = {"image": base64.b64encode(png(Image.new("RGB", (1000, 1000)))).decode(),
                "arguments": {"bbox_2d": [0, 0, 1000, 1000]}, "resize": {"min_pixels": 3136, "max_pixels": 50176}}
         r = client.post(f"{url}/image_zoom_in_tool", json=big)
-        assert r.status_code == 200 and Image.open(io.BytesIO(base64.b64decode(r.json()["image"]))).size == (224, 224)
+        assert r.status_code == 200, r.text
+        assert Image.open(io.BytesIO(base64.b64decode(r.json()["image"]))).size == (224, 224)
 
 
 def test_token_caps_and_timeout(strict_tools):
