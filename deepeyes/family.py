@@ -48,7 +48,6 @@ FAMILIES: dict[str, Family] = {
     "qwen3_vl_moe": Family("qwen3_vl_moe", "qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", 16, 2, "relative",
                            tuple(QWEN3_ADDED_TOKENS), True),
 }
-RELATIVE_SCALE = 1000.0  # a relative box's coordinates run 0..1000 along each side
 
 
 def family_named(name: str) -> Family:

@@ -29,8 +29,7 @@ from safetensors.torch import load_file, save_file
 from deepeyes.chat import (CHAT_TEMPLATE, QWEN_ADDED_TOKENS, SYSTEM_PROMPT, THOUGHT_ANSWER, THOUGHT_DIRECT,
                            THOUGHT_ZOOM, THOUGHT_ZOOM_AT, TOOLS_HEAD, TOOLS_TAIL, ZOOM_IN_SCHEMA)
 from deepeyes.config import DEFAULT_CACHE_DIR, DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
-from deepeyes.family import (FAMILIES, Family, checkpoint_layout, family_named, folder_family,
-                             relaid_out)
+from deepeyes.family import checkpoint_layout, family_named, folder_family, relaid_out
 from deepeyes.hub import hub_snapshot, is_hub_id
 from deepeyes.images import to_rgb
 from deepeyes.tiny_qwen3 import tiny_qwen3_config, tiny_qwen3_model
@@ -51,13 +50,9 @@ class Policy:
     path: str
 
     @property
-    def family(self) -> Family:
-        return FAMILIES[{f.model_type: k for k, f in FAMILIES.items()}[self.model.config.model_type]]
-
-    @property
     def factor(self) -> int:
         """The smart-resize grid of this policy's processor (28 or 32 px)."""
-        return int(self.image_processor.patch_size) * int(self.image_processor.merge_size)
+        return processor_factor(self.image_processor)
 
     @property
     def image_pad_id(self) -> int:
@@ -74,6 +69,11 @@ class Policy:
 
 # ---------------------------------------------------------------------------------------------
 # image geometry
+
+
+def processor_factor(image_processor: Any) -> int:
+    """A Qwen-VL image processor's smart-resize grid: patch x merge (28 px Qwen2.5-VL, 32 px Qwen3-VL)."""
+    return int(image_processor.patch_size) * int(image_processor.merge_size)
 
 
 def smart_resize_hw(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = FACTOR) -> tuple[int, int]:

@@ -40,13 +40,14 @@ def episode_requests(cfg: Config, rows: Sequence[Any], row_ids: Sequence[int], s
     the n requests pickle the same bytes), and zooms are cut from them at the mapped box.
     """
     reqs = []
+    factor, box_scale = frame_factor(cfg.model), zoom_box_scale(cfg)
     for rid in row_ids:
         row = rows[rid]
-        frames = [resize_for_model(im, cfg.model.min_pixels, cfg.model.max_pixels, frame_factor(cfg.model)) for im in row.images]
+        frames = [resize_for_model(im, cfg.model.min_pixels, cfg.model.max_pixels, factor) for im in row.images]
         source = row.image_bytes[0] if cfg.tools.crop_from == "original" and row.image_bytes else None
         # target_bbox is in the stored image's pixels (before any upscale of tiny images)
         extra = dict(row.extra, orig_size=list(row.image_sizes[0]) if row.image_sizes else None)
-        messages = with_box_scale(row.messages, zoom_box_scale(cfg))  # the system turn names the box scale
+        messages = with_box_scale(row.messages, box_scale)  # the system turn names the box scale
         for k in range(n):
             reqs.append(EpisodeRequest(
                 uid=f"{tag}{step}-{row.index}-{k}", group_id=f"{tag}{step}-{row.index}",

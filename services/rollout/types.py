@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from PIL import Image
 
-from deepeyes.policy import load_image_processor, resize_for_model
+from deepeyes.policy import load_image_processor, processor_factor, resize_for_model
 from services.rollout.engines import check_sampling
 
 GRID_CACHE_SIZES = 4096  # image sizes whose grid PolicyIO remembers
@@ -105,8 +105,8 @@ class PolicyIO:
 
     @property
     def factor(self) -> int:
-        """The processor's smart-resize grid: patch x merge (28 px for Qwen2.5-VL, 32 for Qwen3-VL)."""
-        return int(self.image_processor.patch_size) * int(self.image_processor.merge_size)
+        """The processor's smart-resize grid (28 px for Qwen2.5-VL, 32 for Qwen3-VL)."""
+        return processor_factor(self.image_processor)
 
     def grids(self, images: Sequence[Image.Image]) -> list[list[int]]:
         """image_grid_thw of each image, from the processor itself (the one authority on it).

@@ -72,7 +72,8 @@ def engine(tiny_policy_dir, cfg, loop):
 
 
 def episode_prompt(policy, cfg, color: str, size: tuple[int, int], words: int) -> tuple[list[int], list[Image.Image]]:
-    img = resize_for_model(Image.new("RGB", size, color), cfg.model.min_pixels, cfg.model.max_pixels)
+    """One user turn with one image in the policy's frame (its family's grid) and `words` of text."""
+    img = resize_for_model(Image.new("RGB", size, color), cfg.model.min_pixels, cfg.model.max_pixels, policy.factor)
     _, grid = process_images(policy, [img])
     text = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>" + "what colour " * words
             + "<|im_end|>\n<|im_start|>assistant\n")

@@ -18,19 +18,17 @@ import os
 
 import pytest
 import torch
-from PIL import Image
 
 from deepeyes.config import load_config
-from deepeyes.policy import encode_text_with_images, load_policy, process_images, resize_for_model, tiny_policy_path
+from deepeyes.policy import load_policy, process_images, tiny_policy_path
 from services.rollout.engines import SamplingParams
 from services.rollout.hf_engine import HFEngine
 from services.rollout.logprobs import sequence_logprobs
+from test_vllm_engine import LOGPROB_TOL, banned, episode_prompt, teacher_forced  # the Qwen2.5-VL test's helpers
 
 pytestmark = pytest.mark.integration
 
-# The Qwen2.5-VL test's bound (tests/integration/test_vllm_engine.py); measured here 4.8e-7 for
-# both families, greedy.
-LOGPROB_TOL = 1e-4
+# LOGPROB_TOL is the Qwen2.5-VL test's bound; measured here 4.8e-7 for both families, greedy.
 
 
 @pytest.fixture(scope="module", params=["qwen3_vl"] + (["qwen3_vl_moe"] if os.environ.get("DEEPEYES_TEST_MOE_VLLM") else []))
@@ -49,7 +47,7 @@ def setup(request, tiny_policy_dir):
         return VLLMEngine(folder, cfg.model, cfg.rollout)
 
     engine = loop.run_until_complete(start())
-    yield family, policy, engine, loop
+    yield family, policy, engine, loop, cfg
 
     async def stop():
         engine.shutdown()
@@ -62,37 +60,15 @@ def setup(request, tiny_policy_dir):
     loop.close()
 
 
-def prompt(policy, color: str, size: tuple[int, int], words: int) -> tuple[list[int], list[Image.Image]]:
-    bounds = policy.image_processor.size  # the folder's, which the engine's config repeats
-    img = resize_for_model(Image.new("RGB", size, color), bounds["shortest_edge"], bounds["longest_edge"],
-                           factor=policy.factor)
-    assert img.width % 32 == 0 and img.height % 32 == 0
-    _, grid = process_images(policy, [img])
-    text = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>" + "what colour " * words
-            + "<|im_end|>\n<|im_start|>assistant\n")
-    return encode_text_with_images(policy, text, grid.tolist()), [img]
-
-
-def banned(policy) -> list[int]:
-    return policy.tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|vision_start|>", "<|vision_end|>",
-                                                   "<|video_pad|>"])
-
-
-def teacher_forced(policy, ids, images, response) -> torch.Tensor:
-    pv, grid = process_images(policy, images)
-    full = torch.tensor([ids + response])
-    with torch.no_grad():
-        return sequence_logprobs(policy.model, full, torch.ones_like(full), pv, grid, 1.0)[0, len(ids):]
-
-
 def test_greedy_equals_transformers(setup):
-    family, policy, engine, loop = setup
+    family, policy, engine, loop, cfg = setup
     assert policy.model.config.model_type == family and policy.factor == 32
     rope = policy.model.config.text_config.rope_parameters
     assert rope["mrope_interleaved"] is True and sum(rope["mrope_section"]) == policy.model.config.text_config.head_dim // 2
     hf = HFEngine(policy)
     for color, size, words in [("red", (640, 480), 2), ("navy", (90, 300), 7)]:
-        ids, imgs = prompt(policy, color, size, words)
+        ids, imgs = episode_prompt(policy, cfg, color, size, words)
+        assert imgs[0].width % 32 == 0 and imgs[0].height % 32 == 0
         sp = SamplingParams(24, 0.0, stop_token_ids=[policy.eos_id], banned_token_ids=banned(policy))
         v = loop.run_until_complete(engine.generate(ids, imgs, sp))
         h = hf.generate_batch_sync([(ids, imgs, sp)])[0]
@@ -101,8 +77,8 @@ def test_greedy_equals_transformers(setup):
 
 
 def test_weight_sync_after_an_update_gives_the_trainers_logprobs(setup):
-    family, policy, engine, loop = setup
-    ids, imgs = prompt(policy, "green", (400, 320), 3)
+    family, policy, engine, loop, cfg = setup
+    ids, imgs = episode_prompt(policy, cfg, "green", (400, 320), 3)
     sp = [SamplingParams(32, 1.0, seed=s, stop_token_ids=[policy.eos_id], banned_token_ids=banned(policy))
           for s in range(4)]
     async def sample():
@@ -126,6 +102,6 @@ def test_weight_sync_after_an_update_gives_the_trainers_logprobs(setup):
     loop.run_until_complete(engine.load_weights(state, engine.version + 1))
     after = loop.run_until_complete(sample())
     assert [r.token_ids for r in after] != [r.token_ids for r in before]  # the engine serves new weights
-    worst = max(float((teacher_forced(policy, ids, imgs, r.token_ids) - torch.tensor(r.logprobs)).abs().max())
+    worst = max(float((teacher_forced(policy, ids, imgs, r.token_ids, 1.0) - torch.tensor(r.logprobs)).abs().max())
                 for r in after)
     assert worst < LOGPROB_TOL, worst
