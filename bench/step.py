@@ -31,6 +31,7 @@ from bench.runner import ISSUE_SHAPE, after_first, job_config, print_headline, p
 from deepeyes.chat import CHAT_TEMPLATE
 from deepeyes.config import load_config
 from deepeyes.data import read_deepeyes
+from deepeyes.toolspec import prompt_schemas, specs_for
 from trainer.grpo import clipped_policy_loss
 from trainer.metrics import STEP_PHASES
 
@@ -164,14 +165,14 @@ def _floor_batch(job: dict, prompts: int):
     """The job's policy and `prompts` of its training rows, n copies each: ids, images, grids."""
     # heavy (transformers): only the parts that load the policy import these
     from deepeyes.policy import encode_text_with_images, load_policy, process_images, resize_for_model
-    from services.rollout.agent_loop import registry_schemas, render_prompt
+    from services.rollout.agent_loop import render_prompt
     from services.rollout.types import PolicyIO
 
     cfg = job["cfg"]
     policy = load_policy(job["policy_dir"], trainable=True)
     rows = read_deepeyes(job["train_files"], cfg.data).rows[:prompts]
     batch, frames_all = [], []
-    schemas = registry_schemas(list(cfg.tools.enabled))
+    schemas = prompt_schemas(specs_for(cfg.tools))
     for row in rows:
         # the prompt exactly as the agent loop renders it (system prompt with the tools block)
         text = render_prompt(PolicyIO.from_policy(policy), row.messages, schemas)

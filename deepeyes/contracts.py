@@ -2,20 +2,20 @@
 
 The rollout service sends a `ScoreRequest` to the judge and gets a `RewardResult` back; it calls a
 tool by name with the arguments the model wrote, an image passed by reference (`image_arg`), and
-gets a `ToolResult`; the tools' schemas (what the system prompt offers the model) are data here,
-so the rollout renders prompts without importing the tool service. Services import this module,
+gets a `ToolResult`; the tools' schemas (what the system prompt offers the model) are data in the
+registry YAML (deepeyes/toolspec.py), so the rollout renders prompts without importing the tool
+service. Services import this module,
 never each other (tests/unit/test_structure.py checks it). Pure Python: no Ray, no torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
 
-from deepeyes.chat import ZOOM_IN_SCHEMA
 
 
 @dataclass
@@ -28,6 +28,7 @@ class ScoreRequest:
     data_source: str = ""
     tool_calls: int = 0
     crops: int = 0
+    tools_used: list[str] = field(default_factory=list)  # names of the executed calls, in order
 
 
 @dataclass
@@ -60,48 +61,31 @@ class ToolResult:
     """What a tool call gives back to the episode.
 
     Attributes:
-        ok: True when the tool produced its image; False for any error (the text says why).
-        text: one line for the `<tool_response>` turn: the success note or the error text.
-        image: the produced image at native size (None on error).
+        ok: True when the tool did what was asked; False for any error (the text says why).
+        text: the observation text: the success note, the code's output, the search results, or
+            the error text.
+        image: the produced image at native size (the zoom's crop; None on error).
+        images: further images (a code call's figures, image search results), in order, after
+            `image`; the agent loop caps how many join the trajectory.
+        status: "ok", "error", or what stopped the call: "timeout", "memory", "lost" (the
+            instance's state is gone, e.g. its replica died), "killed"; "" = ok/error from `ok`.
+        metrics: numbers the tool wants on the dashboard (e.g. exec_s, restarted).
     """
 
     ok: bool
     text: str
     image: Image.Image | None = None
+    images: list[Image.Image] = field(default_factory=list)
+    status: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
 
+    def all_images(self) -> list[Image.Image]:
+        """`image` (when set) then `images`."""
+        return ([self.image] if self.image is not None else []) + list(self.images)
 
-ROTATE_SCHEMA: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "image_rotate_tool",
-        "description": ("Rotate the image counter-clockwise by the given angle in degrees, for "
-                        "example to read text that is sideways or upside down."),
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "angle": {
-                    "type": "number",
-                    "description": "Counter-clockwise rotation in degrees, e.g. 90, 180 or 270.",
-                },
-            },
-            "required": ["angle"],
-        },
-    },
-}
-
-TOOL_SCHEMAS: dict[str, dict[str, Any]] = {
-    ZOOM_IN_SCHEMA["function"]["name"]: ZOOM_IN_SCHEMA,
-    ROTATE_SCHEMA["function"]["name"]: ROTATE_SCHEMA,
-}
-
-
-def tool_schemas(names: list[str]) -> list[dict[str, Any]]:
-    """The OpenAI function schemas of `names`, in that order (for the system turn's # Tools block);
-    a KeyError names the known tools."""
-    unknown = [n for n in names if n not in TOOL_SCHEMAS]
-    if unknown:
-        raise KeyError(f"unknown tool(s) {unknown} (known: {', '.join(sorted(TOOL_SCHEMAS))})")
-    return [TOOL_SCHEMAS[n] for n in names]
+    @property
+    def outcome(self) -> str:
+        return self.status or ("ok" if self.ok else "error")
 
 
 def image_arg(ref: Any) -> list[Any]:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import yaml
 
+from deepeyes.toolspec import ToolSpecError, specs_for
 from deepeyes.config.schema import CONFIG_DIR, DEFAULT_SCENARIO, REPO_ROOT, Config, ConfigError
 
 
@@ -33,6 +34,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
         return value
+    if origin is dict:  # a free-form mapping (tools.settings): its owner checks the inside
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
     if origin is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item is str:
@@ -172,6 +177,10 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(msg)
     check_master_precision(cfg.trainer.master_dtype, cfg.trainer.lr)
+    try:  # the enabled tools exist, their entries are sound, the settings name real tools
+        specs_for(cfg.tools)
+    except ToolSpecError as e:
+        raise ConfigError(f"tools: {e}") from None
 
 
 # The smallest relative change a rounding to the master dtype keeps: half a unit in the last place.

@@ -92,7 +92,16 @@ class ToolsConfig:
     box_scale: Literal["auto", "absolute", "relative"] = _f(
         "auto", "what the zoom box's numbers mean: absolute pixels of the model frame, or 0-1000 relative to "
                 "its sides (what Qwen3-VL checkpoints emit); auto = the policy family's own")
-    enabled: list[str] = _f(["image_zoom_in_tool"], "tools declared to the policy, by registry name")
+    enabled: list[str] = _f(["image_zoom_in_tool"], "tools declared to the policy, by registry name "
+                                                     "(deepeyes/config/tools.yaml, tools.registry_files)")
+    registry_files: list[str] = _f([], "YAML files of further tool entries (a tool of your own: one module + "
+                                       "one entry; docs/design.md, 'Tool plugins')")
+    settings: dict[str, Any] = _f({}, "per tool: {name: {config: {...}, deployment_options: {...}}} merged "
+                                      "over its registry entry (e.g. python: {config: {memory_mb: 2048}})")
+    stop_at_call: bool = _f(False, "end an assistant turn where a call closes (</tool_call>, </code>) as "
+                                   "DeepEyesV2 does, instead of at <|im_end|>")
+    max_images_per_call: int = _f(10, "images of one call's result that join the trajectory (a code "
+                                      "call's figures, image search results)")
     timeout_s: float = _f(10.0, "per-call timeout of a tool call from the rollout; on expiry the "
                                 "episode gets an error text")
     max_image_pixels: int = _f(36_000_000, "pixel cap of an image sent to the HTTP route or as bytes "
@@ -141,6 +150,12 @@ class JudgeConfig:
         "crop", "what counts as tool use: any <tool_call> (verl port) or a crop that came back "
                 "(DeepEyes original)")
     max_answer_chars: int = _f(1000, "answers this long or longer score acc=0 and a format error")
+    reward: Literal["deepeyes", "deepeyes_v2"] = _f(
+        "deepeyes", "the score formula: deepeyes (fmt 0/-1, tool bonus) or deepeyes_v2 (fmt 1/0, acc scaled "
+                    "by search_factor when a search ran; services/judge/reward.py)")
+    search_factor: float = _f(0.9, "deepeyes_v2: acc is multiplied by this when the episode searched")
+    search_tools: list[str] = _f(["search", "image_search"], "deepeyes_v2: the tools that count as a search")
+    tool_bonus_min_acc: float = _f(1.0, "the tool bonus needs acc >= this (deepeyes_v2 opt-in: 0.5)")
     stop_failure_share: float = _f(0.5, "stop the run when at least this share of a step's episodes had a "
                                         "failed judgment ...")
     stop_after_steps: int = _f(3, "... for this many steps in a row (0 = never stop for judge failures)")

@@ -19,7 +19,7 @@ from typing import Any, Awaitable, Callable
 from deepeyes.config import JudgeConfig
 from services.judge.backends import Judge, Verdict, rule_match
 from services.judge.reward import (RewardResult, ScoreRequest, combine, extract_answer, failed,
-                                   format_error, tool_used)
+                                   had_format_error, read_format, searched, tool_used)
 
 CacheKey = tuple[str, str, str]
 
@@ -100,23 +100,23 @@ class VerdictCache:
                 "cache_entries": len(self._lru), "cache_hit_rate": self.hits / lookups if lookups else 0.0}
 
 
-def _read_response(text: str) -> tuple[str | None, bool]:
-    return extract_answer(text), format_error(text)
+def _read_response(text: str, cfg: JudgeConfig) -> tuple[str | None, bool]:
+    return extract_answer(text), read_format(text, cfg)
 
 
 async def score(request: ScoreRequest, judge: Judge, cfg: JudgeConfig,
                 cache: VerdictCache | None = None) -> RewardResult:
     """The DeepEyes reward of one finished episode (see services/judge/reward.py for the rule)."""
     # Off the event loop: a response of hundreds of KB must not stall the replica's other requests.
-    answer, fmt_error = await asyncio.to_thread(_read_response, request.response_text)
-    used = tool_used(request, cfg)
+    answer, fmt_error = await asyncio.to_thread(_read_response, request.response_text, cfg)
+    used, search = tool_used(request, cfg), searched(request, cfg)
     if answer is None:
-        return combine(0.0, fmt_error, used, cfg)
+        return combine(0.0, fmt_error, used, cfg, search=search)
     if len(answer) >= cfg.max_answer_chars:  # length hacking of an LLM judge: never judged
-        return combine(0.0, True, used, cfg, answer=answer)
+        return combine(0.0, True, used, cfg, search=search, answer=answer)
     if cfg.math_checker and is_math_row(request.data_source):
         if await asyncio.to_thread(math_equal, request.ground_truth, answer):
-            return combine(1.0, fmt_error, used, cfg, answer=answer)
+            return combine(1.0, fmt_error, used, cfg, search=search, answer=answer)
 
     start = time.perf_counter()
     ask = lambda: judge.judge(request.question, request.ground_truth, answer)  # noqa: E731
@@ -127,8 +127,8 @@ async def score(request: ScoreRequest, judge: Judge, cfg: JudgeConfig,
             cache.key(request.question, request.ground_truth, answer), ask)
     latency = time.perf_counter() - start
     if not verdict.ok:
-        return failed(fmt_error, verdict.error, answer=answer, cached=cached, judge_latency_s=latency)
-    return combine(1.0 if verdict.correct else 0.0, fmt_error, used, cfg, answer=answer,
+        return failed(fmt_error, verdict.error, cfg, answer=answer, cached=cached, judge_latency_s=latency)
+    return combine(1.0 if verdict.correct else 0.0, fmt_error, used, cfg, search=search, answer=answer,
                    cached=cached, judge_latency_s=latency)
 
 
@@ -145,7 +145,8 @@ def apply_failure_policy(result: RewardResult, request: ScoreRequest, cfg: Judge
     if cfg.failure_policy == "drop":
         return dataclasses.replace(result, drop=True)
     acc = 1.0 if rule_match(request.question, request.ground_truth, result.answer or "") else 0.0
-    return combine(acc, result.format == -1.0, tool_used(request, cfg), cfg, judge_ok=False,
+    return combine(acc, had_format_error(result, cfg), tool_used(request, cfg), cfg, search=searched(request, cfg),
+                   judge_ok=False,
                    failure=f"{result.failure} (scored by the rule judge)", answer=result.answer,
                    cached=result.cached, judge_latency_s=result.judge_latency_s)
 

@@ -34,9 +34,10 @@ Decisions the design leaves open, made here:
 from __future__ import annotations
 
 import asyncio
-import json
-import re
+import dataclasses
+import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -45,8 +46,9 @@ from PIL import Image
 from deepeyes.chat import CHAT_TEMPLATE
 from deepeyes.config import RolloutConfig, ToolsConfig
 from deepeyes.contracts import RewardResult, ScoreRequest, ToolResult
-from deepeyes.contracts import tool_schemas as registry_schemas
+from deepeyes.toolspec import ToolSpec, prompt_schemas, specs_for
 from deepeyes.policy import encode_text_with_images, merged_patches
+from services.rollout.calls import observation_message, parse_calls
 from services.rollout.engines import GenerateResult, SamplingParams
 from services.rollout.trajectory import ToolCallRecord, Trajectory
 from services.rollout.types import EpisodeRequest, PolicyIO
@@ -55,9 +57,11 @@ from services.rollout.types import EpisodeRequest, PolicyIO
 GenerateFn = Callable[[list[int], list[Image.Image], SamplingParams], Awaitable[GenerateResult]]
 ToolFn = Callable[[str, Image.Image | None, dict[str, Any]], Awaitable[ToolResult]]
 ScoreFn = Callable[[ScoreRequest], Awaitable[RewardResult]]
+ReleaseFn = Callable[[str, str], Awaitable[None]]  # (tool name, instance id): free the trajectory's instance
+RELEASE_TIMEOUT_S = 10.0  # a release that hangs is abandoned (the tool's TTL sweep frees it)
+IMAGE_TOOLS_DEPLOYMENT = "ToolService"  # its tools keep the (name, image, arguments) call shape
 
-TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
-
+log = logging.getLogger(__name__)
 
 class InvariantError(RuntimeError):
     """The token ids and the images disagree: a bug in rendering, never a user mistake."""
@@ -65,64 +69,6 @@ class InvariantError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------
 # parsing and rendering
-
-
-MAX_ARGUMENT_DEPTH = 32  # a real call nests 2 levels; ~500 levels already break pickling the trajectory
-CALL_SHAPE = 'Write <tool_call>{"name": "...", "arguments": {...}}</tool_call>.'
-
-
-def _load_call_json(text: str) -> tuple[Any, str | None]:
-    """json.loads that turns every failure into an error text (docs/design.md, "Chat format": an error turn).
-
-    Besides JSONDecodeError, json raises ValueError for an integer of more than 4,300 digits and
-    RecursionError for deep nesting; text the model wrote must never fail the episode.
-    """
-    try:
-        return json.loads(text), None
-    except json.JSONDecodeError as e:
-        return None, f"Error: the tool call is not valid JSON ({e.msg} at char {e.pos}). {CALL_SHAPE}"
-    except RecursionError:
-        return None, f"Error: the tool call JSON nests too deeply. {CALL_SHAPE}"
-    except ValueError:  # int of too many digits (sys.get_int_max_str_digits)
-        return None, f"Error: the tool call JSON holds a number with too many digits. {CALL_SHAPE}"
-
-
-def _nesting_depth(obj: Any) -> int:
-    """Levels of dict/list nesting (iterative: the object may be as deep as json allows)."""
-    depth, stack = 0, [(obj, 1)]
-    while stack:
-        o, d = stack.pop()
-        if isinstance(o, (dict, list)):
-            depth = max(depth, d)
-            stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
-    return depth
-
-
-def parse_tool_calls(text: str, enabled: list[str]) -> list[tuple[str, dict[str, Any] | None, str | None]]:
-    """Every <tool_call> block as (name, arguments, error); error is None for a well-formed call."""
-    calls: list[tuple[str, dict[str, Any] | None, str | None]] = []
-    for body in TOOL_CALL_RE.findall(text):
-        obj, error = _load_call_json(body.strip())
-        if error is not None:
-            calls.append(("", None, error))
-            continue
-        name = obj.get("name") if isinstance(obj, dict) else None
-        args = obj.get("arguments", {}) if isinstance(obj, dict) else None
-        if isinstance(args, str):  # some models emit arguments as a JSON string
-            args, error = _load_call_json(args)
-        name = name if isinstance(name, str) else ""
-        if error is not None:
-            calls.append((name, None, error.replace("the tool call", "the tool call's arguments", 1)))
-        elif not name or not isinstance(args, dict):
-            calls.append((name, None, 'Error: a tool call needs {"name": <string>, "arguments": <object>}.'))
-        elif _nesting_depth(args) > MAX_ARGUMENT_DEPTH:
-            calls.append((name, None, f"Error: the tool call's arguments nest more than {MAX_ARGUMENT_DEPTH} "
-                                      f"levels. {CALL_SHAPE}"))
-        elif name not in enabled:
-            calls.append((name, args, f"Error: unknown tool '{name}'. Available tools: {', '.join(enabled)}."))
-        else:
-            calls.append((name, args, None))
-    return calls
 
 
 def render_prompt(policy_io: PolicyIO, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> str:
@@ -167,7 +113,8 @@ def check_image_tokens(ids: list[int], grids: list[list[int]], pad_id: int) -> N
 async def run_episode(request: EpisodeRequest, *, policy_io: PolicyIO, generate: GenerateFn,
                       call_tool: ToolFn, score: ScoreFn | None, cfg: RolloutConfig, tools_cfg: ToolsConfig,
                       tool_schemas: list[dict[str, Any]] | None = None,
-                      policy_version: int = 0) -> Trajectory:
+                      policy_version: int = 0, specs: list[ToolSpec] | None = None,
+                      release_tool: ReleaseFn | None = None) -> Trajectory:
     """Run one episode to its end and return its Trajectory (see the module docstring).
 
     Args:
@@ -176,35 +123,48 @@ async def run_episode(request: EpisodeRequest, *, policy_io: PolicyIO, generate:
             overrides.
         policy_io: tokenizer, image processor and ids of the policy the engine serves.
         generate: engine call (prompt ids, images in the model frame, SamplingParams).
-        call_tool: async (name, image in the model frame, arguments) -> ToolResult-like.
+        call_tool: async (name, image in the model frame, arguments) -> ToolResult-like. Tools
+            hosted outside ToolService (the plugins: python, search) also get `instance_id=`
+            (the trajectory's own, fresh per episode) and `row_id=`.
         score: async ScoreRequest -> RewardResult (failure policy applied), or None for no reward
             (the trajectory's reward stays None).
         cfg: RolloutConfig (turn cap, parallel calls, budgets, sampling defaults).
         tools_cfg: ToolsConfig (enabled tools, per-call timeout).
-        tool_schemas: the tools block; None = deepeyes.contracts.tool_schemas(tools_cfg.enabled).
+        tool_schemas: the tools block; None = the enabled tool_call tools' registry schemas.
         policy_version: recorded in the trajectory (the engine's version when the episode started).
+        specs: the enabled tools' registry entries; None = deepeyes.toolspec.specs_for(tools_cfg).
+        release_tool: async (name, instance_id) called once per stateful tool the episode used,
+            however the episode ends (None: nothing to release).
 
     Raises:
         ValueError: the prompt is longer than cfg.max_prompt_length, or images and image slots differ.
         InvariantError: pad tokens and images disagree (a bug).
     """
     t_start = time.perf_counter()
+    specs = specs_for(tools_cfg) if specs is None else specs
     if not request.use_tools:
         tool_schemas = []
     elif tool_schemas is None:
-        tool_schemas = registry_schemas(list(tools_cfg.enabled))
+        tool_schemas = prompt_schemas(specs)
     ep = _start(request, policy_io, cfg, tool_schemas)
-    for turn in range(cfg.max_assistant_turns):
-        text = await _generate_turn(ep, turn, request, policy_io, generate, cfg)
-        if text is None:  # the budget is spent, or the turn was cut at its token cap
-            break
-        calls = _calls_to_run(ep, turn, text, request, cfg, tools_cfg)
-        if calls is None:  # an answer, or calls that will not run (tools off, the last turn)
-            break
-        if not await _tools_and_observe(ep, turn, calls, policy_io, call_tool, tools_cfg):
-            break
-    else:  # the loop ran out of turns right after an observation: cannot happen (last turn breaks)
-        ep.finish = "turn_cap"
+    ep.specs = {s.name: s for s in specs}
+    ep.instance_id = f"{request.uid}-{uuid.uuid4().hex[:12]}"  # never shared: a fresh id per trajectory
+    if tools_cfg.stop_at_call and request.use_tools:
+        ep.stop_strings = sorted({s.call_end for s in specs})
+    try:
+        for turn in range(cfg.max_assistant_turns):
+            text = await _generate_turn(ep, turn, request, policy_io, generate, cfg)
+            if text is None:  # the budget is spent, or the turn was cut at its token cap
+                break
+            calls = _calls_to_run(ep, turn, text, request, cfg)
+            if calls is None:  # an answer, or calls that will not run (tools off, the last turn)
+                break
+            if not await _tools_and_observe(ep, turn, calls, policy_io, call_tool, tools_cfg, request):
+                break
+        else:  # the loop ran out of turns right after an observation: cannot happen (last turn breaks)
+            ep.finish = "turn_cap"
+    finally:
+        await _release(ep, release_tool)
     traj = _trajectory(ep, request, policy_io, policy_version)
     # REWARD
     if score is not None:
@@ -236,6 +196,11 @@ class _Episode:
     observation_turns: int = 0
     finish: str = "answer"
     timings: dict[str, float] = field(default_factory=lambda: {"generate_s": 0.0, "tool_s": 0.0, "judge_s": 0.0})
+    specs: dict[str, ToolSpec] = field(default_factory=dict)  # the enabled tools by name
+    instance_id: str = ""  # the trajectory's instance of every stateful tool
+    stop_strings: list[str] = field(default_factory=list)  # tools.stop_at_call: where a call closes
+    open_turn: bool = False  # the last turn stopped at a call's end, before <|im_end|>
+    used: dict[str, int] = field(default_factory=dict)  # executed calls per tool name
 
 
 def _start(request: EpisodeRequest, policy_io: PolicyIO, cfg: RolloutConfig,
@@ -268,7 +233,7 @@ async def _generate_turn(ep: _Episode, turn: int, request: EpisodeRequest, polic
     max_new = min(cfg.max_new_tokens_per_turn, remaining)
     sp = SamplingParams(max_new_tokens=max_new, temperature=ep.temperature, top_p=cfg.top_p,
                         top_k=cfg.top_k, stop_token_ids=[policy_io.eos_id],
-                        banned_token_ids=policy_io.banned_ids,
+                        banned_token_ids=policy_io.banned_ids, stop_strings=ep.stop_strings,
                         seed=None if request.seed is None else request.seed + turn)
     check_image_tokens(ep.prompt_ids + ep.response, ep.grids, policy_io.image_pad_id)
     t0 = time.perf_counter()
@@ -282,17 +247,19 @@ async def _generate_turn(ep: _Episode, turn: int, request: EpisodeRequest, polic
     ended = bool(ids) and ids[-1] == policy_io.eos_id
     text = policy_io.tokenizer.decode(ids[:-1] if ended else ids, skip_special_tokens=False)
     ep.assistant_texts.append(policy_io.tokenizer.decode(ids, skip_special_tokens=True))
-    if not ended:
+    ep.open_turn = (not ended and out.finish_reason == "stop" and bool(ep.stop_strings)
+                    and any(stop in text for stop in ep.stop_strings))
+    if not (ended or ep.open_turn):
         ep.finish = "budget" if max_new == remaining else "length"
         return None
     return text
 
 
-def _calls_to_run(ep: _Episode, turn: int, text: str, request: EpisodeRequest, cfg: RolloutConfig,
-                  tools_cfg: ToolsConfig) -> tuple[list[Any], list[ToolCallRecord]] | None:
+def _calls_to_run(ep: _Episode, turn: int, text: str, request: EpisodeRequest,
+                  cfg: RolloutConfig) -> tuple[list[Any], list[ToolCallRecord]] | None:
     """The turn's calls to execute and the records of those that will not; None when the episode
     ends with this turn (an answer, tools off, or calls written in the last allowed turn)."""
-    calls = parse_tool_calls(text, list(tools_cfg.enabled))
+    calls = parse_calls(text, list(ep.specs.values()))
     if calls and not request.use_tools:
         ep.records += [ToolCallRecord(turn=turn, name=name, arguments=args, ok=False, text="tools disabled",
                                       executed=False, appended=False) for name, args, _ in calls]
@@ -313,26 +280,28 @@ def _calls_to_run(ep: _Episode, turn: int, text: str, request: EpisodeRequest, c
 
 
 async def _tools_and_observe(ep: _Episode, turn: int, planned: tuple[list[Any], list[ToolCallRecord]],
-                             policy_io: PolicyIO, call_tool: ToolFn, tools_cfg: ToolsConfig) -> bool:
+                             policy_io: PolicyIO, call_tool: ToolFn, tools_cfg: ToolsConfig,
+                             request: EpisodeRequest) -> bool:
     """TOOLS, then OBSERVE: the segment is appended only if it fits the shared budget (with its
     images). False when it did not fit (the episode ends on the budget)."""
     calls, skipped = planned
     t0 = time.perf_counter()
-    results = await asyncio.gather(*(_call_one(call_tool, name, ep.tool_image, args, error, tools_cfg,
-                                               ep.frame_size)
+    results = await asyncio.gather(*(_call_one(call_tool, ep, name, args, _over_limit(ep, name) or error,
+                                               tools_cfg, request)
                                      for name, args, error in calls))
     ep.timings["tool_s"] += time.perf_counter() - t0
     turn_records, tool_messages, new_images = [], [], []
-    for (name, args, _), (ok, obs_text, crop) in zip(calls, results):
-        turn_records.append(ToolCallRecord(turn=turn, name=name, arguments=args, ok=ok, text=obs_text))
-        content: list[dict[str, Any]] = []
-        if crop is not None:
-            new_images.append(policy_io.to_model_frame(crop))
-            content.append({"type": "image"})
-        content.append({"type": "text", "text": obs_text})
-        tool_messages.append({"role": "tool", "content": content})
+    for (name, args, _), (res, latency) in zip(calls, results):
+        images = [policy_io.to_model_frame(im) for im in res.all_images()[:tools_cfg.max_images_per_call]]
+        turn_records.append(ToolCallRecord(turn=turn, name=name, arguments=args, ok=bool(res.ok), text=str(res.text),
+                                           status=res.outcome, latency_s=latency, images=len(images)))
+        spec = ep.specs.get(name)
+        tool_messages.append(observation_message(spec.observation if spec else "tool_response", str(res.text), images))
+        new_images += images
     new_grids = policy_io.grids(new_images)
     seg = encode_text_with_images(policy_io, observation_text(policy_io, tool_messages), new_grids)
+    if ep.open_turn:  # the turn stopped where the call closed: its end token is the loop's, not sampled
+        seg = [policy_io.eos_id] + seg
     ep.records += turn_records + skipped
     if len(ep.response) + len(seg) > ep.budget:
         for r in turn_records:
@@ -346,6 +315,28 @@ async def _tools_and_observe(ep: _Episode, turn: int, planned: tuple[list[Any], 
     ep.grids += new_grids
     ep.observation_turns += 1
     return True
+
+
+def _over_limit(ep: _Episode, name: str) -> str | None:
+    """Count the call; an error text when the tool's per-episode cap (limits.max_per_episode) is spent."""
+    spec = ep.specs.get(name)
+    ep.used[name] = ep.used.get(name, 0) + 1
+    if spec is not None and spec.max_per_episode and ep.used[name] > spec.max_per_episode:
+        return f"Error: {name} can be called at most {spec.max_per_episode} time(s) per episode."
+    return None
+
+
+async def _release(ep: _Episode, release_tool: ReleaseFn | None) -> None:
+    """Release the trajectory's instance of every stateful tool it called; a failure is logged (the
+    tool's TTL sweep frees what a release could not)."""
+    names = [n for n in ep.used if n in ep.specs and ep.specs[n].stateful]
+    if release_tool is None or not names:
+        return
+    for name in names:
+        try:
+            await asyncio.wait_for(release_tool(name, ep.instance_id), RELEASE_TIMEOUT_S)
+        except Exception as e:  # the episode's result stands; the instance ages out
+            log.warning("releasing %s instance %s failed: %s: %s", name, ep.instance_id, type(e).__name__, e)
 
 
 def _trajectory(ep: _Episode, request: EpisodeRequest, policy_io: PolicyIO, policy_version: int) -> Trajectory:
@@ -363,25 +354,36 @@ def _trajectory(ep: _Episode, request: EpisodeRequest, policy_io: PolicyIO, poli
         question=request.question, extra=dict(request.extra))
 
 
-async def _call_one(call_tool: ToolFn, name: str, image: Any, args: dict[str, Any] | None,
-                    error: str | None, tools_cfg: ToolsConfig,
-                    frame_size: tuple[int, int] | None = None) -> tuple[bool, str, Image.Image | None]:
-    """One tool call -> (ok, observation text, crop); parse errors and timeouts become error texts.
+async def _call_one(call_tool: ToolFn, ep: _Episode, name: str, args: dict[str, Any] | None,
+                    error: str | None, tools_cfg: ToolsConfig, request: EpisodeRequest) -> tuple[ToolResult, float]:
+    """One tool call -> (result, seconds); parse errors and timeouts become error results.
 
-    With `frame_size` (EpisodeRequest.crop_source), `image` is the original and the call passes
-    `frame_size=` on; without it the call is the plain (name, image, arguments).
+    The call shape: `(name, image, arguments)`, plus `frame_size=` when the image is the original
+    (EpisodeRequest.crop_source), plus `instance_id=` and `row_id=` for tools hosted outside
+    ToolService (the plugins).
 
     The one timeout of a tool call (tools.timeout_s): it bounds the whole exchange, queueing in
     the tool service included, whatever `call_tool` is (a Serve handle, a local function).
     """
     if error is not None:
-        return False, error, None
+        return ToolResult(False, error, status="error"), 0.0
+    options: dict[str, Any] = {}
+    if ep.frame_size is not None:
+        options["frame_size"] = ep.frame_size
+    spec = ep.specs.get(name)
+    if spec is not None and spec.deployment != IMAGE_TOOLS_DEPLOYMENT:
+        options.update(instance_id=ep.instance_id, row_id=str(request.extra.get("row_id", request.group_id)),
+                       fresh=ep.used.get(name, 0) <= 1)
+    t0 = time.perf_counter()
     try:
-        call = (call_tool(name, image, args or {}) if frame_size is None
-                else call_tool(name, image, args or {}, frame_size=frame_size))  # type: ignore[call-arg]
-        res = await asyncio.wait_for(call, timeout=tools_cfg.timeout_s)
+        res = await asyncio.wait_for(call_tool(name, ep.tool_image, args or {}, **options), timeout=tools_cfg.timeout_s)
     except asyncio.TimeoutError:
-        return False, f"Error: the tool {name} did not answer within {tools_cfg.timeout_s} s.", None
+        return (ToolResult(False, f"Error: the tool {name} did not answer within {tools_cfg.timeout_s} s.",
+                           status="timeout"), time.perf_counter() - t0)
     except Exception as e:  # the tool service failed: the episode goes on with an error text
-        return False, f"Error: the tool {name} failed ({type(e).__name__}: {e}).", None
-    return bool(res.ok), str(res.text), res.image if res.ok else None
+        return (ToolResult(False, f"Error: the tool {name} failed ({type(e).__name__}: {e}).", status="lost"),
+                time.perf_counter() - t0)
+    latency = time.perf_counter() - t0
+    if not isinstance(res, ToolResult):  # a duck-typed result (tests, local functions)
+        res = ToolResult(bool(res.ok), str(res.text), getattr(res, "image", None))
+    return (res if res.ok else dataclasses.replace(res, image=None, images=[])), latency

@@ -27,11 +27,12 @@ from ray.util import metrics
 
 from deepeyes.config import Config
 from deepeyes.contracts import RewardResult, ScoreRequest, ToolResult, image_arg
+from deepeyes.toolspec import ToolSpec, specs_for
 from deepeyes.images import ImageDecodeError, ImageTooLargeError, decode_base64_image, trim_freed_memory
 from deepeyes.policy import resolve_policy_path
 from deepeyes.serving import (APP_NAMES, DEPLOYMENT_NAMES, authorized, bearer_token, config_from_args,
                               actor_threads, deployment_options, keep_gauge_fresh, read_json_body)
-from services.rollout.agent_loop import ScoreFn, ToolFn, run_episode
+from services.rollout.agent_loop import ReleaseFn, ScoreFn, ToolFn, run_episode
 from services.rollout.engines import Engine, check_sampling
 from services.rollout.hf_engine import load_hf_engine
 from services.rollout.trajectory import Trajectory
@@ -127,25 +128,46 @@ def summarize(t: Trajectory) -> EpisodeSummary:
         prompt_tokens=len(t.prompt_ids), response_tokens=sum(t.loss_mask), timings=t.timings)
 
 
-def serve_tool_fn(tools_handle: DeploymentHandle) -> ToolFn:
-    """Per-episode tool callable over the ToolService handle.
+def serve_tool_fn(tools_handle: DeploymentHandle, plugin_handles: dict[str, DeploymentHandle] | None = None,
+                  specs: list[ToolSpec] | None = None) -> ToolFn:
+    """Per-episode tool callable over the tools app's handles.
 
-    The model-frame image goes into the object store ONCE per episode (the loop passes the same
-    image object to every call) and travels as `image_arg(ref)`, which the handle passes through
-    unresolved (services/tools/app.py). No timeout here: the agent loop bounds each call with
-    tools.timeout_s (services/rollout/agent_loop.py `_call_one`), the one layer that does.
+    Image tools go to ToolService; a plugin tool goes to the deployment its registry entry names,
+    with the trajectory's instance id as Serve's multiplexed model id (its calls stay on the replica
+    that holds its instance). The model-frame image goes into the object store ONCE per episode (the
+    loop passes the same image object to every call) and travels as `image_arg(ref)`, which the
+    handle passes through unresolved (services/tools/app.py). No timeout here: the agent loop bounds
+    each call with tools.timeout_s (services/rollout/agent_loop.py `_call_one`), the one layer that does.
     """
     cache: dict[int, ray.ObjectRef] = {}
+    where = {s.name: s.deployment for s in specs or []}
 
     async def call_tool(name: str, image: Any, arguments: dict[str, Any], **options: Any) -> ToolResult:
         # image: the model-frame PIL image, or (EpisodeRequest.crop_source) the original as a PIL
-        # image or encoded bytes; options: frame_size when it is the original
+        # image or encoded bytes; options: frame_size when it is the original, instance_id/row_id/fresh
+        # for a plugin tool
         if image is not None and id(image) not in cache:
             cache[id(image)] = ray.put(image)
         ref = image_arg(cache[id(image)]) if image is not None else None
-        return await tools_handle.call.remote(name, ref, arguments, **options)
+        host = (plugin_handles or {}).get(where.get(name, ""))
+        if host is None:
+            return await tools_handle.call.remote(name, ref, arguments, **options)
+        iid = options.get("instance_id", "")
+        return await (host.options(multiplexed_model_id=iid) if iid else host).call.remote(name, ref, arguments, **options)
 
     return call_tool
+
+
+def serve_release_fn(plugin_handles: dict[str, DeploymentHandle], specs: list[ToolSpec]) -> ReleaseFn:
+    """(name, instance_id) -> the release call to the replica that holds the instance."""
+    where = {s.name: s.deployment for s in specs}
+
+    async def release(name: str, instance_id: str) -> None:
+        host = plugin_handles.get(where.get(name, ""))
+        if host is not None:
+            await host.options(multiplexed_model_id=instance_id).release.remote(name, instance_id)
+
+    return release
 
 
 class _Metrics:
@@ -240,6 +262,9 @@ class RolloutWorker:
         self._loading = False
         self._token = bearer_token(cfg.serve.auth_token_env)
         self._tools = serve.get_deployment_handle(DEPLOYMENT_NAMES["tools"], app_name=APP_NAMES["tools"])
+        self._specs = specs_for(cfg.tools)  # the registry entries of the enabled tools
+        self._plugins = {d: serve.get_deployment_handle(d, app_name=APP_NAMES["tools"])
+                         for d in {s.deployment for s in self._specs} - {DEPLOYMENT_NAMES["tools"]}}
         self._judge: DeploymentHandle | None = None
         self._judge_probe_t = 0.0
         self.episodes = 0
@@ -376,7 +401,8 @@ class RolloutWorker:
     async def _agent_loop(self, request: EpisodeRequest, generate: Any, version: int) -> Trajectory:
         return await run_episode(request, policy_io=self.policy_io, generate=generate, call_tool=self._tool_fn(),
                                  score=await self._score_fn(), cfg=self.cfg.rollout, tools_cfg=self.cfg.tools,
-                                 policy_version=version)
+                                 policy_version=version, specs=self._specs,
+                                 release_tool=serve_release_fn(self._plugins, self._specs))
 
     async def _ensure_version(self, min_version: int) -> None:
         if self.engine.version >= min_version:
@@ -400,7 +426,7 @@ class RolloutWorker:
             self._metrics.sync(version, time.perf_counter() - t0)
 
     def _tool_fn(self) -> ToolFn:
-        return serve_tool_fn(self._tools)
+        return serve_tool_fn(self._tools, self._plugins, self._specs)
 
     async def _score_fn(self) -> ScoreFn | None:
         mode = self.cfg.rollout.reward

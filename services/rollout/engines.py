@@ -45,6 +45,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
     banned_token_ids: list[int] = field(default_factory=list)  # never sampled (e.g. <|image_pad|>)
+    stop_strings: list[str] = field(default_factory=list)  # end the turn once the text holds one (kept)
 
     def __post_init__(self) -> None:
         check_sampling(self.temperature, self.seed)
@@ -60,7 +61,18 @@ class GenerateResult:
 
     token_ids: list[int]
     logprobs: list[float]
-    finish_reason: str  # "stop" (a stop token was sampled) | "length" (max_new_tokens reached)
+    finish_reason: str  # "stop" (a stop token or stop string) | "length" (max_new_tokens reached)
+
+
+STOP_WINDOW_TOKENS = 16  # tokens decoded to look for a stop string (each is at most a few tokens long)
+
+
+def hits_stop_string(tokenizer: object, tokens: list[int], stop_strings: list[str]) -> bool:
+    """Whether the text of the last tokens holds a stop string (checked after every sampled token,
+    so the first token that completes one ends the turn; that token is kept, as vLLM's
+    include_stop_str_in_output keeps it)."""
+    tail = tokenizer.decode(tokens[-STOP_WINDOW_TOKENS:], skip_special_tokens=False)  # type: ignore[attr-defined]
+    return any(s in tail for s in stop_strings)
 
 
 class Engine(Protocol):

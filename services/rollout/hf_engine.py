@@ -19,7 +19,7 @@ from PIL import Image
 from deepeyes.config import ModelConfig, RolloutConfig
 from deepeyes.images import image_key
 from deepeyes.policy import Policy, load_policy, mrope_positions
-from services.rollout.engines import GenerateResult, SamplingParams, sample_token
+from services.rollout.engines import GenerateResult, SamplingParams, hits_stop_string, sample_token
 
 
 @dataclass
@@ -272,7 +272,8 @@ class HFEngine:
             row.tokens.append(tok)
             row.logprobs.append(lp)
             step_ids[b, 0] = tok
-            if tok in sp.stop_token_ids:
+            if tok in sp.stop_token_ids or (sp.stop_strings and hits_stop_string(
+                    self.policy.tokenizer, row.tokens, sp.stop_strings)):
                 row.reason, row.done = "stop", True
             elif len(row.tokens) >= sp.max_new_tokens:
                 row.done = True

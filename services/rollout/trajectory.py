@@ -29,6 +29,9 @@ class ToolCallRecord:
     text: str                      # the observation text returned to the model (or the error text)
     executed: bool = True          # False for calls ignored beyond max_parallel_calls
     appended: bool = True          # False when the observation did not fit the token budget
+    status: str = ""               # ok | error | timeout | memory | lost | killed ("" = not run)
+    latency_s: float = 0.0         # the call's wall time as the episode saw it
+    images: int = 0                # images of the result that joined the trajectory
 
 
 @dataclass
@@ -67,4 +70,5 @@ class Trajectory:
         """What the judge needs of this episode: the response, executed calls, crops that came back."""
         return ScoreRequest(response_text=self.response_text, question=self.question,
                             ground_truth=self.ground_truth, data_source=self.data_source,
-                            tool_calls=sum(1 for c in self.tool_calls if c.executed), crops=self.crops_returned)
+                            tool_calls=sum(1 for c in self.tool_calls if c.executed), crops=self.crops_returned,
+                            tools_used=[c.name for c in self.tool_calls if c.executed])

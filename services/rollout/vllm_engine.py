@@ -91,6 +91,8 @@ def to_vllm_sampling_kwargs(sp: SamplingParams) -> dict[str, Any]:
         "detokenize": False,
         "skip_special_tokens": False,
     }
+    if sp.stop_strings:  # text-level stops need the detokenizer; the stop text stays in the output
+        kw.update(stop=list(sp.stop_strings), include_stop_str_in_output=True, detokenize=True)
     if sp.seed is not None:
         kw["seed"] = sp.seed
     if sp.banned_token_ids:

@@ -37,12 +37,14 @@ from PIL import Image
 from pydantic import BaseModel, ValidationError
 from ray import serve
 
-from deepeyes.config import ToolsConfig
+from deepeyes.config import ConfigError, DeploymentConfig, ToolsConfig
 from deepeyes.contracts import ToolResult
 from deepeyes.images import (ImageDecodeError, ImageTooLargeError, decode_base64_image, decode_image, encode_png,
                              trim_freed_memory)
 from deepeyes.serving import authorized, bearer_token, config_from_args, deployment_options, read_body_capped
-from services.tools.registry import execute_tool, get_tool, tool_names
+from deepeyes.toolspec import ToolSpec, specs_for
+from services.tools.host import ToolHost
+from services.tools.registry import CallContext, Tool, load_tool, run_call
 
 
 def resizer() -> Any:
@@ -136,8 +138,17 @@ class ToolService:
     only state is a cache of immutable images keyed by object ref.
     """
 
-    def __init__(self, tools: ToolsConfig, token: str | None = None):
+    def __init__(self, tools: ToolsConfig, token: str | None = None, specs: list[ToolSpec] | None = None,
+                 *plugin_hosts: Any):
         self.cfg = tools
+        # the image tools this deployment hosts (the registry entries with deployment ToolService);
+        # plugin_hosts are the app's other deployments (ToolHost), bound here so they deploy with it
+        specs = specs if specs is not None else [s for s in specs_for(tools) if s.deployment == "ToolService"]
+        self._tools: dict[str, Tool] = {s.name: load_tool(s) for s in specs}
+        if "image_zoom_in_tool" not in self._tools:  # the health probe's tool
+            self._tools["image_zoom_in_tool"] = load_tool(specs_for(dataclasses.replace(tools, enabled=[
+                "image_zoom_in_tool"], registry_files=[], settings={}))[0])
+        self._plugin_hosts = plugin_hosts
         # the builder resolves auto from the policy family (build_app); a bare ToolsConfig means pixels
         self.box_scale = "absolute" if tools.box_scale == "auto" else tools.box_scale
         self._token = token
@@ -214,8 +225,15 @@ class ToolService:
         pil = await self._image(image)
         if isinstance(pil, ToolResult):
             return pil
-        return await asyncio.to_thread(execute_tool, name, pil, arguments, min_side_policy=self.cfg.min_side_policy,
-                                       frame_size=frame_size, box_scale=self.box_scale)
+        return await asyncio.to_thread(self._execute, name, pil, arguments, frame_size)
+
+    def _execute(self, name: Any, image: Image.Image, arguments: Any,
+                 frame_size: tuple[int, int] | None = None) -> ToolResult:
+        options: dict[str, Any] = {"min_side_policy": self.cfg.min_side_policy, "box_scale": self.box_scale}
+        if frame_size is not None:
+            options["frame_size"] = frame_size
+        tool = self._tools.get(name) if isinstance(name, str) else None
+        return run_call(tool, name, CallContext(image=image, options=options), arguments, sorted(self._tools))
 
     async def stats(self) -> dict[str, Any]:
         """Counters of this replica (tests check that no request restarted it)."""
@@ -226,7 +244,7 @@ class ToolService:
 
     def check_health(self) -> None:
         """Serve's periodic probe: one crop of a small image must succeed."""
-        if not execute_tool("image_zoom_in_tool", self._probe, {"bbox_2d": [0, 0, 28, 28]}).ok:
+        if not self._execute("image_zoom_in_tool", self._probe, {"bbox_2d": [0, 0, 28, 28]}).ok:
             raise RuntimeError("tool self-test failed: image_zoom_in_tool cannot crop a 56x56 image")
 
     # ---- HTTP -----------------------------------------------------------------------------
@@ -242,7 +260,7 @@ class ToolService:
 
     @app.get("/")
     async def schemas(self, request: Request) -> Any:
-        return self._denied(request) or [get_tool(n).schema for n in tool_names()]
+        return self._denied(request) or [self._tools[n].schema for n in sorted(self._tools)]
 
     @app.post("/{name}")
     async def http_call(self, name: str, request: Request) -> JSONResponse:
@@ -250,9 +268,10 @@ class ToolService:
         denied = self._denied(request)
         if denied:
             return denied
-        if name not in tool_names():
+        if name not in self._tools:
             return _json(404, False, f"Error: unknown tool {name[:100]!r}; available tools: "
-                                     f"{', '.join(tool_names())}.")
+                                     f"{', '.join(sorted(self._tools))} (plugin tools such as python and "
+                                     f"search are in-cluster only).")
         body = await read_body_capped(request, self.cfg.max_request_bytes)
         if body is None:
             return _json(413, False, f"Error: request body over {self.cfg.max_request_bytes} bytes "
@@ -311,8 +330,7 @@ class ToolService:
                 raise ValueError(f"resize needs 0 < min_pixels <= max_pixels <= "
                                  f"{self.cfg.max_image_pixels}, got {lo}, {hi}")
             image = resizer()(image, lo, hi, req.resize.factor)
-        return execute_tool(name, image, req.arguments, min_side_policy=self.cfg.min_side_policy,
-                            box_scale=self.box_scale)
+        return self._execute(name, image, req.arguments)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -331,4 +349,27 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         from deepeyes.policy_family import model_family  # imports torch: only a builder with box_scale=auto needs it
 
         tools = dataclasses.replace(tools, box_scale=model_family(cfg.model).box_scale)
-    return ToolService.options(**deployment_options(cfg.serve.tools, cfg.serve.access_log)).bind(tools, token)
+    return bind_tools(tools, token, deployment_options(cfg.serve.tools, cfg.serve.access_log), cfg.serve.access_log)
+
+
+def bind_tools(tools: ToolsConfig, token: str | None, options: dict[str, Any], access_log: bool) -> serve.Application:
+    """The tools app: ToolService (the image tools, HTTP) and one ToolHost per other deployment name
+    among the enabled tools, sized by the entries' deployment_options."""
+    groups: dict[str, list[ToolSpec]] = {}
+    for spec in specs_for(tools):
+        groups.setdefault(spec.deployment, []).append(spec)
+    hosts = []
+    for name, specs in groups.items():
+        if name == "ToolService":
+            continue
+        merged: dict[str, Any] = {}
+        for spec in specs:
+            merged.update(spec.deployment_options)
+        try:
+            dc = DeploymentConfig(**merged)
+        except TypeError as e:
+            raise ConfigError(f"deployment_options of {[s.name for s in specs]} ({name}): {e}; the keys are "
+                              f"those of serve.tools (num_replicas, max_replicas, num_cpus, ...)") from None
+        opts = deployment_options(dc, access_log)
+        hosts.append(ToolHost.options(name=name, **opts).bind(specs))
+    return ToolService.options(**options).bind(tools, token, groups.get("ToolService", []), *hosts)

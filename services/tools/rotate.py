@@ -15,8 +15,8 @@ from typing import Any
 
 from PIL import Image
 
-from deepeyes.contracts import ROTATE_SCHEMA, ToolResult
-from services.tools.registry import Tool, register
+from deepeyes.contracts import ToolResult
+from services.tools.registry import CallContext, Tool
 from services.tools.zoom import parse_arguments
 
 MALFORMED_TEXT = "Error: angle parameter is missing or not a number (degrees, counter-clockwise)."
@@ -43,12 +43,8 @@ def rotate_image(image: Image.Image, arguments: Any) -> ToolResult:
     return ToolResult(True, SUCCESS_TEXT.format(angle=shown), rotated)
 
 
-@register
 class RotateTool(Tool):
-    """The registry entry of `image_rotate_tool` (ignores zoom-only options)."""
+    """The plugin of `image_rotate_tool` (entry in deepeyes/config/tools.yaml): stateless."""
 
-    name = "image_rotate_tool"
-    schema = ROTATE_SCHEMA
-
-    def execute(self, image: Image.Image, arguments: Any, **options: Any) -> ToolResult:
-        return rotate_image(image, arguments)
+    def execute(self, ctx: CallContext, arguments: Any) -> ToolResult:
+        return rotate_image(ctx.image, arguments)

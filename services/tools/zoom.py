@@ -32,10 +32,9 @@ from typing import Any
 
 from PIL import Image
 
-from deepeyes.chat import ZOOM_IN_SCHEMA  # the schema's one home (the tiny tokenizer reads it too)
 from deepeyes.boxes import box_to_frame, scale_box
 from deepeyes.contracts import ToolResult
-from services.tools.registry import Tool, register
+from services.tools.registry import CallContext, Tool
 
 MIN_SIDE = 28            # the Qwen2.5-VL patch grid (14 px patches, 2x2 merge)
 MAX_ASPECT = 100         # rule 2; the image processor itself rejects aspect ratios >= 200
@@ -223,14 +222,10 @@ def crop_image(image: Image.Image, arguments: Any, *, min_side_policy: str = "ex
     return ToolResult(True, SUCCESS_TEXT.format(bbox=_shown(bbox)), crop)
 
 
-@register
 class ZoomInTool(Tool):
-    """The registry entry of `image_zoom_in_tool`."""
+    """The plugin of `image_zoom_in_tool` (entry in deepeyes/config/tools.yaml): stateless."""
 
-    name = "image_zoom_in_tool"
-    schema = ZOOM_IN_SCHEMA
-
-    def execute(self, image: Image.Image, arguments: Any, *, min_side_policy: str = "expand",
-                frame_size: tuple[int, int] | None = None, box_scale: str = "absolute", **options: Any) -> ToolResult:
-        return crop_image(image, arguments, min_side_policy=min_side_policy, frame_size=frame_size,
-                          box_scale=box_scale)
+    def execute(self, ctx: CallContext, arguments: Any) -> ToolResult:
+        o = ctx.options
+        return crop_image(ctx.image, arguments, min_side_policy=o.get("min_side_policy", "expand"),
+                          frame_size=o.get("frame_size"), box_scale=o.get("box_scale", "absolute"))

@@ -15,7 +15,8 @@ from PIL import Image
 from deepeyes.chat import CHAT_TEMPLATE, SYSTEM_PROMPT
 from deepeyes.config import RolloutConfig, ToolsConfig
 from deepeyes.policy import encode_text_with_images, load_policy, merged_patches
-from services.rollout.agent_loop import parse_tool_calls, run_episode
+from services.rollout.agent_loop import run_episode
+from services.rollout.calls import parse_tool_calls
 from services.rollout.engines import GenerateResult
 from services.rollout.types import EpisodeRequest, PolicyIO
 

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from services.tools.registry import ToolResult, execute_tool, get_tool, tool_schemas
-from services.tools.zoom import ZOOM_IN_SCHEMA, crop_image
+from deepeyes.chat import ZOOM_IN_SCHEMA
+from services.tools.zoom import crop_image
 
 INVALID = ("Error: The specified bounding box {} is invalid or results in a crop smaller than the "
            "minimum size of 28x28.")
