@@ -29,6 +29,18 @@ SYSTEM_PROMPT_RELATIVE = SYSTEM_PROMPT.replace(
     "in pixels of the image you see", "on a 0-1000 scale of the image's width and height")
 
 
+# The system turn of rows whose tools include the python tool (the DeepEyesV2 recipe; our wording
+# of what its prompt tells the model: the code format, image_1, the search tools, the answer tags).
+SYSTEM_PROMPT_AGENTIC = (
+    "You are a careful visual assistant that can run code and search. Think inside <think></think>. "
+    "To look closer at the image, write Python inside <code>\n```python\n...\n```\n</code>: the image is "
+    "already loaded as the PIL image image_1, variables persist between your code calls, and what you "
+    "print and the figures you plt.show() come back to you. To find facts you do not know, call the "
+    "search tool (or image_search, once, to search with the image). Give the final answer inside "
+    "<answer></answer>."
+)
+
+
 def system_prompt_for(box_scale: str) -> str:
     return SYSTEM_PROMPT_RELATIVE if box_scale == "relative" else SYSTEM_PROMPT
 

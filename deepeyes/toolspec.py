@@ -168,3 +168,16 @@ def prompt_schemas(specs: list[ToolSpec]) -> list[dict[str, Any]]:
     """The tools block of the system turn: the schemas of the `tool_call` tools, in order (a `code`
     tool is described by the recipe's system prompt, as DeepEyesV2 does)."""
     return [s.schema for s in specs if s.call_format == "tool_call" and s.schema is not None]
+
+
+def check_row_tools(names: Any, enabled: list[str], row: str) -> None:
+    """A data row that names its tools (extra_info.tools) may name only enabled tools: anything
+    else is an error naming the row and the fix, raised when the row is first read for a step."""
+    if names is None:
+        return
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ToolSpecError(f"row {row}: extra_info.tools must be a list of tool names, got {names!r}")
+    unknown = [n for n in names if n not in enabled]
+    if unknown:
+        raise ToolSpecError(f"row {row} names tool(s) {unknown} that tools.enabled does not hold ({enabled}); "
+                            f"enable them (and add a registry entry for a tool of your own) or fix the row")

@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from deepeyes.toolspec import check_row_tools
 from deepeyes.config import Config
 from deepeyes.policy import resize_for_model
 from deepeyes.chat import with_box_scale
@@ -46,7 +47,8 @@ def episode_requests(cfg: Config, rows: Sequence[Any], row_ids: Sequence[int], s
         frames = [resize_for_model(im, cfg.model.min_pixels, cfg.model.max_pixels, factor) for im in row.images]
         source = row.image_bytes[0] if cfg.tools.crop_from == "original" and row.image_bytes else None
         # target_bbox is in the stored image's pixels (before any upscale of tiny images)
-        extra = dict(row.extra, orig_size=list(row.image_sizes[0]) if row.image_sizes else None)
+        extra = dict(row.extra, orig_size=list(row.image_sizes[0]) if row.image_sizes else None, row_id=row.index)
+        check_row_tools(extra.get("tools"), cfg.tools.enabled, row.index)
         messages = with_box_scale(row.messages, box_scale)  # the system turn names the box scale
         for k in range(n):
             reqs.append(EpisodeRequest(

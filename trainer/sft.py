@@ -36,10 +36,13 @@ from deepeyes.policy import Policy, build_cached, load_policy, resize_for_model,
 from deepeyes.policy_family import frame_factor, resolve_family, zoom_box_scale
 import asyncio
 from deepeyes.images import decode_image
+from deepeyes.toolspec import prompt_schemas, specs_for
 from services.rollout.agent_loop import run_episode
 from services.rollout.hf_engine import HFEngine
 from services.rollout.types import EpisodeRequest, PolicyIO
-from services.tools.registry import execute_tool, tool_schemas
+from deepeyes.contracts import ToolResult
+from services.tools.registry import CallContext, execute_tool, run_call
+from trainer.agentic_sft import agentic_conversation, agentic_index, search_tools
 from trainer.packing import make_example
 from trainer.perception import perceiving_policy_path
 from trainer.supervised import conversation_tokens, save_trained_copy, supervised_steps
@@ -90,6 +93,8 @@ def tool_conversation(row: Any, cfg: Config, answer_text: str | None = None, zoo
     frame = resize_for_model(original, cfg.model.min_pixels, cfg.model.max_pixels, frame_factor(cfg.model))
     messages = [dict(m) for m in with_box_scale(row.messages, zoom_box_scale(cfg))]
     images = [frame]
+    if "python" in (row.extra.get("tools") or ()):  # a DeepEyesV2 row: code, search, answer
+        return messages + agentic_conversation(row, frame, cfg, agentic_index(row)), images
     answer = f"<answer>{row.ground_truth if answer_text is None else answer_text}</answer>"
     target = row.extra.get("target_bbox")
     if target is None or not zoom:  # no box to zoom on (e.g. math rows), or a direct answer
@@ -124,12 +129,14 @@ def tool_conversation(row: Any, cfg: Config, answer_text: str | None = None, zoo
 def train_sft(policy: Policy, rows: Sequence[Any], cfg: Config, steps: int, lr: float,
               batch_size: int = 8, seed: int = 0, progress: bool = True) -> list[float]:
     """Supervised steps (token-mean NLL over assistant tokens); returns the loss per step."""
-    tools = tool_schemas(cfg.tools.enabled)
+    specs = specs_for(cfg.tools)
     examples = []
     pick = random.Random(seed)
     for row in rows:
         zoom = cfg.trainer.sft_zoom_share >= 1 or pick.random() < cfg.trainer.sft_zoom_share
         messages, images = tool_conversation(row, cfg, sft_answer(row, cfg.trainer.sft_answers, pick, zoom), zoom)
+        named = row.extra.get("tools")  # the row's own tools, as the agent loop offers them
+        tools = prompt_schemas([s for s in specs if named is None or s.name in named])
         ids, mask, pv, grid = conversation_tokens(policy, messages, images, tools)
         examples.append(make_example(policy.model, ids, mask, 1.0, pv, grid))
     return supervised_steps(policy.model, examples, cfg, steps, lr, batch_size, seed, "sft warm start", progress)
@@ -144,9 +151,14 @@ def tool_call_rate(policy: Policy, rows: Sequence[Any], cfg: Config, seed: int =
     engine = HFEngine(policy, max_batch_size=cfg.rollout.max_batch_size, batch_wait_ms=cfg.rollout.batch_wait_ms)
     io = PolicyIO.from_policy(policy)
 
-    async def call_tool(name: str, image: Any, args: Any, frame_size: Any = None) -> Any:
+    async def call_tool(name: str, image: Any, args: Any, frame_size: Any = None, **plugin: Any) -> Any:
         if isinstance(image, bytes):  # crop_from=original: the encoded original, as the tool service gets it
             image = decode_image(image, max_pixels=cfg.data.max_image_pixels)
+        if name in ("search", "image_search"):  # in process, as the cold start's conversations ran them
+            ctx = CallContext(image=image, options={"row_id": plugin.get("row_id", "")})
+            return run_call(search_tools(cfg).get(name), name, ctx, args, ["image_search", "search"])
+        if name == "python":  # no kernels in this check: the call counts, its result is an error turn
+            return ToolResult(False, "Error: code is not run in the cold start's held-out check.", status="error")
         return execute_tool(name, image, args, min_side_policy=cfg.tools.min_side_policy, frame_size=frame_size)
 
     async def run_all() -> list[Any]:

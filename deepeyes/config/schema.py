@@ -66,10 +66,11 @@ class DataConfig:
     synthetic_train_rows: int = _f(64, "rows of the synthetic training set when train_files is empty")
     synthetic_val_rows: int = _f(16, "rows of the synthetic validation set when val_files is empty")
     synthetic_seed: int = _f(1234, "seed of the synthetic generator")
-    synthetic_task: Literal["suite", "zoom", "zoom_find"] = _f(
+    synthetic_task: Literal["suite", "zoom", "zoom_find", "agentic"] = _f(
         "suite", "synthetic data: 'suite' = the dataset's three-file layout (V*-like, ThinkLite, Chart); "
                  "'zoom' = the main job's task (stripes in a red frame, readable only in a crop; the question "
-                 "names the frame's quarter); 'zoom_find' = the same with no place named (find it by sight)")
+                 "names the frame's quarter); 'zoom_find' = the same with no place named (find it by sight); 'agentic' = the "
+                 "DeepEyesV2 scenario (a card names a country, the search corpus holds its capital)")
     max_image_pixels: int = _f(64_000_000, "pixel cap checked from the header before decoding; rows "
                                            "with larger images are skipped and counted")
     max_image_bytes: int = _f(64 * 1024 * 1024, "encoded size cap of one image; larger rows are skipped")

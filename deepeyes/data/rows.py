@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 from PIL import Image
 
-from deepeyes.chat import SYSTEM_PROMPT
+from deepeyes.chat import SYSTEM_PROMPT, SYSTEM_PROMPT_AGENTIC
 from deepeyes.config import DataConfig
 from deepeyes.images import decode_image
 
@@ -208,7 +208,8 @@ def _check_bbox(bbox: Any, size: tuple[int, int]) -> list[float]:
 def parse_row(record: dict[str, Any], where: str, cfg: DataConfig) -> Row:
     """One parquet record -> Row; raises RowSkipped naming why the record is unusable.
 
-    The system turn is replaced by `deepeyes.chat.SYSTEM_PROMPT`; each other turn becomes a content
+    The system turn is replaced by `deepeyes.chat.SYSTEM_PROMPT` (SYSTEM_PROMPT_AGENTIC for a row
+    whose extra_info.tools holds the python tool); each other turn becomes a content
     list (`{"type": "image"}` parts where the markers were, `{"type": "text"}` parts between)."""
     source = str(record.get("data_source") or "")
     if source == "chart" and not cfg.include_chart:
@@ -230,7 +231,8 @@ def parse_row(record: dict[str, Any], where: str, cfg: DataConfig) -> Row:
     if extra.get("target_bbox") is not None:
         extra["target_bbox"] = _check_bbox(extra["target_bbox"], sizes[0])
 
-    messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM_PROMPT}]
+    agentic = "python" in (extra.get("tools") or ())  # a DeepEyesV2 row: the code tool's system turn
+    messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM_PROMPT_AGENTIC if agentic else SYSTEM_PROMPT}]
     messages += [{"role": t["role"], "content": _content_parts(t["content"])} for t in turns]
     question = extra.get("question")
     if not isinstance(question, str) or not question.strip():

@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 from deepeyes.config import DEFAULT_MAX_PIXELS
 from deepeyes.data.rows import CHART_FILE, IMAGE_MARKER, THINKLITE_FILE, TOOL_ENV, VSTAR_FILE
 from deepeyes.data.scene import LETTERS, TARGET_COLOURS, clutter
+from deepeyes.data.agentic import agentic_task
 from deepeyes.data.zoom import zoom_task
 
 DEFAULT_MIX = {"vstar": 0.75, "thinklite_eureka": 0.15, "chart": 0.10}
@@ -50,6 +51,7 @@ SYNTHETIC_SCHEMA = pa.schema([
         ("answer", pa.string()), ("question", pa.string()), ("index", pa.string()),
         ("split", pa.string()), ("kind", pa.string()), ("target_attribute", pa.string()),
         ("target_bbox", pa.list_(pa.int32())), ("options", pa.list_(pa.string())),
+        ("tools", pa.list_(pa.string())),  # the row's tools (agentic rows); null = the run's tools.enabled
     ])),
 ])
 
@@ -204,7 +206,7 @@ def _chart(rng: np.random.Generator) -> dict[str, Any]:
 
 
 _MAKERS = {"vstar": vstar_scene, "thinklite_eureka": _thinklite, "chart": _chart, "zoom": zoom_task,
-           "zoom_find": lambda rng: zoom_task(rng, cued=False)}
+           "zoom_find": lambda rng: zoom_task(rng, cued=False), "agentic": agentic_task}
 
 
 def mix_counts(rows: int, mix: dict[str, float]) -> dict[str, int]:
@@ -248,7 +250,7 @@ def write_synthetic(path: str, rows: int, seed: int, mix: dict[str, float] | Non
         records["extra_info"].append({
             "answer": made["answer"], "question": made["question"], "index": index, "split": split,
             "kind": made["kind"], "target_attribute": made["attribute"], "target_bbox": made["bbox"],
-            "options": made["options"]})
+            "options": made["options"], "tools": made.get("tools")})
     table = pa.Table.from_pydict(records, schema=SYNTHETIC_SCHEMA)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     # Fixed writer options (no timestamps are written by parquet-cpp): same table, same bytes.

@@ -97,4 +97,4 @@ def zoom_task(rng: np.random.Generator, cued: bool = True, target: str = ZOOM_TA
             "ability": "visual_search", "env": TOOL_ENV}
 
 
-ZOOM_TASKS = ("zoom", "zoom_find")  # data.synthetic_task values that write one file of that maker
+ZOOM_TASKS = ("zoom", "zoom_find", "agentic")  # data.synthetic_task values that write one file of that maker

@@ -142,6 +142,8 @@ async def run_episode(request: EpisodeRequest, *, policy_io: PolicyIO, generate:
     """
     t_start = time.perf_counter()
     specs = specs_for(tools_cfg) if specs is None else specs
+    if request.extra.get("tools") is not None:  # the row names its tools: those alone are offered
+        specs = [s for s in specs if s.name in request.extra["tools"]]
     if not request.use_tools:
         tool_schemas = []
     elif tool_schemas is None:
