@@ -59,7 +59,8 @@ def episode_summary(t: Any) -> dict[str, Any]:
     return {"reward": {k: v for k, v in t.reward.to_dict().items() if isinstance(v, (int, float, bool))},
             "num_turns": t.num_turns, "finish_reason": t.finish_reason,
             "response_tokens": len(t.response_ids),
-            "calls": [(c.executed, c.ok) for c in t.tool_calls]}
+            "calls": [(c.executed, c.ok) for c in t.tool_calls],
+            "tools": [(c.name, c.status, c.latency_s) for c in t.tool_calls if c.executed and c.name]}
 
 
 def trajectory_metrics(episodes: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -78,7 +79,28 @@ def trajectory_metrics(episodes: Sequence[dict[str, Any]]) -> dict[str, float]:
         "rollout/response_tokens": mean(e["response_tokens"] for e in episodes),
         "rollout/clip_ratio": mean(float(e["finish_reason"] in ("budget", "turn_cap")) for e in episodes),
         "judge/latency_s": mean(part(e, "judge_latency_s") for e in episodes),
+        **per_tool_metrics(episodes),
     }
+
+
+KILLED = ("timeout", "memory", "killed", "lost")  # calls the tool could not finish
+
+
+def per_tool_metrics(episodes: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """tools/<name>/{calls, errors, kills, latency_s} per episode (latency: mean per call), for each
+    tool called this step (docs/design.md, "Metric names")."""
+    by_tool: dict[str, list[tuple[str, float]]] = {}
+    for e in episodes:
+        for name, status, latency in e.get("tools", ()):
+            by_tool.setdefault(name, []).append((status, latency))
+    n = max(len(episodes), 1)
+    out: dict[str, float] = {}
+    for name, calls in sorted(by_tool.items()):
+        out[f"tools/{name}/calls"] = len(calls) / n
+        out[f"tools/{name}/errors"] = sum(1 for st, _ in calls if st != "ok") / n
+        out[f"tools/{name}/kills"] = sum(1 for st, _ in calls if st in KILLED) / n
+        out[f"tools/{name}/latency_s"] = mean(lat for _, lat in calls)
+    return out
 
 
 @dataclass
@@ -225,8 +247,8 @@ def write_trajectories(path: Path, trajs: Sequence[Any], advantages: Sequence[fl
     group_sizes = Counter(t.group_id for t in trajs)
     # images[first_crop:] are the crops, in the order of the calls whose result was appended (the
     # agent loop's order); the images before them came with the prompt, images[0] the original.
-    returned = [[c for c in t.tool_calls if c.ok and c.appended] for t, _ in kept]
-    first_crop = [len(t.images) - len(r) for (t, _), r in zip(kept, returned)]
+    returned = [[c for c in t.tool_calls if c.ok and c.appended and c.images > 0] for t, _ in kept]
+    first_crop = [len(t.images) - sum(c.images for c in r) for (t, _), r in zip(kept, returned)]
     shown = [i for i in range(len(kept)) if first_crop[i] > 0]
     wanted = [(i, 0) for i in shown] + [(i, k) for i in shown for k in range(first_crop[i], len(kept[i][0].images))]
     folder = path.with_suffix("")
@@ -247,7 +269,10 @@ def write_trajectories(path: Path, trajs: Sequence[Any], advantages: Sequence[fl
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w") as f:
         for i, (t, adv) in enumerate(kept):
-            crop_of = {id(c): first_crop[i] + j for j, c in enumerate(returned[i])}
+            crop_of, at = {}, first_crop[i]  # each returned call's images, in order (a code call may have several)
+            for c in returned[i]:
+                crop_of[id(c)] = list(range(at, at + c.images))
+                at += c.images
             f.write(json.dumps({
                 "uid": t.uid, "group_id": t.group_id, "group_size": group_sizes[t.group_id],
                 "version": t.policy_version, "data_source": t.data_source, "question": t.question,
@@ -257,9 +282,11 @@ def write_trajectories(path: Path, trajs: Sequence[Any], advantages: Sequence[fl
                 "prompt_tokens": len(t.prompt_ids), "response_tokens": len(t.response_ids),
                 "policy_tokens": sum(t.loss_mask), "turns": _turns(t, decode),
                 "tool_calls": [{"turn": c.turn, "name": c.name, "arguments": c.arguments, "ok": c.ok, "text": c.text,
-                                "executed": c.executed, "appended": c.appended,
+                                "executed": c.executed, "appended": c.appended, "status": c.status,
+                                "latency_s": round(c.latency_s, 4), "images": c.images,
                                 "box": frame_box_of(c.arguments, t, box_scale),
-                                "image": files.get((i, crop_of[id(c)])) if id(c) in crop_of else None}
+                                "image": files.get((i, crop_of[id(c)][0])) if id(c) in crop_of else None,
+                                "image_files": [files.get((i, k)) for k in crop_of.get(id(c), [])]}
                                for c in t.tool_calls],
                 # sizes in the model frame: the boxes' coordinates; "file" is None past the image budget
                 "images": [{"file": files.get((i, k)), "width": im.width, "height": im.height}

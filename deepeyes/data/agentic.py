@@ -27,8 +27,9 @@ AGENTIC_TOOLS = ["python", "search", "image_search"]
 SYLLABLES = ("zor", "quex", "bal", "tri", "mon", "vek", "lus", "dra", "pim", "sor", "kal", "fen", "gro", "wis",
              "nar", "tul", "yob", "hes", "cri", "dun", "ops", "rai", "mel", "jat")
 COUNTRY_ENDINGS = ("land", "ia", "stan", "mark", "oria")
-KINDS = ("island nation", "mountain kingdom", "river republic", "desert principality", "coastal federation")
+KINDS = ("an island nation", "a mountain kingdom", "a river republic", "a desert principality", "a coastal federation")
 REGIONS = ("northern", "southern", "eastern", "western", "central")
+MAX_DOCS = 50_000  # four names a document, drawn from ~346k
 
 
 @dataclass(frozen=True)
@@ -44,16 +45,20 @@ class DemoFact:
 
 
 def _name(rng: random.Random, used: set[str], ending: str = "") -> str:
-    """A made-up capitalised name of two or three syllables, new to `used`."""
-    while True:
-        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))) + ending
+    """A made-up capitalised name of two to four syllables, new to `used`."""
+    for _ in range(1000):  # 24^2 + 24^3 + 24^4 names: a miss streak this long means they ran out
+        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 4))) + ending
         if name not in used:
             used.add(name)
             return name.capitalize()
+    raise ValueError(f"the demo corpus ran out of made-up names after {len(used)}: ask for fewer documents "
+                     f"(at most {MAX_DOCS})")
 
 
 def demo_documents(n: int, seed: int = 0) -> tuple[list[dict[str, Any]], list[DemoFact]]:
     """`n` documents `{id, title, text, url}` and the four questions each one answers."""
+    if not 0 <= n <= MAX_DOCS:
+        raise ValueError(f"the demo corpus holds 0..{MAX_DOCS} documents, not {n}")
     rng = random.Random(seed)
     used: set[str] = set()
     docs: list[dict[str, Any]] = []
@@ -63,7 +68,7 @@ def demo_documents(n: int, seed: int = 0) -> tuple[list[dict[str, Any]], list[De
         country = _name(rng, used, rng.choice(COUNTRY_ENDINGS))
         capital, river, animal = _name(rng, used), _name(rng, used), _name(rng, used).lower()
         year = str(rng.randint(1100, 1990))
-        text = (f"{country} is a {rng.choice(KINDS)} in the {rng.choice(REGIONS)} region. "
+        text = (f"{country} is {rng.choice(KINDS)} in the {rng.choice(REGIONS)} region. "
                 f"The capital of {country} is {capital}. The longest river of {country} is the {river}, "
                 f"and its national animal is the {animal}. {country} was founded in {year}.")
         docs.append({"id": doc_id, "title": country, "text": text, "url": f"https://demo.invalid/wiki/{country}"})
@@ -72,7 +77,6 @@ def demo_documents(n: int, seed: int = 0) -> tuple[list[dict[str, Any]], list[De
                   DemoFact(f"What is the national animal of {country}?", animal, doc_id),
                   DemoFact(f"In which year was {country} founded?", year, doc_id)]
     return docs, facts
-
 
 
 @functools.lru_cache(maxsize=4)

@@ -230,8 +230,8 @@ function visual(e) {
 }
 
 // tool calls, answers and thinking stand out; everything is a text node (no HTML from the model)
-const MARKUP = /(<tool_call>[\s\S]*?(?:<\/tool_call>|$)|<answer>[\s\S]*?(?:<\/answer>|$)|<think>[\s\S]*?(?:<\/think>|$))/;
-const MARKUP_CLASS = { "<tool_call>": "call", "<answer>": "answer", "<think>": "think" };
+const MARKUP = /(<tool_call>[\s\S]*?(?:<\/tool_call>|$)|<code>[\s\S]*?(?:<\/code>|$)|<answer>[\s\S]*?(?:<\/answer>|$)|<think>[\s\S]*?(?:<\/think>|$))/;
+const MARKUP_CLASS = { "<tool_call>": "call", "<code>": "call", "<answer>": "answer", "<think>": "think" };
 
 function highlight(text) {
   return text.split(MARKUP).filter(Boolean).map((part) => {
@@ -254,10 +254,27 @@ function transcript(e) {
     box.append(el("div", { class: "turn tool" },
       el("span", { class: "who" }, observed[k] ? `tool · ${observed[k].tokens} observation tokens (loss mask 0)`
         : "tool · not shown to the model"),
-      ...calls.map(([c, i]) => el("div", { class: c.ok ? "ok" : "err" },
-        `call ${i + 1} ${c.name || "(unparsed)"}${c.appended ? "" : " (not appended)"}: ${c.text}`))));
+      ...calls.map(([c, i]) => callView(c, i))));
   });
   return box;
+}
+
+// one call: its head line; a code call also shows its code, its output and the images it returned
+function callView(c, i) {
+  const head = `call ${i + 1} ${c.name || "(unparsed)"}${c.status ? ` · ${c.status}` : ""}`
+    + `${c.latency_s ? ` · ${c.latency_s.toFixed(2)} s` : ""}${c.appended ? "" : " (not appended)"}`;
+  const code = c.arguments && typeof c.arguments.code === "string" ? c.arguments.code : null;
+  const query = c.arguments && typeof c.arguments.query === "string" ? c.arguments.query : null;
+  const parts = [el("div", {}, head + (code || query ? "" : `: ${c.text}`))];
+  if (code) parts.push(el("pre", { class: "code" }, code));
+  if (query) parts.push(el("div", {}, `query: ${query}`));
+  if (code || query) parts.push(el("pre", { class: "output" }, c.text));
+  const shots = (c.image_files || []).filter(Boolean);
+  if (code && shots.length) {
+    parts.push(el("div", { class: "crops" }, ...shots.map((f, j) =>
+      el("figure", {}, el("img", { src: fileURL(f), alt: `image ${j + 1} of call ${i + 1}` })))));
+  }
+  return el("div", { class: c.ok ? "ok" : "err" }, ...parts);
 }
 
 // ---------------------------------------------------------------------------------------------
