@@ -34,6 +34,7 @@ STOPPED = {
             "the next call, without earlier variables.",
     "killed": "Error: the code was stopped (the call was cancelled); the kernel was restarted.",
 }
+KEPT = "variables are kept"  # the pool's stderr note when an interrupt stopped the code and the kernel lives
 MAX_IMAGE_PIXELS = 16_000_000  # a figure the kernel returns is decoded only under this many pixels
 RESTARTED_NOTE = "Note: the kernel was restarted before this call; earlier variables are gone.\n"
 
@@ -66,6 +67,9 @@ class PythonTool(Tool):
             return ToolResult(False, "Error: no code to run. Write <code>\n```python\n...\n```\n</code>.", status="error")
         res = self.pool.execute(ctx.instance_id, code, self.timeout_s)
         metrics = {"exec_s": res.duration_s, "restarted": float(res.restarted)}
+        if res.status == "timeout" and KEPT in res.stderr:  # the interrupt worked: the kernel and its state live on
+            text = CODE_RESULT.format(stdout=res.stdout.rstrip("\n"), stderr=res.stderr.rstrip("\n"))
+            return ToolResult(False, text, status="timeout", metrics=metrics)
         if res.status in STOPPED:
             text = STOPPED[res.status].format(timeout=self.timeout_s, memory=self.limits.memory_mb)
             return ToolResult(False, text, status=res.status, metrics=metrics)
