@@ -84,6 +84,7 @@ def trajectory_metrics(episodes: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 
 KILLED = ("timeout", "memory", "killed", "lost")  # calls the tool could not finish
+TOOL_PARTS = ("calls", "errors", "kills", "latency_s")
 
 
 def per_tool_metrics(episodes: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -325,7 +326,9 @@ class MetricsSink:
         return self.gauges[name]
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        unknown = sorted(set(metrics) - KNOWN)
+        # per-tool metrics are a fixed shape over the registry's tool names: tools/<name>/<part>
+        unknown = sorted(k for k in set(metrics) - KNOWN if not (k.startswith("tools/") and
+                                                                 k.rsplit("/", 1)[-1] in TOOL_PARTS))
         if unknown:
             raise ValueError(f"metric names outside the vocabulary (trainer/metrics.py): {unknown}")
         record = {"step": step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
