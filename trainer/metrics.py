@@ -87,6 +87,12 @@ KILLED = ("timeout", "memory", "killed", "lost")  # calls the tool could not fin
 TOOL_PARTS = ("calls", "errors", "kills", "latency_s")
 
 
+def result_images(c: Any) -> int:
+    """Images a call's result added to the trajectory (a record that did not count them: the
+    zoom's shape, one crop when it was ok and appended)."""
+    return c.images if c.images >= 0 else int(c.ok and c.appended)
+
+
 def per_tool_metrics(episodes: Sequence[dict[str, Any]]) -> dict[str, float]:
     """tools/<name>/{calls, errors, kills, latency_s} per episode (latency: mean per call), for each
     tool called this step (docs/design.md, "Metric names")."""
@@ -248,8 +254,8 @@ def write_trajectories(path: Path, trajs: Sequence[Any], advantages: Sequence[fl
     group_sizes = Counter(t.group_id for t in trajs)
     # images[first_crop:] are the crops, in the order of the calls whose result was appended (the
     # agent loop's order); the images before them came with the prompt, images[0] the original.
-    returned = [[c for c in t.tool_calls if c.ok and c.appended and c.images > 0] for t, _ in kept]
-    first_crop = [len(t.images) - sum(c.images for c in r) for (t, _), r in zip(kept, returned)]
+    returned = [[c for c in t.tool_calls if c.ok and c.appended and result_images(c) > 0] for t, _ in kept]
+    first_crop = [len(t.images) - sum(result_images(c) for c in r) for (t, _), r in zip(kept, returned)]
     shown = [i for i in range(len(kept)) if first_crop[i] > 0]
     wanted = [(i, 0) for i in shown] + [(i, k) for i in shown for k in range(first_crop[i], len(kept[i][0].images))]
     folder = path.with_suffix("")
@@ -272,8 +278,8 @@ def write_trajectories(path: Path, trajs: Sequence[Any], advantages: Sequence[fl
         for i, (t, adv) in enumerate(kept):
             crop_of, at = {}, first_crop[i]  # each returned call's images, in order (a code call may have several)
             for c in returned[i]:
-                crop_of[id(c)] = list(range(at, at + c.images))
-                at += c.images
+                crop_of[id(c)] = list(range(at, at + result_images(c)))
+                at += result_images(c)
             f.write(json.dumps({
                 "uid": t.uid, "group_id": t.group_id, "group_size": group_sizes[t.group_id],
                 "version": t.policy_version, "data_source": t.data_source, "question": t.question,

@@ -31,7 +31,7 @@ class ToolCallRecord:
     appended: bool = True          # False when the observation did not fit the token budget
     status: str = ""               # ok | error | timeout | memory | lost | killed ("" = not run)
     latency_s: float = 0.0         # the call's wall time as the episode saw it
-    images: int = 0                # images of the result that joined the trajectory
+    images: int = -1               # images of the result that joined (-1: not counted; one if ok and appended)
 
 
 @dataclass
