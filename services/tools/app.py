@@ -42,7 +42,7 @@ from deepeyes.contracts import ToolResult
 from deepeyes.images import (ImageDecodeError, ImageTooLargeError, decode_base64_image, decode_image, encode_png,
                              trim_freed_memory)
 from deepeyes.serving import authorized, bearer_token, config_from_args, deployment_options, read_body_capped
-from deepeyes.toolspec import ToolSpec, specs_for
+from deepeyes.toolspec import ToolSpec, load_specs, specs_for
 from services.tools.host import ToolHost
 from services.tools.registry import CallContext, Tool, load_tool, run_call
 
@@ -143,7 +143,7 @@ class ToolService:
         self.cfg = tools
         # the image tools this deployment hosts (the registry entries with deployment ToolService);
         # plugin_hosts are the app's other deployments (ToolHost), bound here so they deploy with it
-        specs = specs if specs is not None else [s for s in specs_for(tools) if s.deployment == "ToolService"]
+        specs = specs if specs is not None else image_specs(tools)
         self._tools: dict[str, Tool] = {s.name: load_tool(s) for s in specs}
         if "image_zoom_in_tool" not in self._tools:  # the health probe's tool
             self._tools["image_zoom_in_tool"] = load_tool(specs_for(dataclasses.replace(tools, enabled=[
@@ -372,4 +372,9 @@ def bind_tools(tools: ToolsConfig, token: str | None, options: dict[str, Any], a
                               f"those of serve.tools (num_replicas, max_replicas, num_cpus, ...)") from None
         opts = deployment_options(dc, access_log)
         hosts.append(ToolHost.options(name=name, **opts).bind(specs))
-    return ToolService.options(**options).bind(tools, token, groups.get("ToolService", []), *hosts)
+    return ToolService.options(**options).bind(tools, token, image_specs(tools), *hosts)
+
+
+def image_specs(tools: ToolsConfig) -> list[ToolSpec]:
+    """Every registered tool of the ToolService deployment (enabled or not: HTTP callers use them all)."""
+    return [s for s in load_specs(tuple(tools.registry_files), tools.settings).values() if s.deployment == "ToolService"]
