@@ -126,6 +126,13 @@ def _json(status: int, ok: bool, text: str, image: str | None = None) -> JSONRes
     return JSONResponse(ToolResponse(ok=ok, text=text, image=image).model_dump(), status_code=status)
 
 
+def image_specs(tools: ToolsConfig) -> list[ToolSpec]:
+    """Every registered tool of the ToolService deployment (enabled or not: HTTP callers use them all)."""
+    return [s for s in load_specs(tuple(tools.registry_files), tools.settings).values() if s.deployment == "ToolService"]
+
+
+# Defined above the deployment: Serve pickles the class by value when it is decorated, so a helper
+# defined below it is missing in the replica (NameError at start).
 @serve.deployment
 @serve.ingress(app)
 class ToolService:
@@ -374,7 +381,3 @@ def bind_tools(tools: ToolsConfig, token: str | None, options: dict[str, Any], a
         hosts.append(ToolHost.options(name=name, **opts).bind(specs))
     return ToolService.options(**options).bind(tools, token, image_specs(tools), *hosts)
 
-
-def image_specs(tools: ToolsConfig) -> list[ToolSpec]:
-    """Every registered tool of the ToolService deployment (enabled or not: HTTP callers use them all)."""
-    return [s for s in load_specs(tuple(tools.registry_files), tools.settings).values() if s.deployment == "ToolService"]

@@ -60,6 +60,14 @@ class ToolMetrics:
         per[outcome] = per.get(outcome, 0) + 1
 
 
+async def _resolve(image: Any) -> Any:
+    """`image_arg(ref)` -> the object (PIL image); anything else as given."""
+    if isinstance(image, (list, tuple)) and len(image) == 1 and isinstance(image[0], ray.ObjectRef):
+        return await image[0]
+    return image
+
+
+# Helpers above: Serve pickles the class by value at decoration (tests/unit/test_deployment_pickles.py).
 @serve.deployment
 class ToolHost:
     """Hosts the plugin tools of one deployment name, each instance in one replica.
@@ -165,9 +173,3 @@ class ToolHost:
             except Exception:  # the replica is going away: close what can be closed
                 pass
 
-
-async def _resolve(image: Any) -> Any:
-    """`image_arg(ref)` -> the object (PIL image); anything else as given."""
-    if isinstance(image, (list, tuple)) and len(image) == 1 and isinstance(image[0], ray.ObjectRef):
-        return await image[0]
-    return image
