@@ -4,13 +4,15 @@ use all three agentic tools, in the rollout's own layout.
 DeepEyesV2's finding is that RL alone does not make a model call tools; a cold start does. For a
 row (a card naming a country; the question asks its capital) the conversation is:
 
-    [image_search once, on every third row]  ->  <code> that crops the card and prints its size
+    [image_search once, on every second row]  ->  <code> that prints the image's size
     ->  search for the country's capital  ->  the answer.
 
 The search results are the real search tool's over the scenario's corpus (the registry's `search`
 entry, run in process); the image search is the real replay tool. The code's printed output is
-computed here with PIL (`print(image_1.crop(box).size)` prints the crop's size; the kernel would
-print the same string), which keeps the cold start free of kernel start-ups.
+computed here with PIL (`print(image_1.size)`; the kernel prints the same string), which keeps the
+cold start free of kernel start-ups. The code is one short line on purpose: a crop with the card's
+box (tried first) has some 30 tokens of digits, and the tiny policy sampling at temperature 1 got
+one wrong in most episodes (an invalid box, a traceback it had never seen, and then no search).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from deepeyes.toolspec import specs_for
 from services.tools.registry import CallContext, Tool, load_tool, run_call
 from services.tools.python_tool import CODE_RESULT
 
-THINK_LOOK = "The card names a country. I crop it to read it."
+THINK_LOOK = "The card names a country. I look at the image first."
 THINK_SEARCH = "Now I search for the capital of {country}."
 THINK_IMAGE = "First I search with the image."
 THINK_ANSWER = "The results name the capital."
@@ -50,17 +52,14 @@ def agentic_conversation(row: Any, frame: Image.Image, cfg: Config, index: int) 
     """The assistant and observation turns after the row's prompt (see the module docstring)."""
     tools = search_tools(cfg)
     country = str(row.extra.get("target_attribute", ""))
-    sx, sy = frame.width / row.image_sizes[0][0], frame.height / row.image_sizes[0][1]
-    x1, y1, x2, y2 = row.extra["target_bbox"]
-    box = [int(x1 * sx), int(y1 * sy), max(int(x1 * sx) + 1, round(x2 * sx)), max(int(y1 * sy) + 1, round(y2 * sy))]
     turns: list[dict[str, Any]] = []
-    if index % 3 == 0 and "image_search" in tools:
+    if index % 2 == 0 and "image_search" in tools:
         ctx = CallContext(instance_id="", image=frame, options={"row_id": str(row.index)})
         result = run_call(tools["image_search"], "image_search", ctx, {}, sorted(tools))
         turns += [{"role": "assistant", "content": f"<think>{THINK_IMAGE}</think>" + _call_text("image_search", {})},
                   {"role": "user", "content": f"<tool_response>\n{result.text}\n</tool_response>"}]
-    code = f"crop = image_1.crop(({box[0]}, {box[1]}, {box[2]}, {box[3]}))\nprint(crop.size)"
-    stdout = str(frame.crop(tuple(box)).size)
+    code = "print(image_1.size)"
+    stdout = str(frame.size)
     turns += [{"role": "assistant", "content": f"<think>{THINK_LOOK}</think><code>\n```python\n{code}\n```\n</code>"},
               {"role": "user", "content": CODE_RESULT.format(stdout=stdout, stderr="").rstrip("\n")}]
     query = f"capital of {country}"

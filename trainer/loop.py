@@ -216,10 +216,12 @@ class RunHealth:
         groups, flat = sum(g["groups"] for g in gathered), sum(g["flat_groups"] for g in gathered)
         self.flat_steps = self.flat_steps + 1 if groups and flat == groups else 0
         if tc.warn_flat_steps and self.flat_steps == tc.warn_flat_steps:
+            hint = ("a random-init policy scores -0.2 everywhere: start from the warm start, model.warm_start=true, "
+                    "on both the rollout app and the trainer" if not self.cfg.model.warm_start else
+                    "the warm-started policy gets every prompt all right or all wrong: a task it can partly "
+                    "solve, more samples per prompt (rollout.n) or a higher temperature give GRPO a signal")
             log.warning("steps %d-%d: every group scored the same for each of its samples, so the update "
-                        "had no gradient signal (random-init policies score -0.2 everywhere: start from the "
-                        "warm start, model.warm_start=true, on both the rollout app and the trainer)",
-                        step - self.flat_steps + 1, step)
+                        "had no gradient signal (%s)", step - self.flat_steps + 1, step, hint)
         if jc.stop_after_steps and self.failing_steps >= jc.stop_after_steps:
             return (f"the judge failed {failures} of {asked_all} judgments at step {step}, and at least "
                     f"{jc.stop_failure_share:.0%} for {self.failing_steps} steps in a row: check the judge "

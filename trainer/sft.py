@@ -48,7 +48,7 @@ from trainer.perception import perceiving_policy_path
 from trainer.supervised import conversation_tokens, save_trained_copy, supervised_steps
 
 log = logging.getLogger("deepeyes.sft")
-SFT_VERSION = "sft-v2"
+SFT_VERSION = "sft-v3"  # bump when the cold-start conversations change (the cache key holds it)
 
 
 def frame_box(target_bbox: Sequence[float], orig_size: tuple[int, int], frame_size: tuple[int, int],
