@@ -70,29 +70,69 @@ def read_until(proc: subprocess.Popen, marker: str, timeout_s: float = 600.0) ->
     return lines
 
 
-def test_a_killed_train_worker_then_sigterm_then_resume_each_step_once(tmp_path, tiny_policy_dir):
-    """Two faults in one run, as a long run meets them: a Train worker SIGKILLed during step 4
-    (the group restarts from the step-2 checkpoint and redoes steps 3-4), then SIGTERM during
-    step 6 (the run unwinds: exit 143, nothing left running), then a resume from the step-4
-    checkpoint. One run serves both faults: each run costs the suite about 50 s of start-up."""
+def rollout_replicas() -> list[int]:
+    return processes("ray::ServeReplica:rollout:RolloutWorker")
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def wait_until_busy(pid: int, timeout_s: float = 120.0) -> bool:
+    """True once the process burns CPU (>= 3 ticks in 50 ms): the replica is generating."""
+    deadline, last = time.monotonic() + timeout_s, cpu_ticks(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = cpu_ticks(pid)
+        if now - last >= 3:
+            return True
+        last = now
+    return False
+
+
+def test_three_faults_in_one_run_then_resume_each_step_once(tmp_path, tiny_policy_dir):
+    """Three faults in one run, as a long run meets them (each run costs the suite about 50 s of
+    start-up, so one run serves all three):
+    1. the only rollout replica SIGKILLed mid-rollout in step 2: Serve starts another, the driver
+       retries the episodes that died with it, no step loses an episode;
+    2. a Train worker SIGKILLed during step 4: the group restarts from the step-2 checkpoint and
+       redoes steps 3-4;
+    3. SIGTERM during step 6: the run unwinds (exit 143, nothing left running);
+    then a resume from the step-4 checkpoint that redoes step 5 once."""
     run_dir, temp = tmp_path / "run", f"/tmp/ray-chaos-{os.getpid()}"
     cache = str(tiny_policy_dir.parent)
     cmd = job(run_dir, cache, "trainer.steps=6", "trainer.save_every=2", "trainer.max_failures=1",
-              f"ray.temp_dir={temp}")
-    proc, lines = start_until(cmd, "step 3/6")
+              "serve.rollout.num_replicas=1", f"ray.temp_dir={temp}")
+    proc, lines = start_until(cmd, "step 1/6")
+    victims = rollout_replicas()
+    assert len(victims) == 1, "".join(lines)[-3000:]
+    assert wait_until_busy(victims[0]), "the rollout replica never generated after step 1"
+    os.kill(victims[0], signal.SIGKILL)  # mid-rollout: episodes are in flight on it
+    lines += read_until(proc, "step 3/6")
+    assert any("step 3/6" in l for l in lines), "".join(lines)[-4000:]
     victims = train_worker_pids()
     assert victims, "".join(lines)[-3000:]
     os.kill(victims[-1], signal.SIGKILL)
     lines += read_until(proc, "step 5/6")
     assert any("step 5/6" in l for l in lines), "".join(lines)[-4000:]
-    assert "worker group restarted: resuming from" in "".join(lines)
+    log = "".join(lines)
+    assert "worker group restarted: resuming from" in log
+    assert "retrying once" in log  # the replica kill did hit episodes in flight
     proc.send_signal(signal.SIGTERM)
     rest, _ = proc.communicate(timeout=180)
-    (tmp_path / "job-1.log").write_text("".join(lines) + rest)
+    (tmp_path / "job-1.log").write_text(log + rest)
     assert proc.returncode == 143, rest[-3000:]
     time.sleep(2)
     assert leftovers(temp) == []  # the cluster this run started is gone, agents included
     assert metric_steps(run_dir)[:5] == [1, 2, 3, 4, 5]  # steps 3-4 redone after the kill, not doubled
+    # no episode lost to the replica kill: each step has batch_size x n episodes, none failed
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    steps = [r for r in rows if "reward/score" in r]
+    assert all(r["rollout/episodes"] == 4.0 and r["rollout/failed_episodes"] == 0 for r in steps), steps
+    # operator noise (issue 12 item 12): the Train placement-group cleaner polled a state API
+    # that a cluster without dashboard does not serve, one warning a second
+    assert "PlacementGroupCleaner" not in log + rest
 
     again = subprocess.run(cmd + ["trainer.resume=auto"], capture_output=True, text=True, timeout=600)
     (tmp_path / "job-2.log").write_text(again.stdout + again.stderr)
