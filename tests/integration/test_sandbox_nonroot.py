@@ -4,9 +4,8 @@ This machine runs the suite as root, so the pool here runs inside `unshare --use
 its euid is 1000 and it takes the non-root branch of services/tools/sandbox/ (its own user
 namespace before the network, pid, mount and IPC ones; no uid switch per kernel). What this does
 NOT show: file permissions of a real unprivileged account (uid 1000 here is root outside, so files
-owned by root are its own), and RLIMIT_NPROC counts that uid's processes across the host (here all
-of root's, so a kernel cannot start any process or thread: the fork bomb's cap, and a limit on
-well-meant threads too). The hostile checks that do not depend on either run below, in one pool.
+owned by root are its own). The kernel's process cap still leaves it room: RLIMIT_NPROC is counted
+per user namespace (Linux 5.14+), and each kernel has its own, so a thread and a subprocess start.
 """
 
 from __future__ import annotations
@@ -32,6 +31,8 @@ SCRIPT = textwrap.dedent("""
     out["state"] = [pool.execute("a", "x = 41", 5).status, pool.execute("a", "print(x + 1)", 5).stdout.strip(),
                     pool.execute("b", "print('x' in dir())", 5).stdout.strip()]
     out["uid_inside"] = pool.execute("a", "import os; print(os.getuid())", 5).stdout.strip()
+    out["spawn"] = pool.execute("a", "import subprocess, threading\\nt = threading.Thread(target=print)\\n"
+                                "t.start(); t.join()\\nprint(subprocess.run(['true']).returncode)", 5).stdout.strip()
     out["read"] = pool.execute("a", f"print(open({sentinel!r}).read())", 5).stderr[-200:]
     code = ("import socket\\ntry:\\n    s = socket.socket(); s.settimeout(1); s.connect(('127.0.0.1', %d))\\n"
             "    print('CONNECTED')\\nexcept OSError as e:\\n    print('refused', e.errno)\\n") % port
@@ -63,6 +64,7 @@ def test_a_non_root_pool_confines_its_kernels(tmp_path):
     assert iso["user_ns"] and iso["net_ns"] and iso["pid_ns"] and iso["mount_ns"], iso
     assert iso["landlock"] >= 4 and iso["seccomp"] is True, iso
     assert out["state"] == ["ok", "42", "False"]  # state kept per trajectory, never shared
+    assert out["spawn"] == "0"  # a thread (prints an empty line) and a subprocess ran in the kernel
     assert out["uid_inside"] == "1000"  # no uid switch without root: the pool's own uid
     assert "SECRET-SENTINEL" not in out["read"] and "PermissionError" in out["read"]
     assert out["connect"] == "refused 1"  # EPERM from seccomp
