@@ -24,6 +24,7 @@ from typing import Any
 
 from deepeyes.config import load_config
 from deepeyes.serving import APP_NAMES, DEPLOYMENT_NAMES
+from services.tools.sandbox.pool import UID_BASE
 from trainer.metrics import read_metrics
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # run child processes here: `bench` imports from it
@@ -200,6 +201,25 @@ def train_worker_pids() -> list[int]:
     """PIDs of the live Ray Train workers (a Ray actor's command line is `ray::<Class>...`; one
     job runs at a time, so these are that job's)."""
     return [pid for pid, cmd in process_cmdlines().items() if cmd.startswith("ray::RayTrainWorker")]
+
+
+def serve_replica_pids(app: str, deployment: str) -> list[int]:
+    """PIDs of the live Serve replicas of `deployment` in `app` (`ray::ServeReplica:<app>:<name>...`)."""
+    return [pid for pid, cmd in process_cmdlines().items() if cmd.startswith(f"ray::ServeReplica:{app}:{deployment}")]
+
+
+def sandbox_kernel_pids() -> list[int]:
+    """PIDs of processes under a sandbox kernel's uid (a root pool gives each kernel its own, from
+    UID_BASE up): the kernels and anything they started."""
+    out = []
+    for pid in process_cmdlines():
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        if next((int(l.split()[1]) for l in status.splitlines() if l.startswith("Uid:")), 0) >= UID_BASE:
+            out.append(pid)
+    return out
 
 
 # ---- output ---------------------------------------------------------------------------------

@@ -17,11 +17,10 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from bench.runner import process_cmdlines, start_until
+from bench.runner import sandbox_kernel_pids, serve_replica_pids, start_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -29,24 +28,6 @@ SMALL = ["rollout.n=2", "trainer.batch_size=2", "trainer.num_workers=2", "traine
          "trainer.save_every=3", "data.synthetic_train_rows=8", "data.synthetic_val_rows=2",
          "trainer.sft_rows=32", "logging.progress=false", "ray.include_dashboard=false",
          "logging.save_trajectories=4"]
-KERNEL_UID_FLOOR = 1_000_000  # each kernel runs under its own uid from here up (services/tools/sandbox/)
-
-
-def kernels() -> list[int]:
-    """PIDs of processes under a kernel uid (sandbox kernels and anything they started)."""
-    out = []
-    for pid in process_cmdlines():
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:  # gone meanwhile
-            continue
-        if next((int(l.split()[1]) for l in status.splitlines() if l.startswith("Uid:")), 0) >= KERNEL_UID_FLOOR:
-            out.append(pid)
-    return out
-
-
-def sandbox_replicas() -> list[int]:
-    return [pid for pid, cmd in process_cmdlines().items() if cmd.startswith("ray::ServeReplica:tools:PythonSandbox")]
 
 
 def test_the_deepeyesv2_scenario_calls_all_three_tools_and_survives_a_sandbox_kill(tmp_path, tiny_policy_dir):
@@ -54,7 +35,7 @@ def test_the_deepeyesv2_scenario_calls_all_three_tools_and_survives_a_sandbox_ki
     cmd = [sys.executable, "-m", "trainer", "--config", "deploy/configs/tiny-deepeyesv2.yaml",
            f"trainer.run_dir={run_dir}", f"model.cache_dir={tiny_policy_dir.parent}", *SMALL]
     proc, lines = start_until(cmd, "step 1/3", timeout_s=1000)
-    victims = sandbox_replicas()
+    victims = serve_replica_pids("tools", "PythonSandbox")
     assert len(victims) == 1, "".join(lines)[-3000:]
     os.kill(victims[0], signal.SIGKILL)
     rest, _ = proc.communicate(timeout=600)
@@ -88,6 +69,6 @@ def test_the_deepeyesv2_scenario_calls_all_three_tools_and_survives_a_sandbox_ki
         assert rw["score"] == pytest.approx(0.8 * rw["acc"] * (0.9 if searched else 1.0) + 0.2 * rw["format"])
     # nothing outlives the run: no sandbox replica, no kernel
     deadline = time.monotonic() + 30
-    while (sandbox_replicas() or kernels()) and time.monotonic() < deadline:
+    while (serve_replica_pids("tools", "PythonSandbox") or sandbox_kernel_pids()) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert sandbox_replicas() == [] and kernels() == []
+    assert serve_replica_pids("tools", "PythonSandbox") == [] and sandbox_kernel_pids() == []

@@ -19,12 +19,11 @@ import dataclasses
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from bench.runner import process_cmdlines
+from bench.runner import sandbox_kernel_pids, serve_replica_pids
 from deepeyes.chat import SYSTEM_PROMPT_AGENTIC
 from deepeyes.config import load_config
 from deepeyes.policy import load_policy
@@ -37,7 +36,6 @@ from services.rollout.types import EpisodeRequest, PolicyIO
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 APP = "sandbox-chaos"
-KERNEL_UID_FLOOR = 1_000_000  # each kernel runs under its own uid from here up (services/tools/sandbox/)
 LONG = "<think>count first</think><code>\n```python\nx = 41\nimport time\ntime.sleep(60)\n```\n</code>"
 READ_X = "<think>now use x</think><code>\n```python\nprint(x + 1)\n```\n</code>"
 CLEAN = "<think>a sum</think><code>\n```python\ny = 2\nprint(y * 21)\n```\n</code>"
@@ -53,23 +51,6 @@ class ScriptedPolicy:
     async def __call__(self, prompt_ids, images, sampling):
         ids = self.io.tokenizer(self.texts.pop(0), add_special_tokens=False)["input_ids"] + [self.io.eos_id]
         return GenerateResult(ids, [-0.5] * len(ids), "stop")
-
-
-def kernels() -> list[int]:
-    """PIDs of processes under a kernel uid (sandbox kernels and anything they started)."""
-    out = []
-    for pid in process_cmdlines():
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:  # gone meanwhile
-            continue
-        if next((int(l.split()[1]) for l in status.splitlines() if l.startswith("Uid:")), 0) >= KERNEL_UID_FLOOR:
-            out.append(pid)
-    return out
-
-
-def sandbox_replicas() -> list[int]:
-    return [pid for pid, cmd in process_cmdlines().items() if cmd.startswith(f"ray::ServeReplica:{APP}:PythonSandbox")]
 
 
 def request(uid: str) -> EpisodeRequest:
@@ -111,15 +92,16 @@ def test_a_sandbox_replica_killed_mid_call_costs_one_error_turn(sandbox_app, tin
         return run_episode(request(uid), policy_io=io, generate=ScriptedPolicy(io, texts), call_tool=call_tool,
                            score=None, cfg=rollout_cfg, tools_cfg=tools, specs=specs, release_tool=release)
 
-    [victim] = sandbox_replicas()
-    spare = set(kernels())
+    [victim] = serve_replica_pids(APP, "PythonSandbox")
+    spare = set(sandbox_kernel_pids())
 
     async def scenario():
         hit = asyncio.create_task(episode("hit", [LONG, READ_X, ANSWER]))
         deadline = time.monotonic() + 120
-        while not (set(kernels()) - spare) and time.monotonic() < deadline:  # the episode's kernel is bound
+        # wait until the episode's kernel is bound
+        while not (set(sandbox_kernel_pids()) - spare) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        doomed = set(kernels()) - spare
+        doomed = set(sandbox_kernel_pids()) - spare
         assert doomed, "the episode never got a kernel"
         await asyncio.sleep(1.0)  # inside time.sleep(60)
         os.kill(victim, signal.SIGKILL)
@@ -140,9 +122,9 @@ def test_a_sandbox_replica_killed_mid_call_costs_one_error_turn(sandbox_app, tin
     assert after.finish_reason == "answer"
     # nothing of the dead replica outlives it; the new replica holds no instance after the releases
     deadline = time.monotonic() + 30
-    while set(kernels()) & doomed and time.monotonic() < deadline:
+    while set(sandbox_kernel_pids()) & doomed and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not set(kernels()) & doomed
-    [new] = sandbox_replicas()
+    assert not set(sandbox_kernel_pids()) & doomed
+    [new] = serve_replica_pids(APP, "PythonSandbox")
     assert new != victim
     assert plugins["PythonSandbox"].stats.remote().result()["instances"] == 0

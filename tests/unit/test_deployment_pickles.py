@@ -38,8 +38,7 @@ def _missing(module: types.ModuleType, deployment) -> list[str]:
             if not isinstance(fn, types.FunctionType) or fn.__module__ != module.__name__:
                 continue
             for name in sorted(_code_names(fn.__code__)):
-                if hasattr(module, name) and name not in fn.__globals__ and not hasattr(fn.__globals__.get(
-                        "__builtins__", {}), name):
+                if hasattr(module, name) and name not in fn.__globals__:
                     missing.append(f"{klass.__name__}.{attr} uses {name}")
     return missing
 
