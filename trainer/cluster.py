@@ -17,7 +17,7 @@ from deepeyes.config import Config
 from deepeyes.serving import APP_NAMES, ROUTE_PREFIXES
 # The app builders are imported here, before ray.init. Imported after it (inside deploy_services),
 # a `ray job submit --working-dir` job on two nodes of one machine failed twice in a row with "No
-# module named 'services.judge.app'" (tests/integration/test_multinode.py): find_spec found nothing
+# module named 'services.judge.app'" (tests/integration/test_deploy_job.py): find_spec found nothing
 # although the unpacked package held the file. Suspected, not proven: the second node unpacking the
 # same package into the same folder after ray.init. Imported first, the test passes.
 from services.judge.app import build_app as judge_app

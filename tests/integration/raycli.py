@@ -126,10 +126,12 @@ def head_args(temp_dir: str, num_cpus: float, dashboard_port: int, metrics_port:
     return args
 
 
-def worker_args(gcs_address: str, num_cpus: float, resources: dict[str, float] | None = None) -> list[str]:
+def worker_args(gcs_address: str, num_cpus: float, resources: dict[str, float] | None = None,
+                metrics_port: int | None = None) -> list[str]:
     """`ray start` arguments of one more node on this machine (its own free ports)."""
     args = [f"--address={gcs_address}", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
-            f"--metrics-export-port={free_port()}", "--object-store-memory=300000000", *node_ports()]
+            f"--metrics-export-port={metrics_port or free_port()}", "--object-store-memory=300000000",
+            *node_ports()]
     if resources:
         args.append(f"--resources={json.dumps(resources)}")
     return args

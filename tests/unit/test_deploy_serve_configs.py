@@ -93,6 +93,20 @@ def test_multinode_yaml_spreads_rollout_and_tools_one_replica_per_node() -> None
         assert "deepeyes_node" in dep.ray_actor_options.resources
 
 
+def test_multinode_yaml_is_serve_yaml_but_for_replica_placement() -> None:
+    """The suite deploys serve-multinode.yaml (tests/integration/test_deploy_job.py, two nodes);
+    serve.yaml stands on that run only if the two differ in replica counts and placement alone."""
+    one, many = (yaml.safe_load((DEPLOY / n).read_text()) for n in ("serve.yaml", "serve-multinode.yaml"))
+    placement = {"num_replicas", "max_replicas_per_node", "ray_actor_options"}
+    assert one["http_options"] == many["http_options"]
+    assert len(one["applications"]) == len(many["applications"])
+    for a, b in zip(one["applications"], many["applications"]):
+        assert {k: v for k, v in a.items() if k != "deployments"} == {k: v for k, v in b.items() if k != "deployments"}
+        for da, db in zip(a["deployments"], b["deployments"], strict=True):
+            assert {k: v for k, v in da.items() if k not in placement} == \
+                {k: v for k, v in db.items() if k not in placement}, (a["name"], da, db)
+
+
 def test_relative_scenario_path_resolves_against_the_repository(tmp_path, monkeypatch) -> None:
     """`serve deploy` builds apps in a worker whose cwd is not the repo: the YAML's relative
     `config:` must still name the repository's scenario."""
