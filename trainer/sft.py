@@ -191,7 +191,7 @@ def warm_start_key(base: Path, cfg: Config) -> str:
     h.update(json.dumps([SFT_VERSION, cfg.trainer.sft_steps, cfg.trainer.sft_lr, cfg.model.min_pixels,
                          cfg.model.max_pixels, cfg.tools.enabled, cfg.trainer.sft_rows, cfg.trainer.sft_answers,
                          cfg.data.synthetic_task, cfg.tools.crop_from, cfg.trainer.seed, cfg.trainer.sft_box_grid,
-                         cfg.trainer.sft_box_min, cfg.trainer.sft_zoom_share]).encode())
+                         cfg.trainer.sft_box_min, cfg.trainer.sft_zoom_share, cfg.trainer.sft_batch_size]).encode())
     scale = zoom_box_scale(cfg)
     if scale != "absolute":  # (absolute, the first families' scale, leaves the earlier keys as they were)
         h.update(scale.encode())
@@ -206,7 +206,8 @@ def warm_started_policy_path(cfg: Config, base: Path, progress: bool = True) -> 
         policy = load_policy(base, min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels, trainable=True)
         torch.manual_seed(cfg.trainer.seed)
         rows = _sft_rows(cfg, rows=cfg.trainer.sft_rows, seed=cfg.data.synthetic_seed + 7919)
-        losses = train_sft(policy, rows, cfg, steps=cfg.trainer.sft_steps, lr=cfg.trainer.sft_lr, progress=progress)
+        losses = train_sft(policy, rows, cfg, steps=cfg.trainer.sft_steps, lr=cfg.trainer.sft_lr,
+                           batch_size=cfg.trainer.sft_batch_size, progress=progress)
         train_s = time.perf_counter() - t0
         held_out = [r for r in _sft_rows(cfg, rows=24, seed=cfg.data.synthetic_seed + 104729) if r.extra.get("target_bbox")]
         rates = tool_call_rate(policy, held_out, cfg, seed=cfg.trainer.seed)
@@ -215,6 +216,7 @@ def warm_started_policy_path(cfg: Config, base: Path, progress: bool = True) -> 
         save_trained_copy(policy, base, tmp)
         (tmp / "warm_start.json").write_text(json.dumps(
             {"base": str(base), "steps": cfg.trainer.sft_steps, "lr": cfg.trainer.sft_lr,
+             "batch_size": cfg.trainer.sft_batch_size,
              "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
              "train_seconds": train_s, "seconds": time.perf_counter() - t0, "held_out": rates}, indent=2))
 

@@ -268,6 +268,7 @@ class TrainerConfig:
     sft_steps: int = _f(200, "steps of the cold-start SFT warm start (used when model.warm_start is true)")
     sft_lr: float = _f(3e-3, "cold-start SFT learning rate")
     sft_rows: int = _f(128, "synthetic conversations the cold-start SFT trains on")
+    sft_batch_size: int = _f(8, "conversations per cold-start SFT step")
     sft_box_grid: int = _f(0, "cold-start zoom boxes: 0 = the target grown by a quarter on each side; N = "
                               "also at least sft_box_min px, centred on the target's centre snapped to N px")
     sft_box_min: int = _f(32, "with sft_box_grid: the smallest side of a cold-start zoom box, in frame px")
