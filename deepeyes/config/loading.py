@@ -168,6 +168,7 @@ def validate(cfg: Config) -> None:
         (cfg.rollout.max_assistant_turns >= 1, "rollout.max_assistant_turns must be >= 1"),
         (cfg.rollout.max_parallel_calls >= 1, "rollout.max_parallel_calls must be >= 1"),
         (cfg.trainer.batch_size >= 1, "trainer.batch_size must be >= 1"),
+        (cfg.trainer.sft_batch_size >= 1, "trainer.sft_batch_size must be >= 1"),
         (cfg.trainer.num_workers >= 1, "trainer.num_workers must be >= 1"),
         (cfg.model.min_pixels <= cfg.model.max_pixels, "model.min_pixels must be <= model.max_pixels"),
         (cfg.trainer.updates_per_step >= 1, "trainer.updates_per_step must be >= 1"),

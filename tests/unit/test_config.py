@@ -39,6 +39,7 @@ def test_overrides_nested_and_typed():
     (["judge.backend=gpt"], "judge.backend: 'gpt' is not one of"),
     (["trainer.use_gpu=3"], "trainer.use_gpu: expected true/false"),
     (["rollout.n=0"], "rollout.n must be >= 1"),
+    (["trainer.sft_batch_size=0"], "trainer.sft_batch_size must be >= 1"),
     (["trainer.steps"], "is not key=value"),
 ])
 def test_mistakes_name_the_key(override, fragment):
